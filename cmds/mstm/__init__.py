@@ -1,0 +1,3 @@
+"""mstm: Mirror, Stage and Move."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,132 @@
+"""mstm-scan: find a stream's ready items and queue them (or print them)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from mstm import config
+from mstm import scan as scanning
+from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
+from mstm.errors import EXIT_OK
+from mstm.log import event, show
+from mstm.notify import Notifier
+from mstm.spool import ItemRecord, Spool, SpoolBusy, item_id
+
+log = logging.getLogger("mstm.scan")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("stream")
+@click.option("--once", "mode", flag_value="once", default=True,
+              help="Scan once and exit (the default).")
+@click.option("--follow", "mode", flag_value="follow",
+              help="Keep watching (inotify, or polling where inotify cannot work).")
+@click.option("--print", "print_nl", is_flag=True,
+              help="Write ready paths to stdout, one per line, instead of queueing them.")
+@click.option("-0", "--print0", "print0", is_flag=True,
+              help="Like --print, but NUL-terminated (safe for any file name).")
+@click.option("--check", is_flag=True, help="Validate the configuration, then exit.")
+@common_options
+def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
+         config_path: Path | None, verbose: int, quiet: bool) -> None:
+    """Find the items of STREAM that are ready to send and queue them in its spool.
+
+    Ready means: not a dot-file nor matching ignore_patterns; unchanged (mtime and
+    ctime) for settle_seconds; not open for writing by any process on this host; and its
+    ready_marker present, if one is configured.
+    """
+
+    def body() -> int:
+        cfg = config.load_stream(stream, config_path)
+        if check:
+            click.echo(f"{cfg.stream_file}: ok")
+            return EXIT_OK
+        printing = print_nl or print0
+        spool = None if printing else Spool(cfg.spool_dir,
+                                            lease_seconds=cfg.outgoing.lease_seconds).open()
+        printed: set[str] = set()
+        stop = threading.Event()
+        out = sys.stdout.buffer
+
+        def one_pass() -> scanning.ScanReport:
+            report = scanning.scan(cfg)
+            if printing:
+                end = b"\0" if print0 else b"\n"
+                for c in report.ready:
+                    rid = item_id(c.relpath, c.size, c.mtime_ns)
+                    if rid in printed:
+                        continue
+                    printed.add(rid)
+                    out.write(os.path.join(os.fsencode(cfg.directory), os.fsencode(c.relpath))
+                              + end)
+                out.flush()
+                return report
+            assert spool is not None
+            records = [ItemRecord(relpath=c.relpath, size=c.size, mtime_ns=c.mtime_ns,
+                                  is_dir=c.is_dir, enqueued_at=time.time())
+                       for c in report.ready
+                       if not spool.known(item_id(c.relpath, c.size, c.mtime_ns))]
+            added = spool.enqueue(records)
+            if added:
+                log.info("%s: %d new item(s) queued", cfg.name, added,
+                         extra=event("enqueued", stream=cfg.name))
+            for relpath, reason in report.skipped:
+                log.debug("skipped %s: %s", show(relpath), reason)
+            return report
+
+        def locked_pass() -> scanning.ScanReport | None:
+            if spool is None:
+                return one_pass()
+            try:
+                with spool.scan_lock():
+                    return one_pass()
+            except SpoolBusy:
+                log.warning("%s: another mstm-scan holds the spool; not scanning", cfg.name)
+                return None
+
+        if mode == "once":
+            report = locked_pass()
+            if report is not None and not printing:
+                log.info("%s: %d ready, %d still settling", cfg.name, len(report.ready),
+                         report.waiting)
+            return EXIT_OK
+
+        from mstm.watch import Watcher  # noqa: PLC0415
+
+        watcher = Watcher(cfg.directory, poll_interval=cfg.poll_interval, recursive=True)
+        notifier = Notifier()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+            watcher.wake()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        notifier.ready(f"watching {cfg.directory}")
+        try:
+            while not stop.is_set():
+                notifier.watchdog()
+                report = locked_pass()
+                timeouts = [cfg.poll_interval * 20]
+                if notifier.max_sleep:
+                    timeouts.append(notifier.max_sleep)
+                if report is None:
+                    timeouts.append(cfg.poll_interval)
+                elif report.next_check is not None:
+                    timeouts.append(report.next_check + 0.05)
+                watcher.wait(max(0.0, min(timeouts)))
+        finally:
+            notifier.stopping()
+            watcher.close()
+        return EXIT_OK
+
+    run_command("mstm-scan", body, verbose=verbose, quiet=quiet)

@@ -1,0 +1,1150 @@
+"""Configuration: the global file and one file per stream, validated into frozen dataclasses.
+
+MiStaMover's layout and vocabulary (docs/design.md, "Configuration"): a global INI file
+names the streams in ``[global] data_stream_list``; each stream has its own file in
+``config_dir`` whose values override the global file's, key by key within each section;
+``$(section:key)`` refers to another value of the merged view.
+
+``SCHEMA`` below is the single source of every key: its type, default and meaning.  It
+drives parsing, validation, the "did you mean" hints, and conf/global.ini documents it.
+
+Every problem raises :class:`mstm.errors.ConfigError` naming the file where the offending
+value was written, its section and key, and a short reason; the first problem found wins.
+Nothing here looks at file modes (MiStaMover skipped streams whose file was not 0400).
+"""
+
+from __future__ import annotations
+
+import configparser
+import difflib
+import logging
+import os
+import re
+import socket
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from mstm.errors import ConfigError
+
+log = logging.getLogger("mstm.config")
+
+DEFAULT_CONFIG = Path("/etc/mstm/global.ini")
+DEFAULT_RUNTIME_DIR = Path("/run/mstm")
+# Where a stream's file is looked for in config_dir, first match wins (MiStaMover names last).
+STREAM_FILE_NAMES = ("{}.ini", "ds_{}.ini", "dataset_{}.ini")
+STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_REFERENCE = re.compile(r"\$\(([^)]*)(\)?)")
+# configparser's DEFAULT section would leak its keys into every section; a name that no
+# header line can spell turns that feature off, so "[DEFAULT]" is just an unknown section.
+_NO_DEFAULT_SECTION = "\n"
+
+T = TypeVar("T")
+Ref = tuple[str, str]  # (section, key)
+
+
+# --------------------------------------------------------------------------- value types
+
+
+class Invalid(ValueError):
+    """A text that does not fit its key's type; the message is the reason shown."""
+
+
+class Kind:
+    """How the text of one key is read.  Plain ``Kind`` accepts any text."""
+
+    empty_ok = True  # False: an empty value means "use the default"
+
+    def describe(self) -> str:
+        return "text"
+
+    def parse(self, text: str) -> object:
+        return text
+
+    def wrong(self, text: str) -> Invalid:
+        return Invalid(f"expected {self.describe()}, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    empty_ok: bool = True
+
+
+class Word(Kind):
+    """One word that is safe as a command-line argument: host, user or command name."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "one word (no spaces, not starting with '-')"
+
+    def parse(self, text: str) -> str:
+        if text.startswith("-") or any(c.isspace() for c in text):
+            raise self.wrong(text)
+        return text
+
+
+class FileName(Kind):
+    """A plain file name, no directory part."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "a plain file name (no '/')"
+
+    def parse(self, text: str) -> str:
+        if "/" in text or "\0" in text or text in (".", ".."):
+            raise self.wrong(text)
+        return text
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    min: int | None = None
+    max: int | None = None
+    empty_ok = False
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"an integer from {self.min} to {self.max}"
+        if self.min is not None:
+            return f"an integer >= {self.min}"
+        return "an integer"
+
+    def parse(self, text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise self.wrong(text) from None
+        if (self.min is not None and value < self.min) or (
+            self.max is not None and value > self.max
+        ):
+            raise self.wrong(text)
+        return value
+
+
+@dataclass(frozen=True)
+class Number(Kind):
+    """A plain decimal number (MiStaMover wrote "1000.")."""
+
+    min: float = 0.0
+    empty_ok = False
+
+    def describe(self) -> str:
+        return f"a number >= {self.min:g}"
+
+    def parse(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise self.wrong(text) from None
+        if not value >= self.min:  # also rejects nan
+            raise self.wrong(text)
+        return value
+
+
+_SECONDS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)", re.IGNORECASE)
+_SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    """A duration: a number of seconds, or with a suffix s, m or h ("90s", "5m")."""
+
+    min: float = 0.0
+    positive: bool = False  # must be more than min, not just at least
+    empty_ok = False
+
+    def describe(self) -> str:
+        bound = "more than" if self.positive else "at least"
+        return f"a duration of {bound} {self.min:g} s (e.g. 30, 90s, 5m, 1h)"
+
+    def parse(self, text: str) -> float:
+        m = _SECONDS.fullmatch(text)
+        if not m:
+            raise self.wrong(text)
+        value = float(m.group(1)) * _SECONDS_PER[m.group(2).lower()]
+        if value < self.min or (self.positive and value == self.min):
+            raise self.wrong(text)
+        return value
+
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+class Bool(Kind):
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "true or false (or yes/no, on/off, 1/0)"
+
+    def parse(self, text: str) -> bool:
+        word = text.lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise self.wrong(text)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+class Size(Kind):
+    """A size in bytes, with binary multiples: 4096, 10K, 4M, 2G, 1T."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "a size in bytes (e.g. 4096, 10K, 4M, 2G, 1T)"
+
+    def parse(self, text: str) -> int:
+        m = _SIZE.fullmatch(text)
+        if not m:
+            raise self.wrong(text)
+        return int(float(m.group(1)) * 1024 ** _SIZE_POWER[m.group(2).lower()])
+
+
+_LEVEL = re.compile(r"(\d+(?:\.\d+)?)\s*(%?)")
+
+
+class Level(Kind):
+    """A free-space level: megabytes ("1500") or a share of the file system ("10%")."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "megabytes (e.g. 1500) or a percentage (e.g. 10%)"
+
+    def parse(self, text: str) -> str:
+        m = _LEVEL.fullmatch(text)
+        if not m or (m.group(2) and float(m.group(1)) > 100):
+            raise self.wrong(text)
+        return m.group(1) + m.group(2)
+
+
+def level_value(level: str) -> tuple[float, bool]:
+    """A validated level as (number, is_percentage)."""
+    if level.endswith("%"):
+        return float(level[:-1]), True
+    return float(level), False
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    """One of a few words, case-insensitive; stored as spelled in ``choices``."""
+
+    choices: tuple[str, ...]
+    planned: tuple[str, ...] = ()  # known names that are not implemented yet
+    planned_reason: str = "'{}' is not implemented yet"
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.choices + self.planned)
+
+    def parse(self, text: str) -> str:
+        for choice in self.choices:
+            if text.lower() == choice.lower():
+                return choice
+        for choice in self.planned:
+            if text.lower() == choice.lower():
+                raise Invalid(self.planned_reason.format(choice))
+        raise Invalid(f"expected {self.describe()}, got {text!r}" + _did_you_mean(
+            text, self.choices + self.planned, fold=True))
+
+
+class AbsPath(Kind):
+    """A local absolute path; a leading ~ is expanded."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "an absolute path"
+
+    def parse(self, text: str) -> Path:
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~ with no home directory
+            raise self.wrong(text) from None
+        if not path.is_absolute() or "\0" in text:
+            raise self.wrong(text)
+        return path
+
+
+class RemoteDir(Kind):
+    """An absolute path on the target host (kept as text, nothing expanded)."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "an absolute path on the target host"
+
+    def parse(self, text: str) -> str:
+        if not text.startswith("/") or "\0" in text or "\n" in text:
+            raise self.wrong(text)
+        return text
+
+
+class Words(Kind):
+    """A list separated by commas and/or white space (may be empty)."""
+
+    def describe(self) -> str:
+        return "a list (separated by commas or spaces)"
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        return tuple(word for word in re.split(r"[,\s]+", text) if word)
+
+
+class StreamNames(Words):
+    def describe(self) -> str:
+        return "a list of stream names"
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        names = super().parse(text)
+        for name in names:
+            if not STREAM_NAME.fullmatch(name):
+                raise Invalid(
+                    f"{name!r} is not a valid stream name (letters, digits, '_', '.', '-';"
+                    " starting with a letter or digit)")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise Invalid(f"stream {name!r} is listed twice")
+        return names
+
+
+class Marker(Kind):
+    """A ready-marker file name template: must contain {name}."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "a file name containing {name} (e.g. {name}.done)"
+
+    def parse(self, text: str) -> str:
+        if "{name}" not in text:
+            raise self.wrong(text)
+        try:
+            text.format(name="x")
+        except (KeyError, IndexError, ValueError):
+            raise Invalid(f"only {{name}} may appear in braces, got {text!r}") from None
+        return text
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key: its type, its default (text, may hold $(section:key)) and its meaning."""
+
+    kind: Kind
+    default: str | None
+    doc: str
+    required: bool = False
+    ignored: bool = False  # accepted for MiStaMover compatibility, then ignored
+    refused: str | None = None  # never accepted; the reason says what to do instead
+
+
+def _compat(doc: str = "ignored (MiStaMover compatibility)") -> Key:
+    return Key(Text(), None, doc, ignored=True)
+
+
+_LOG_LEVEL = Choice(LOG_LEVELS)
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "global": {
+        "data_stream_list": Key(StreamNames(), None, "the names of the streams; may be empty",
+                                required=True),
+        "config_dir": Key(AbsPath(), None,
+                          "where the stream files are (default: the global file's directory)"),
+        "general_poll_interval": Key(Seconds(positive=True), "3",
+                                     "default poll interval of every stream"),
+        "spool_base_dir": Key(AbsPath(), "/var/spool/mstm",
+                              "parent of the default spool directory of each stream"),
+        "runtime_dir": Key(AbsPath(), None,
+                           "runtime state (default: $RUNTIME_DIRECTORY, else /run/mstm)"),
+        "base_incoming_dir": _compat(),
+        "debug_on": _compat(),
+    },
+    "data_stream": {
+        "name": Key(Word(), None,
+                    "the stream's name; if set, must equal its name in data_stream_list"),
+        "directory": Key(AbsPath(), None, "the directory to watch and send from",
+                         required=True),
+        "transfer_unit": Key(Choice(("file", "dir")), "file",
+                             "what one item is: each file, or each top-level directory"),
+        "status": Key(Choice(("RUNNING", "STOPPED", "COMPLETE")), "RUNNING",
+                      "RUNNING sends; STOPPED and COMPLETE send nothing"),
+        "priority": Key(Int(), "$(disk_space_monitor:base_priority)",
+                        "disk-space priority (default: [disk_space_monitor] base_priority)"),
+        "deletion_enabled": Key(Bool(), "false",
+                                "the disk-space monitor may delete delivered items"),
+        "spool_dir": Key(AbsPath(), "$(global:spool_base_dir)/$(data_stream:name)",
+                         "the stream's durable queue (default: <spool_base_dir>/<name>)"),
+        "settle_seconds": Key(Seconds(), "5", "an item must be unchanged this long to be ready"),
+        "ignore_patterns": Key(Words(), "*.part *.tmp *.swp *~ #*#",
+                               "globs of names never sent (dot-files are always ignored)"),
+        "ready_marker": Key(Marker(), None,
+                            "an item is ready only once this file exists (empty: no marker)"),
+        "follow_symlinks": Key(Bool(), "false", "follow symbolic links found in directory"),
+        "poll_interval": Key(Seconds(positive=True), "$(global:general_poll_interval)",
+                             "how often to rescan (default: [global] general_poll_interval)"),
+    },
+    "outgoing": {
+        "target_host": Key(Word(), None,
+                           "the host to send to (required unless transfer_protocol is local)"),
+        "target_port": Key(Int(1, 65535), "22", "port of the target's ssh server"),
+        "target_dir": Key(RemoteDir(), None, "the absolute directory on the target host",
+                          required=True),
+        "transfer_protocol": Key(
+            Choice(("rsync_ssh",), ("rsync_native", "sftp", "ftp", "ftps", "local"),
+                   "transfer_protocol '{}' is not implemented yet"),
+            "rsync_ssh", "how items travel"),
+        "transfer_mode": Key(Choice(("move", "mirror")), None,
+                             "required: move (delete the source once verified) or mirror"),
+        "target_uses_arrival_monitor": Key(Bool(), "false",
+                                           "the target runs mstm-receive (handshake files)"),
+        "retry_count": Key(Int(0), "3", "attempts per item before it is parked as failed"),
+        "retry_backoff": Key(Seconds(), "2", "first wait before a retry (doubles each time)"),
+        "retry_backoff_max": Key(Seconds(), "600", "longest wait between retries"),
+        "batch_max_items": Key(Int(1), "10000", "most items sent in one transfer"),
+        "batch_max_bytes": Key(Size(), "64G", "most bytes sent in one transfer"),
+        "connect_timeout": Key(Seconds(positive=True), "15", "ssh connection timeout"),
+        "stall_seconds": Key(Seconds(positive=True), "120",
+                             "a transfer with no progress this long is aborted"),
+        "lease_seconds": Key(Seconds(10), "300",
+                             "a claim whose owner is silent this long is taken over"),
+        "stop_file": Key(FileName(), ".stop",
+                         "a file of this name in directory pauses the stream"),
+        "stop_file_poll_interval": Key(Seconds(positive=True), "30",
+                                       "how often a paused stream checks its stop file"),
+        "bwlimit": Key(Int(0), "0", "bandwidth limit in KiB/s (0: none)"),
+        "receipt_file_poll_count": Key(Int(1), "100", "how many times to look for a receipt"),
+        "receipt_file_poll_interval": Key(Seconds(positive=True), "5",
+                                          "wait between looks for a receipt"),
+        "control_file_extension": Key(FileName(), "mstm-ctrl", "extension of control files"),
+        "receipt_file_extension": Key(FileName(), "mstm-rcpt", "extension of receipt files"),
+        "thankyou_file_extension": Key(FileName(), "mstm-thanks",
+                                       "extension of thank-you files"),
+        "always_zip": Key(Bool(), "false",
+                          "zip directory items (MiStaMover compatibility; not used yet)"),
+        "dir_size_limit": Key(Number(), "1000",
+                              "MB; zip directories above it (MiStaMover compat.; not used yet)"),
+    },
+    "incoming": {
+        "require_arrival_monitor": Key(Bool(), "false",
+                                       "only accept items that come with a control file"),
+        "control_file_extension": Key(FileName(), "mstm-ctrl", "extension of control files"),
+        "thankyou_file_extension": Key(FileName(), "mstm-thanks",
+                                       "extension of thank-you files"),
+        "stop_file": Key(FileName(), ".stop", "a file of this name pauses receiving"),
+    },
+    "rsync_ssh": {
+        "cmd": Key(Word(), "rsync", "the rsync program"),
+        "ssh_cmd": Key(Word(), "ssh", "the ssh program"),
+        "username": Key(Word(), None, "user on the target host (empty: the current user)"),
+        "identity_file": Key(AbsPath(), None, "ssh private key (must be a readable file)"),
+        "known_hosts": Key(AbsPath(), None, "ssh known_hosts file to use (must exist)"),
+        "transfer_mode": Key(Choice(("move", "mirror")), None,
+                             "MiStaMover's place for transfer_mode; [outgoing] wins"),
+        "use_checksum": Key(Bool(), "true", "let rsync compare checksums, not size and time"),
+        "check_size": Key(Bool(), "true",
+                          "MiStaMover compatibility; sizes and sha256 are always verified"),
+    },
+    "disk_space_monitor": {
+        "base_priority": Key(Int(), "100", "streams at or below it are stopped first"),
+        "level_good": Key(Level(), "1500", "free space above it is GOOD (MB or N%)"),
+        "level_low": Key(Level(), "1000", "free space below it is LOW (MB or N%)"),
+        "level_vlow": Key(Level(), "500", "free space below it is VLOW (MB or N%)"),
+        "poll_interval": Key(Seconds(positive=True), "60", "how often free space is checked"),
+    },
+    "email": {
+        "from": Key(Text(empty_ok=False), None, "sender address (default: mstm@<host name>)"),
+        "recipient": Key(Words(), "", "addresses alerts go to (empty: no mail)"),
+        "subject": Key(Text(empty_ok=False), "mstm alert", "subject of alert mails"),
+        "smarthost": Key(Word(), "localhost", "SMTP server"),
+        "port": Key(Int(1, 65535), "25", "SMTP port"),
+        "threshold": Key(_LOG_LEVEL, "ERROR", "least severe log level that is mailed"),
+        "starttls": Key(Bool(), "false", "upgrade the SMTP connection with STARTTLS"),
+        "ssl": Key(Bool(), "false", "connect to the SMTP server over TLS"),
+        "username": Key(Word(), None, "SMTP login (empty: none)"),
+        "password_file": Key(AbsPath(), None,
+                             "file holding the SMTP password (or use a systemd credential)"),
+        "password": Key(Text(), None, "refused: use password_file or a systemd credential",
+                        refused="passwords are not accepted in configuration files (they get"
+                        " logged and copied); use password_file or a systemd credential"),
+    },
+    "logging": {
+        "log_level": Key(_LOG_LEVEL, "INFO", "least severe level logged"),
+        "email_timer": Key(Seconds(positive=True), "300",
+                           "alerts are gathered this long and sent as one mail"),
+        "base_log_dir": _compat(),
+        "port": _compat(),
+    },
+}
+
+# Sections whose values make up GlobalConfig; the others belong to streams.
+GLOBAL_SECTIONS = ("global", "disk_space_monitor", "email", "logging")
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class DiskSpaceConfig:
+    base_priority: int
+    level_good: str
+    level_low: str
+    level_vlow: str
+    poll_interval: float
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    sender: str  # [email] from
+    recipient: tuple[str, ...]
+    subject: str
+    smarthost: str
+    port: int
+    threshold: str
+    starttls: bool
+    ssl: bool
+    username: str | None
+    password_file: Path | None
+    email_timer: float  # [logging] email_timer
+
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    path: Path
+    config_dir: Path
+    data_stream_list: tuple[str, ...]
+    general_poll_interval: float
+    spool_base_dir: Path
+    runtime_dir: Path
+    log_level: str  # [logging] log_level
+    disk_space_monitor: DiskSpaceConfig
+    email: EmailConfig
+
+
+@dataclass(frozen=True)
+class OutgoingConfig:
+    target_host: str
+    target_port: int
+    target_dir: str
+    transfer_protocol: str
+    transfer_mode: str  # "move" | "mirror"
+    target_uses_arrival_monitor: bool
+    retry_count: int
+    retry_backoff: float
+    retry_backoff_max: float
+    batch_max_items: int
+    batch_max_bytes: int
+    connect_timeout: float
+    stall_seconds: float
+    lease_seconds: float
+    stop_file: str
+    stop_file_poll_interval: float
+    bwlimit: int  # KiB/s, 0 = none
+    receipt_file_poll_count: int
+    receipt_file_poll_interval: float
+    control_file_extension: str
+    receipt_file_extension: str
+    thankyou_file_extension: str
+
+
+@dataclass(frozen=True)
+class RsyncSshConfig:
+    cmd: str
+    ssh_cmd: str
+    username: str | None
+    identity_file: Path | None
+    known_hosts: Path | None
+    use_checksum: bool
+    check_size: bool
+
+
+@dataclass(frozen=True)
+class IncomingConfig:
+    require_arrival_monitor: bool
+    control_file_extension: str
+    thankyou_file_extension: str
+    stop_file: str
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str
+    global_file: Path
+    stream_file: Path
+    directory: Path
+    transfer_unit: str  # "file" | "dir"
+    status: str  # RUNNING | STOPPED | COMPLETE
+    priority: int
+    deletion_enabled: bool
+    spool_dir: Path
+    settle_seconds: float
+    ignore_patterns: tuple[str, ...]
+    ready_marker: str | None
+    follow_symlinks: bool
+    poll_interval: float
+    log_level: str
+    outgoing: OutgoingConfig
+    rsync_ssh: RsyncSshConfig
+    incoming: IncomingConfig
+    runtime_dir: Path  # [global] runtime_dir: ssh control sockets and other runtime files
+
+    @property
+    def running(self) -> bool:
+        return self.status == "RUNNING"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def default_config_path(explicit: Path | None = None) -> Path:
+    """The global file: *explicit* (--config), else $MSTM_CONFIG, else /etc/mstm/global.ini."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("MSTM_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def load_global(path: Path | None = None) -> GlobalConfig:
+    """The global file alone, validated (stream files are only read for their references)."""
+    setup = _open_global(path)
+    _emit(setup.warnings)
+    return setup.config
+
+
+def load_stream(name: str, path: Path | None = None) -> StreamConfig:
+    """One stream: the global file merged with that stream's file, validated.
+
+    Other streams' files are not validated: a broken proj2.ini does not stop proj1.
+    """
+    setup = _open_global(path)
+    stream, warnings = _load_stream(setup, name)
+    _emit(setup.warnings + warnings)
+    return stream
+
+
+def load_all(path: Path | None = None) -> tuple[GlobalConfig, dict[str, StreamConfig]]:
+    """The global file and every listed stream; the first broken one raises."""
+    setup = _open_global(path)
+    streams: dict[str, StreamConfig] = {}
+    warnings = list(setup.warnings)
+    for name in setup.config.data_stream_list:
+        streams[name], more = _load_stream(setup, name)
+        warnings += more
+    _emit(warnings)
+    return setup.config, streams
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One parsed file: section -> key -> raw text."""
+
+    path: Path
+    sections: dict[str, dict[str, str]]
+
+
+def _read_layer(path: Path) -> _Layer:
+    text = _read_text(path)
+    parser = configparser.ConfigParser(
+        interpolation=None, default_section=_NO_DEFAULT_SECTION, strict=True)
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as err:
+        raise _syntax_error(err, path, text.splitlines()) from None
+    return _Layer(path, {s: dict(parser[s]) for s in parser.sections()})
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror or err}", file=str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"line {line}: not valid UTF-8", file=str(path)) from None
+
+
+def _syntax_error(err: configparser.Error, path: Path, lines: list[str]) -> ConfigError:
+    def quoted(lineno: int) -> str:
+        return repr(lines[lineno - 1].strip()) if 0 < lineno <= len(lines) else "?"
+
+    file = str(path)
+    if isinstance(err, configparser.MissingSectionHeaderError):
+        return ConfigError(f"line {err.lineno}: {quoted(err.lineno)} comes before any"
+                           " [section] header", file=file)
+    if isinstance(err, configparser.DuplicateOptionError):
+        return ConfigError(f"line {err.lineno}: key given twice in this section", file=file,
+                           section=err.section, key=err.option)
+    if isinstance(err, configparser.DuplicateSectionError):
+        return ConfigError(f"line {err.lineno}: section given twice", file=file,
+                           section=err.section)
+    if isinstance(err, configparser.ParsingError) and err.errors:
+        lineno = err.errors[0][0]
+        return ConfigError(f"line {lineno}: cannot parse {quoted(lineno)}"
+                           " (expected 'key = value' or '[section]')", file=file)
+    return ConfigError(f"cannot parse: {err}".replace("\n", " "), file=file)
+
+
+def _references(layers: Iterable[_Layer]) -> set[Ref]:
+    """Every well-formed $(section:key) written in *layers*."""
+    refs: set[Ref] = set()
+    for layer in layers:
+        for keys in layer.sections.values():
+            for raw in keys.values():
+                for m in _REFERENCE.finditer(raw):
+                    ref = _parse_reference(m.group(1))
+                    if ref:
+                        refs.add(ref)
+    return refs
+
+
+def _parse_reference(body: str) -> Ref | None:
+    section, colon, key = body.partition(":")
+    section, key = section.strip(), key.strip().lower()
+    return (section, key) if colon and section and key else None
+
+
+def _check_structure(layer: _Layer, refs: set[Ref]) -> list[str]:
+    """Unknown sections and keys, refused keys; returns warnings for ignored keys."""
+    warnings: list[str] = []
+    for section, keys in layer.sections.items():
+        known = SCHEMA.get(section)
+        if known is None and (not keys or any((section, k) not in refs for k in keys)):
+            raise ConfigError("unknown section" + _did_you_mean(section, SCHEMA),
+                              file=str(layer.path), section=section)
+        for key in keys:
+            spec = (known or {}).get(key)
+            if spec is None:
+                if (section, key) not in refs:
+                    raise ConfigError(_unknown_key_reason(section, key, refs),
+                                      file=str(layer.path), section=section, key=key)
+            elif spec.refused:
+                raise ConfigError(spec.refused, file=str(layer.path), section=section, key=key)
+            elif spec.ignored:
+                warnings.append(f"{layer.path}: [{section}] {key}: ignored"
+                                " (a MiStaMover setting mstm does not use)")
+    return warnings
+
+
+def _unknown_key_reason(section: str, key: str, refs: set[Ref]) -> str:
+    known = SCHEMA.get(section, {})
+    hint = _did_you_mean(key, [k for k, spec in known.items() if not spec.refused])
+    homes = [s for s, keys in SCHEMA.items() if key in keys]
+    near = difflib.get_close_matches(key, [k for s, k in refs if s == section], n=1)
+    if not hint and homes:
+        hint = f" (it belongs in [{homes[0]}])"
+    elif not hint and near:  # a variable whose reference is misspelt
+        hint = f" (and nothing refers to it; is $({section}:{near[0]}) a misspelling?)"
+    return "unknown key" + hint
+
+
+def _did_you_mean(word: str, candidates: Iterable[str], *, fold: bool = False) -> str:
+    options = {c.lower() if fold else c: c for c in candidates}
+    close = difflib.get_close_matches(word.lower() if fold else word, list(options), n=1)
+    return f" (did you mean {options[close[0]]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------- the merged view
+
+
+@dataclass(frozen=True)
+class _Entry:
+    raw: str
+    file: Path
+
+
+class _View:
+    """Global and (optionally) stream layers merged key by key, read through SCHEMA.
+
+    *home* is the file a missing key should be written in (the stream file when there is
+    one); *implicit* holds the defaults that are computed, not written in SCHEMA (the
+    global file's directory for config_dir, the stream's own name for name, ...).
+    """
+
+    def __init__(self, layers: Iterable[_Layer], home: Path, implicit: Mapping[Ref, str]) -> None:
+        self.entries: dict[Ref, _Entry] = {}
+        for layer in layers:
+            for section, keys in layer.sections.items():
+                for key, raw in keys.items():
+                    self.entries[(section, key)] = _Entry(raw, layer.path)
+        self.home = home
+        self.implicit = implicit
+        self._text: dict[Ref, str | None] = {}
+        self._values: dict[Ref, object] = {}
+
+    def file_of(self, section: str, key: str) -> Path:
+        entry = self.entries.get((section, key))
+        return entry.file if entry else self.home
+
+    def error(self, section: str, key: str, reason: str) -> ConfigError:
+        return ConfigError(reason, file=str(self.file_of(section, key)), section=section,
+                           key=key)
+
+    # ---- text: interpolation
+
+    def _source(self, section: str, key: str) -> tuple[str, Path] | None:
+        """The raw text of a key and the file it came from, falling back to its default."""
+        spec = SCHEMA.get(section, {}).get(key)
+        entry = self.entries.get((section, key))
+        if entry and (spec is None or entry.raw or spec.kind.empty_ok):
+            return entry.raw, entry.file
+        if (section, key) in self.implicit:
+            return self.implicit[(section, key)], self.home
+        if spec is not None and spec.default is not None:
+            return spec.default, self.home
+        return None
+
+    def text(self, section: str, key: str, stack: tuple[Ref, ...] = ()) -> str | None:
+        """The key's text with every $(section:key) replaced; None when unset."""
+        ref = (section, key)
+        if ref in self._text:
+            return self._text[ref]
+        source = self._source(section, key)
+        if source is None:
+            return None
+        raw, file = source
+        stack = (*stack, ref)
+
+        def replace(m: re.Match[str]) -> str:
+            where = {"file": str(file), "section": section, "key": key}
+            target = _parse_reference(m.group(1))
+            if not m.group(2) or target is None:
+                raise ConfigError(f"malformed reference {m.group(0)!r} (write $(section:key))",
+                                  **where)
+            if target in stack:
+                loop = (*stack[stack.index(target):], target)
+                raise ConfigError("interpolation cycle: " + " -> ".join(
+                    f"$({s}:{k})" for s, k in loop), **where)
+            value = self.text(*target, stack=stack)
+            if value is None:
+                raise ConfigError(f"$({target[0]}:{target[1]}) refers to a key that is not"
+                                  " set" + self._ref_hint(*target), **where)
+            return value
+
+        result = _REFERENCE.sub(replace, raw)
+        self._text[ref] = result
+        return result
+
+    def _ref_hint(self, section: str, key: str) -> str:
+        keys = [k for s, k in self.entries if s == section]
+        return _did_you_mean(key, keys + list(SCHEMA.get(section, {})))
+
+    # ---- values: types
+
+    def value(self, section: str, key: str) -> object:
+        """The key's value parsed by its schema type; None when unset and optional."""
+        ref = (section, key)
+        if ref not in self._values:
+            self._values[ref] = self._parse(section, key)
+        return self._values[ref]
+
+    def _parse(self, section: str, key: str) -> object:
+        spec = SCHEMA[section][key]
+        text = self.text(section, key)
+        if text is None:
+            if spec.required:
+                raise self.error(section, key, f"is required ({spec.doc})")
+            return None
+        try:
+            return spec.kind.parse(text)
+        except Invalid as err:
+            raise self.error(section, key, str(err)) from None
+
+    def validate(self, sections: Iterable[str]) -> None:
+        """Parse every key of *sections*: written ones first, in schema order."""
+        wanted = [(s, k) for s in sections for k, spec in SCHEMA[s].items()
+                  if not spec.ignored and not spec.refused]
+        for ref in sorted(wanted, key=lambda r: r not in self.entries):
+            self.value(*ref)
+
+    def get(self, section: str, key: str, typ: type[T]) -> T:
+        value = self.value(section, key)
+        if not isinstance(value, typ):
+            raise TypeError(f"[{section}] {key}: {value!r} is not {typ.__name__}")
+        return value
+
+    def opt(self, section: str, key: str, typ: type[T]) -> T | None:
+        return None if self.value(section, key) is None else self.get(section, key, typ)
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class _GlobalSetup:
+    path: Path
+    layer: _Layer
+    implicit: Mapping[Ref, str]
+    refs: set[Ref]
+    config: GlobalConfig
+    warnings: list[str]
+
+
+def _open_global(path: Path | None) -> _GlobalSetup:
+    gpath = default_config_path(path).absolute()
+    layer = _read_layer(gpath)
+    implicit = {
+        ("global", "config_dir"): str(gpath.parent),
+        ("global", "runtime_dir"): _runtime_directory(),
+        ("email", "from"): f"mstm@{socket.gethostname()}",
+    }
+    view = _View([layer], gpath, implicit)
+    config_dir = view.get("global", "config_dir", Path)
+    names = view.get("global", "data_stream_list", tuple)
+    # Keys used only through references are allowed "anywhere" they are referenced, so the
+    # other stream files count too; one that cannot be read simply adds nothing here.
+    refs = _references([layer, *_readable_stream_layers(config_dir, names, gpath)])
+    warnings = _check_structure(layer, refs)
+    view.validate(GLOBAL_SECTIONS)
+    config = _build_global(view, gpath)
+    return _GlobalSetup(gpath, layer, implicit, refs, config, warnings)
+
+
+def _runtime_directory() -> str:
+    # systemd's RuntimeDirectory= may list several, separated by ':'
+    first = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return first or str(DEFAULT_RUNTIME_DIR)
+
+
+def _readable_stream_layers(config_dir: Path, names: Iterable[str],
+                            global_file: Path) -> list[_Layer]:
+    layers = []
+    for name in names:
+        found = _stream_file(config_dir, name, global_file)
+        if found:
+            try:
+                layers.append(_read_layer(found))
+            except ConfigError:
+                pass
+    return layers
+
+
+def _stream_file(config_dir: Path, name: str, global_file: Path) -> Path | None:
+    for pattern in STREAM_FILE_NAMES:
+        candidate = config_dir / pattern.format(name)
+        if candidate.exists() and candidate.resolve() != global_file.resolve():
+            return candidate
+    return None
+
+
+def _build_global(v: _View, path: Path) -> GlobalConfig:
+    return GlobalConfig(
+        path=path,
+        config_dir=v.get("global", "config_dir", Path),
+        data_stream_list=v.get("global", "data_stream_list", tuple),
+        general_poll_interval=v.get("global", "general_poll_interval", float),
+        spool_base_dir=v.get("global", "spool_base_dir", Path),
+        runtime_dir=v.get("global", "runtime_dir", Path),
+        log_level=v.get("logging", "log_level", str),
+        disk_space_monitor=_build_disk_space(v),
+        email=_build_email(v),
+    )
+
+
+def _build_disk_space(v: _View) -> DiskSpaceConfig:
+    s = "disk_space_monitor"
+    good, low, vlow = (v.get(s, k, str) for k in ("level_good", "level_low", "level_vlow"))
+    for (lower_key, lower), (upper_key, upper) in ((("level_low", low), ("level_good", good)),
+                                                   (("level_vlow", vlow), ("level_low", low))):
+        (lo, lo_pct), (hi, hi_pct) = level_value(lower), level_value(upper)
+        if lo_pct == hi_pct and lo >= hi:
+            # blame the one written in a file (the other may be a default)
+            key = lower_key if (s, lower_key) in v.entries else upper_key
+            raise v.error(s, key, f"{lower_key} ({lower}) must be below {upper_key} ({upper})")
+    return DiskSpaceConfig(
+        base_priority=v.get(s, "base_priority", int),
+        level_good=good,
+        level_low=low,
+        level_vlow=vlow,
+        poll_interval=v.get(s, "poll_interval", float),
+    )
+
+
+def _build_email(v: _View) -> EmailConfig:
+    s = "email"
+    if v.get(s, "starttls", bool) and v.get(s, "ssl", bool):
+        raise v.error(s, "ssl", "starttls and ssl cannot both be on; choose one")
+    username = v.opt(s, "username", str)
+    return EmailConfig(
+        sender=v.get(s, "from", str),
+        recipient=v.get(s, "recipient", tuple),
+        subject=v.get(s, "subject", str),
+        smarthost=v.get(s, "smarthost", str),
+        port=v.get(s, "port", int),
+        threshold=v.get(s, "threshold", str),
+        starttls=v.get(s, "starttls", bool),
+        ssl=v.get(s, "ssl", bool),
+        username=username or None,
+        password_file=v.opt(s, "password_file", Path),
+        email_timer=v.get("logging", "email_timer", float),
+    )
+
+
+def _load_stream(setup: _GlobalSetup, name: str) -> tuple[StreamConfig, list[str]]:
+    listed = setup.config.data_stream_list
+    if name not in listed:
+        raise ConfigError(f"stream {name!r} is not listed (listed: "
+                          f"{', '.join(listed) or 'none'})", file=str(setup.path),
+                          section="global", key="data_stream_list")
+    config_dir = setup.config.config_dir
+    spath = _stream_file(config_dir, name, setup.path)
+    if spath is None:
+        looked = ", ".join(p.format(name) for p in STREAM_FILE_NAMES)
+        raise ConfigError(f"no file for stream {name!r} in {config_dir} (looked for {looked})",
+                          file=str(setup.path), section="global", key="data_stream_list")
+    layer = _read_layer(spath)
+    warnings = _check_structure(layer, setup.refs)
+    implicit = {**setup.implicit, ("data_stream", "name"): name}
+    view = _View([setup.layer, layer], spath, implicit)
+    view.validate(SCHEMA)
+    return _build_stream(view, name, setup.path, spath), warnings
+
+
+def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path) -> StreamConfig:
+    s = "data_stream"
+    if v.get(s, "name", str) != name:
+        raise v.error(s, "name", f"{v.get(s, 'name', str)!r} differs from the stream's name"
+                      f" {name!r} in data_stream_list")
+    directory = _check_directory(v, v.get(s, "directory", Path))
+    return StreamConfig(
+        name=name,
+        global_file=global_file,
+        stream_file=stream_file,
+        directory=directory,
+        transfer_unit=v.get(s, "transfer_unit", str),
+        status=v.get(s, "status", str),
+        priority=v.get(s, "priority", int),
+        deletion_enabled=v.get(s, "deletion_enabled", bool),
+        spool_dir=_check_spool_dir(v, directory),
+        settle_seconds=v.get(s, "settle_seconds", float),
+        ignore_patterns=v.get(s, "ignore_patterns", tuple),
+        ready_marker=v.opt(s, "ready_marker", str),
+        follow_symlinks=v.get(s, "follow_symlinks", bool),
+        poll_interval=v.get(s, "poll_interval", float),
+        log_level=v.get("logging", "log_level", str),
+        outgoing=_build_outgoing(v),
+        rsync_ssh=_build_rsync_ssh(v),
+        incoming=_build_incoming(v),
+        runtime_dir=v.get("global", "runtime_dir", Path),
+    )
+
+
+def _check_directory(v: _View, directory: Path) -> Path:
+    try:
+        st = os.stat(directory)
+    except OSError as err:
+        raise v.error("data_stream", "directory", f"{directory}: {err.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise v.error("data_stream", "directory", f"{directory}: not a directory")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise v.error("data_stream", "directory",
+                      f"{directory}: not readable and searchable by uid {os.geteuid()}")
+    return directory
+
+
+def _check_spool_dir(v: _View, directory: Path) -> Path:
+    spool = v.get("data_stream", "spool_dir", Path)
+    real_spool, real_dir = Path(os.path.realpath(spool)), Path(os.path.realpath(directory))
+    if real_spool.is_relative_to(real_dir):
+        raise v.error("data_stream", "spool_dir",
+                      f"{spool} is inside the stream's directory {directory}; put it elsewhere")
+    if not spool.parent.is_dir():
+        raise v.error("data_stream", "spool_dir",
+                      f"its parent directory {spool.parent} does not exist")
+    return spool
+
+
+def _build_outgoing(v: _View) -> OutgoingConfig:
+    s = "outgoing"
+    protocol = v.get(s, "transfer_protocol", str)
+    host = v.opt(s, "target_host", str)
+    if host is None and protocol != "local":
+        raise v.error(s, "target_host", "is required (the host to send to)")
+    backoff, backoff_max = v.get(s, "retry_backoff", float), v.get(s, "retry_backoff_max", float)
+    if backoff_max < backoff:
+        raise v.error(s, "retry_backoff_max",
+                      f"{backoff_max:g} s is less than retry_backoff ({backoff:g} s)")
+    return OutgoingConfig(
+        target_host=host or "",
+        target_port=v.get(s, "target_port", int),
+        target_dir=v.get(s, "target_dir", str),
+        transfer_protocol=protocol,
+        transfer_mode=_transfer_mode(v),
+        target_uses_arrival_monitor=v.get(s, "target_uses_arrival_monitor", bool),
+        retry_count=v.get(s, "retry_count", int),
+        retry_backoff=backoff,
+        retry_backoff_max=backoff_max,
+        batch_max_items=v.get(s, "batch_max_items", int),
+        batch_max_bytes=v.get(s, "batch_max_bytes", int),
+        connect_timeout=v.get(s, "connect_timeout", float),
+        stall_seconds=v.get(s, "stall_seconds", float),
+        lease_seconds=v.get(s, "lease_seconds", float),
+        stop_file=v.get(s, "stop_file", str),
+        stop_file_poll_interval=v.get(s, "stop_file_poll_interval", float),
+        bwlimit=v.get(s, "bwlimit", int),
+        receipt_file_poll_count=v.get(s, "receipt_file_poll_count", int),
+        receipt_file_poll_interval=v.get(s, "receipt_file_poll_interval", float),
+        control_file_extension=v.get(s, "control_file_extension", str),
+        receipt_file_extension=v.get(s, "receipt_file_extension", str),
+        thankyou_file_extension=v.get(s, "thankyou_file_extension", str),
+    )
+
+
+def _transfer_mode(v: _View) -> str:
+    """[outgoing] transfer_mode, else MiStaMover's [rsync_ssh] one; never a silent default."""
+    mode = v.opt("outgoing", "transfer_mode", str) or v.opt("rsync_ssh", "transfer_mode", str)
+    if mode is None:
+        raise v.error("outgoing", "transfer_mode",
+                      "is required: set move or mirror (MiStaMover defaulted to move, which"
+                      " deletes the source; mstm makes you choose)")
+    return mode
+
+
+def _build_rsync_ssh(v: _View) -> RsyncSshConfig:
+    s = "rsync_ssh"
+    identity = v.opt(s, "identity_file", Path)
+    if identity is not None and not (identity.is_file() and os.access(identity, os.R_OK)):
+        raise v.error(s, "identity_file", f"{identity}: not a readable file")
+    known_hosts = v.opt(s, "known_hosts", Path)
+    if known_hosts is not None and not known_hosts.exists():
+        raise v.error(s, "known_hosts", f"{known_hosts}: no such file")
+    return RsyncSshConfig(
+        cmd=v.get(s, "cmd", str),
+        ssh_cmd=v.get(s, "ssh_cmd", str),
+        username=v.opt(s, "username", str),
+        identity_file=identity,
+        known_hosts=known_hosts,
+        use_checksum=v.get(s, "use_checksum", bool),
+        check_size=v.get(s, "check_size", bool),
+    )
+
+
+def _build_incoming(v: _View) -> IncomingConfig:
+    s = "incoming"
+    return IncomingConfig(
+        require_arrival_monitor=v.get(s, "require_arrival_monitor", bool),
+        control_file_extension=v.get(s, "control_file_extension", str),
+        thankyou_file_extension=v.get(s, "thankyou_file_extension", str),
+        stop_file=v.get(s, "stop_file", str),
+    )
+
+
+def _emit(warnings: Iterable[str]) -> None:
+    for message in dict.fromkeys(warnings):  # once each, in order
+        log.warning("%s", message)

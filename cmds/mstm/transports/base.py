@@ -1,0 +1,69 @@
+"""The one interface every transport implements, and what it returns.
+
+A transport moves a batch of items from a stream's source directory to its target,
+makes them visible under their final names only when complete, and answers what the
+target holds (size and sha256 computed on the target) so the sender can verify.
+Connection problems are raised as TargetUnavailable; problems with single items are
+reported in the result, never raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Item:
+    relpath: str  # relative to the source directory; surrogateescape str
+    size: int
+    is_dir: bool = False
+    force: bool = False  # re-send even if the target looks current (after a failed check)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class SendResult:
+    files: int = 0  # files the transport reports it transferred
+    bytes: int = 0
+    error: str = ""  # the transport's own words, for the log, when not clean
+    exit_code: int = 0
+    stopped: bool = False  # abandoned because the caller asked us to stop
+    item_errors: dict[str, str] = field(default_factory=dict)
+
+
+Progress = Callable[[int, int], None]  # (files done, bytes done) so far in this batch
+ShouldStop = Callable[[], bool]
+
+
+class Transport(Protocol):
+    name: str
+
+    def open(self) -> None:
+        """Connect; raise TargetUnavailable with a reason when the target cannot be reached."""
+
+    def close(self) -> None: ...
+
+    def alive(self) -> bool:
+        """Is the connection still usable?"""
+
+    def send(self, items: Sequence[Item], *, progress: Progress | None = None,
+             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None
+             ) -> SendResult:
+        """Transfer *items*; files become visible at the target only when complete."""
+
+    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+        """Size and sha256 of each file at the target (absent = missing): under its final
+        name, or in the staging area where directory items wait for `publish`."""
+
+    def publish(self, items: Sequence[Item]) -> dict[str, str]:
+        """Move staged items (directories) into place; returns {relpath: error} for failures."""
+
+    def stop_file_present(self) -> str | None:
+        """A reason if the target asks senders to pause (its stop file), else None."""

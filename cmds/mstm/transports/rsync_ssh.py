@@ -1,0 +1,251 @@
+"""rsync over one persistent ssh connection (MiStaMover's `rsync_ssh`).
+
+One rsync run per batch (`--files-from - --from0`: names travel NUL-separated on stdin,
+never on a command line), over the stream's ControlMaster connection.  rsync writes each
+file to a hidden temporary name beside its final one and renames it only when its own
+whole-file checksum matched, so nothing half-written is ever visible under its final
+name; an interrupted large file is kept in `.mstm-partial/` and resumed next time.
+Directory items are sent into `<target_dir>/.mstm-staging/` and renamed into place after
+verification (`publish`).  `inspect` asks the target for size and sha256 of the files
+under their final names, in one round trip per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.transports.ssh import SshConnection, spawn
+
+log = logging.getLogger("mstm.rsync")
+
+STAGING = ".mstm-staging"
+PARTIAL = ".mstm-partial"
+# rsync exit codes that mean the connection, not an item, failed
+CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
+_PROGRESS_TAG = b"mstm-xfer:"
+_SPLIT = b"--mstm-split--"
+
+# One round trip: the names arrive NUL-separated on stdin; sizes first, then sha256.
+_INSPECT_SCRIPT = r"""
+cd -- "$1" || exit 3
+t=$(mktemp) || exit 3
+trap 'rm -f "$t"' EXIT
+cat > "$t"
+xargs -0 -r -a "$t" stat --printf='%s %n\0' -- 2>/dev/null
+printf '%s\0' '--mstm-split--'
+xargs -0 -r -a "$t" sha256sum -z -- 2>/dev/null
+exit 0
+"""
+
+# Move staged directory items into place; answers "O name" or "E name" per item.
+_PUBLISH_SCRIPT = r"""
+cd -- "$1" || exit 3
+while IFS= read -r -d '' n; do
+  case "$n" in /*|../*|*/../*|..) printf 'E %s\0' "$n"; continue;; esac
+  d=$(dirname -- "$n")
+  mkdir -p -- "$d" || { printf 'E %s\0' "$n"; continue; }
+  old=""
+  if [ -e "$n" ] || [ -L "$n" ]; then
+    old=".mstm-staging/.replaced.$$"
+    rm -rf -- "$old"
+    mv -T -- "$n" "$old" || { printf 'E %s\0' "$n"; continue; }
+  fi
+  if mv -T -- ".mstm-staging/$n" "$n"; then
+    printf 'O %s\0' "$n"
+    [ -n "$old" ] && rm -rf -- "$old"
+  else
+    [ -n "$old" ] && mv -T -- "$old" "$n"
+    printf 'E %s\0' "$n"
+  fi
+done
+exit 0
+"""
+
+
+class RsyncSsh:
+    name = "rsync_ssh"
+
+    def __init__(self, *, conn: SshConnection, source_dir: Path, target_dir: str,
+                 rsync_cmd: str = "rsync", stall_seconds: float = 120.0, bwlimit: int = 0,
+                 stop_file: str = ".stop") -> None:
+        self.conn = conn
+        self.source_dir = source_dir
+        self.target_dir = target_dir.rstrip("/") or "/"
+        self.rsync_cmd = rsync_cmd
+        self.stall_seconds = stall_seconds
+        self.bwlimit = bwlimit
+        self.stop_file = stop_file
+
+    # -- connection -------------------------------------------------------------
+    def open(self) -> None:
+        self.conn.open()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def alive(self) -> bool:
+        return self.conn.alive()
+
+    # -- transfer ---------------------------------------------------------------
+    def rsync_argv(self, dest: str, *, force: bool) -> list[str]:
+        argv = [
+            self.rsync_cmd,
+            "--recursive", "--links", "--perms", "--times",
+            "--from0", "--files-from=-",
+            "--secluded-args",
+            "--mkpath",
+            f"--partial-dir={PARTIAL}",
+            f"--timeout={max(1, int(self.stall_seconds))}",
+            f"--out-format={_PROGRESS_TAG.decode()}%i %l",
+            "--rsh", self.conn.rsync_rsh(),
+        ]
+        if force:
+            argv.append("--ignore-times")
+        if self.bwlimit:
+            argv.append(f"--bwlimit={self.bwlimit}")
+        host = self.conn.target.host
+        if ":" in host:
+            host = f"[{host}]"
+        argv += ["--", f"{self.source_dir}/", f"{host}:{dest}/"]
+        return argv
+
+    def send(self, items: Sequence[Item], *, progress: Progress | None = None,
+             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None
+             ) -> SendResult:
+        result = SendResult()
+        files = [i for i in items if not i.is_dir]
+        dirs = [i for i in items if i.is_dir]
+        for group, dest in ((files, self.target_dir), (dirs, f"{self.target_dir}/{STAGING}")):
+            if not group:
+                continue
+            r = self._run(group, dest, progress=progress, should_stop=should_stop, tick=tick,
+                          done_files=result.files, done_bytes=result.bytes)
+            result.files += r.files
+            result.bytes += r.bytes
+            if r.exit_code and not result.exit_code:
+                result.exit_code, result.error = r.exit_code, r.error
+            if r.stopped:
+                result.stopped = True
+                break
+        return result
+
+    def _run(self, items: Sequence[Item], dest: str, *, progress: Progress | None,
+             should_stop: ShouldStop | None, tick: Callable[[], None] | None,
+             done_files: int, done_bytes: int) -> SendResult:
+        argv = self.rsync_argv(dest, force=any(i.force for i in items))
+        names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
+        log.debug("rsync: %d items to %s", len(items), dest)
+        proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        counts = [done_files, done_bytes]
+        err_tail: list[bytes] = []
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, OSError):
+                proc.stdin.write(names)
+            with contextlib.suppress(BrokenPipeError, OSError):
+                proc.stdin.close()
+
+        def read_out() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if not line.startswith(_PROGRESS_TAG):
+                    continue
+                flags, _, length = line[len(_PROGRESS_TAG):].strip().partition(b" ")
+                if flags[1:2] == b"f" and length.isdigit():  # a regular file was sent
+                    counts[0] += 1
+                    counts[1] += int(length)
+                    if progress:
+                        progress(counts[0], counts[1])
+
+        def read_err() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err_tail.append(line)
+                del err_tail[:-20]
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out, read_err)]
+        for t in threads:
+            t.start()
+        stopped = False
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if tick:
+                    tick()
+                if should_stop and should_stop() and not stopped:
+                    stopped = True
+                    proc.terminate()  # rsync removes or parks its temporary files
+        for t in threads:
+            t.join(timeout=5)
+        code = proc.returncode
+        error = b"".join(err_tail).decode("utf-8", "replace").strip()
+        if code:
+            log.debug("rsync exited %s: %s", code, error)
+        return SendResult(files=counts[0] - done_files, bytes=counts[1] - done_bytes,
+                          error=_summarise(error, code), exit_code=code or 0, stopped=stopped)
+
+    # -- verification -----------------------------------------------------------
+    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+        if not relpaths:
+            return {}
+        base = f"{self.target_dir}/{STAGING}" if staged else self.target_dir
+        names = b"".join(os.fsencode(p) + b"\0" for p in relpaths)
+        timeout = 600.0 + sum(1 for _ in relpaths) * 0.01
+        r = self.conn.run(["sh", "-c", _INSPECT_SCRIPT, "sh", base], input=names, timeout=timeout)
+        return parse_inspect(r.stdout)
+
+    def publish(self, items: Sequence[Item]) -> dict[str, str]:
+        dirs = [i for i in items if i.is_dir]
+        if not dirs:
+            return {}
+        names = b"".join(os.fsencode(i.relpath) + b"\0" for i in dirs)
+        r = self.conn.run(["sh", "-c", _PUBLISH_SCRIPT, "sh", self.target_dir], input=names)
+        ok: set[str] = set()
+        for rec in r.stdout.split(b"\0"):
+            if rec.startswith(b"O "):
+                ok.add(os.fsdecode(rec[2:]))
+        return {i.relpath: "could not be moved into place at the target"
+                for i in dirs if i.relpath not in ok}
+
+    def stop_file_present(self) -> str | None:
+        path = f"{self.target_dir}/{self.stop_file}"
+        r = self.conn.run(["test", "-e", path], timeout=30)
+        return f"{self.stop_file} on target" if r.returncode == 0 else None
+
+
+def parse_inspect(out: bytes) -> dict[str, RemoteFile]:
+    """Parse the inspect script's output; anything malformed is simply not trusted."""
+    sizes: dict[str, int] = {}
+    hashes: dict[str, str] = {}
+    records = out.split(b"\0")
+    try:
+        split = records.index(_SPLIT)
+    except ValueError:
+        return {}
+    for rec in records[:split]:
+        size, sep, name = rec.partition(b" ")
+        if sep and size.isdigit():
+            sizes[os.fsdecode(name)] = int(size)
+    for rec in records[split + 1:]:
+        if len(rec) > 66 and rec[64:66] in (b"  ", b" *"):
+            digest = rec[:64].decode("ascii", "replace").lower()
+            if all(c in "0123456789abcdef" for c in digest):
+                hashes[os.fsdecode(rec[66:])] = digest
+    return {name: RemoteFile(size=size, sha256=hashes.get(name)) for name, size in sizes.items()}
+
+
+def _summarise(error: str, code: int | None) -> str:
+    lines = [ln for ln in error.splitlines() if ln.strip()]
+    meaningful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
+    text = meaningful[-1] if meaningful else ""
+    return f"rsync exit {code}: {text}" if code else text

@@ -1,0 +1,193 @@
+"""ssh: argv built in one place, and one persistent connection per stream.
+
+A ControlMaster connection is opened once and every later ssh or rsync run reuses it,
+so a batch costs no new handshake.  Host keys are always checked (BatchMode, never a
+prompt); the connection has a connect timeout and keepalives so a dead peer is noticed.
+Remote commands are argv lists quoted with shlex for the remote shell; file names never
+appear on a command line at all: they travel NUL-separated on stdin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mstm.errors import TargetUnavailable
+
+log = logging.getLogger("mstm.ssh")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Children die with us: a killed sender never leaves an rsync writing on its own."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
+    """Popen with an argv list (never a shell) whose process dies with ours."""
+    return subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **kw)  # type: ignore[call-overload,no-any-return]  # noqa: PLW1509
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int = 22
+    user: str | None = None
+    identity_file: Path | None = None
+    known_hosts: Path | None = None
+    connect_timeout: float = 15.0
+    ssh_cmd: str = "ssh"
+
+
+class SshConnection:
+    """One ControlMaster connection; `argv()` gives the options every client must use."""
+
+    def __init__(self, target: SshTarget, *, runtime_dir: Path | None = None) -> None:
+        self.target = target
+        self._runtime_dir = runtime_dir
+        self._dir: str | None = None
+        self._master: subprocess.Popen[bytes] | None = None
+
+    @property
+    def control_path(self) -> str:
+        assert self._dir is not None, "open() first"
+        return os.path.join(self._dir, "c")
+
+    def options(self, *, master: bool = False) -> list[str]:
+        t = self.target
+        opts = [
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"ConnectTimeout={max(1, int(t.connect_timeout))}",
+            "-o", "ServerAliveInterval=10",
+            "-o", "ServerAliveCountMax=3",
+            "-o", f"ControlPath={self.control_path}",
+            "-o", "ControlMaster=yes" if master else "ControlMaster=no",
+            "-o", "ControlPersist=no",
+            "-o", "LogLevel=ERROR",
+            "-p", str(t.port),
+        ]
+        if t.known_hosts:
+            opts += ["-o", f"UserKnownHostsFile={t.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
+        if t.identity_file:
+            opts += ["-i", str(t.identity_file), "-o", "IdentitiesOnly=yes"]
+        if t.user:
+            opts += ["-l", t.user]
+        return opts
+
+    def argv(self) -> list[str]:
+        return [self.target.ssh_cmd, *self.options()]
+
+    def rsync_rsh(self) -> str:
+        """The ssh command as rsync's -e wants it: one string, which rsync splits itself
+        (honouring single quotes), not a shell."""
+        return " ".join(_rsync_quote(a) for a in self.argv())
+
+    def open(self) -> None:
+        if self.alive():
+            return
+        self.close()
+        base = self._runtime_dir if self._runtime_dir and _writable_dir(self._runtime_dir) else None
+        self._dir = tempfile.mkdtemp(prefix="mstm-ssh-", dir=base)
+        if len(self.control_path) > 100:  # sun_path is 108 bytes
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = tempfile.mkdtemp(prefix="mstm-ssh-")
+        argv = [self.target.ssh_cmd, *self.options(master=True), "-N", self.target.host]
+        log.debug("opening ssh connection to %s:%s", self.target.host, self.target.port)
+        self._master = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        deadline = time.monotonic() + self.target.connect_timeout + 5
+        while time.monotonic() < deadline:
+            if self._master.poll() is not None:
+                err = (self._master.stderr.read() if self._master.stderr else b"").decode(
+                    "utf-8", "replace").strip()
+                self._master = None
+                raise TargetUnavailable(
+                    f"ssh to {self.target.host}:{self.target.port} failed: "
+                    f"{_last_line(err) or 'connection closed'}")
+            if os.path.exists(self.control_path) and self._check():
+                return
+            time.sleep(0.02)
+        self.close()
+        raise TargetUnavailable(f"ssh to {self.target.host}:{self.target.port}: timed out")
+
+    def _check(self) -> bool:
+        r = subprocess.run([self.target.ssh_cmd, *self.options(), "-O", "check", self.target.host],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False)
+        return r.returncode == 0
+
+    def alive(self) -> bool:
+        return self._master is not None and self._master.poll() is None
+
+    def run(self, remote_argv: Sequence[str], *, input: bytes = b"", timeout: float = 600.0
+            ) -> subprocess.CompletedProcess[bytes]:
+        """Run a command on the target over the open connection.
+
+        The remote side always has a shell; each argument is quoted for it, so it sees
+        exactly *remote_argv*.  Raises TargetUnavailable if ssh itself fails (exit 255).
+        """
+        if not self.alive():
+            raise TargetUnavailable(f"ssh connection to {self.target.host} is closed")
+        argv = [*self.argv(), self.target.host, "--", shlex.join(remote_argv)]
+        try:
+            proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.communicate()
+            raise TargetUnavailable(f"remote command on {self.target.host} timed out") from exc
+        if proc.returncode == 255:
+            raise TargetUnavailable(
+                f"ssh to {self.target.host}: {_last_line(err.decode('utf-8', 'replace'))}")
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def close(self) -> None:
+        if self._master is not None:
+            if self._master.poll() is None:
+                self._master.terminate()
+                try:
+                    self._master.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._master.kill()
+                    self._master.wait()
+            if self._master.stderr:
+                self._master.stderr.close()
+            self._master = None
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _rsync_quote(arg: str) -> str:
+    if arg and all(c.isalnum() or c in "-_./=:@,+%" for c in arg):
+        return arg
+    if "'" in arg:
+        raise ValueError(f"cannot pass an argument with a single quote to rsync -e: {arg!r}")
+    return f"'{arg}'"
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""

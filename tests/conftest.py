@@ -1,0 +1,65 @@
+"""Shared fixtures: a real sshd on loopback and a stream configured against it.
+
+A test that needs a program the machine lacks skips on a laptop, but under CI=true the
+skip becomes a failure: no capability counts as tested by a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.sshd import SSHD, LoopbackSshd
+from tests.harness.streams import StreamEnv
+
+
+def need(program: str) -> str:
+    path = shutil.which(program) or (program if os.path.exists(program) else None)
+    if path:
+        return path
+    message = f"{program} is not installed"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message} (CI=true: a skipped capability is an untested one)")
+    pytest.skip(message)
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("this test needs root (CI=true: a skip is not allowed)")
+        pytest.skip("needs root")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSshd]:
+    need(SSHD)
+    need("rsync")
+    need("ssh")
+    server = LoopbackSshd(root=tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def fresh_sshd(tmp_path: Path) -> Iterator[LoopbackSshd]:
+    """An sshd of the test's own, for tests that stop or pause it."""
+    need(SSHD)
+    need("rsync")
+    server = LoopbackSshd(root=tmp_path / "sshd").start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def stream(tmp_path: Path, sshd: LoopbackSshd) -> StreamEnv:
+    return StreamEnv.create(tmp_path, sshd)
+
+
+@pytest.fixture
+def bindir() -> Path:
+    return Path(sys.executable).parent
