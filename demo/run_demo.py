@@ -39,6 +39,7 @@ def main() -> int:
         say(f"a throwaway sshd listens on 127.0.0.1:{sshd.port} (keys in {sshd.root})")
         etc = work / "etc"
         etc.mkdir()
+        (work / "spool").mkdir()
         streams = {"moving": "move", "mirroring": "mirror"}
         (etc / "global.ini").write_text(
             "[global]\n"

@@ -64,14 +64,14 @@ class LoopbackSshd:
 
     @property
     def user(self) -> str:
-        import pwd  # noqa: PLC0415
+        import pwd
 
         return pwd.getpwuid(os.geteuid()).pw_name
 
     def start(self) -> LoopbackSshd:
         if self.proc and self.proc.poll() is None:
             return self
-        logf = open(self.log, "ab")  # noqa: SIM115
+        logf = open(self.log, "ab")
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)],
                                      stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
         logf.close()

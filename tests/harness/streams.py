@@ -43,6 +43,7 @@ class StreamEnv:
         env = cls(root=root, sshd=sshd, name=name)
         env.source.mkdir(parents=True, exist_ok=True)
         env.target.mkdir(parents=True, exist_ok=True)
+        (root / "spool").mkdir(parents=True, exist_ok=True)
         env.configure(**sections)
         return env
 
@@ -108,12 +109,20 @@ def rsync_wrapper(path: Path, log: Path) -> Path:
 import os, subprocess, sys, time
 data = sys.stdin.buffer.read()
 with open({str(log)!r}, "ab") as f:
-    f.write(b"RUN %d\\0" % len(data.split(b"\\0")[:-1]) + data)
+    f.write(b"RUN %d %d\\0" % (os.getppid(), len(data.split(b"\\0")[:-1])) + data)
 p = subprocess.run(["rsync", *sys.argv[1:]], input=data)
 sys.exit(p.returncode)
 """)
     path.chmod(0o755)
     return path
+
+
+def wrapper_senders(log: Path) -> set[int]:
+    """The pids of the mstm-send processes that started the wrapped rsync runs."""
+    if not log.exists():
+        return set()
+    return {int(rec.split()[1]) for rec in log.read_bytes().split(b"\0")
+            if rec.startswith(b"RUN ")}
 
 
 def wrapper_runs(log: Path) -> list[list[bytes]]:

@@ -6,7 +6,6 @@ they hold; this module turns known exceptions into one line on stderr and an exi
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from collections.abc import Callable

@@ -100,7 +100,7 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
                          report.waiting)
             return EXIT_OK
 
-        from mstm.watch import Watcher  # noqa: PLC0415
+        from mstm.watch import Watcher
 
         watcher = Watcher(cfg.directory, poll_interval=cfg.poll_interval, recursive=True)
         notifier = Notifier()

@@ -13,8 +13,8 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
     """The transport a stream's configuration names, ready to open()."""
     out = stream.outgoing
     if out.transfer_protocol == "rsync_ssh":
-        from mstm.transports.rsync_ssh import RsyncSsh  # noqa: PLC0415
-        from mstm.transports.ssh import SshConnection, SshTarget  # noqa: PLC0415
+        from mstm.transports.rsync_ssh import RsyncSsh
+        from mstm.transports.ssh import SshConnection, SshTarget
 
         rs = stream.rsync_ssh
         conn = SshConnection(

@@ -38,7 +38,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 def spawn(argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
     """Popen with an argv list (never a shell) whose process dies with ours."""
-    return subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **kw)  # type: ignore[call-overload,no-any-return]  # noqa: PLW1509
+    return subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **kw)  # type: ignore[call-overload,no-any-return]
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class SshConnection:
             "-p", str(t.port),
         ]
         if t.known_hosts:
-            opts += ["-o", f"UserKnownHostsFile={t.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null"]
+            opts += ["-o", f"UserKnownHostsFile={t.known_hosts}",
+                     "-o", "GlobalKnownHostsFile=/dev/null"]
         if t.identity_file:
             opts += ["-i", str(t.identity_file), "-o", "IdentitiesOnly=yes"]
         if t.user:

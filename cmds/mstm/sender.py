@@ -1,0 +1,630 @@
+"""The delivery loop of one stream: scan, claim a batch, transfer, verify, commit.
+
+The order of a delivery, and why nothing is lost at any instant:
+
+1. the batch is claimed in the spool (rename new/ -> claimed/);
+2. each source is re-checked against the version that was scanned;
+3. the transport sends the whole batch in one run while a thread pool computes each
+   source's sha256 (stat before and after: a file that changed while being hashed is
+   not trusted);
+4. the target reports size and sha256 of each file under its final name;
+5. only an exact match is committed (rename claimed/ -> done/), and only after that
+   commit, in move mode, is the source unlinked, and only if it still is the verified
+   version.  A crash between 5's rename and the unlink leaves a done record and the
+   source: the next scan sees that pair and finishes the deletion.
+
+Connection failures release the batch untouched (no attempt counted) and back the
+whole destination off; item failures (mismatch, missing) count an attempt and the item
+is retried with backoff, then parked in failed/ with its reason, its source untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mstm import scan as scanning
+from mstm.backoff import DestinationBackoff
+from mstm.config import StreamConfig
+from mstm.errors import TargetUnavailable
+from mstm.log import event, fields, show, under_journal
+from mstm.notify import Notifier
+from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy, item_id
+from mstm.transports.base import Item, RemoteFile, Transport
+
+log = logging.getLogger("mstm.send")
+
+HASH_BLOCK = 1 << 20
+
+
+# -- local digests -------------------------------------------------------------------
+@dataclass
+class LocalDigest:
+    """What the source holds: one entry per regular file (a file item has one)."""
+
+    files: dict[str, tuple[int, str]]  # relpath (relative to the stream dir) -> (size, sha256)
+    versions: dict[str, tuple[int, int]]  # relpath -> (size, mtime_ns) as hashed
+    sha256: str  # of the item: the file's digest, or of a directory's manifest
+    size: int
+    changed: str | None = None  # why the source cannot be trusted, if it changed meanwhile
+
+
+def _hash_file(path: bytes) -> tuple[int, int, str, bool]:
+    """(size, mtime_ns, sha256, stable) of one file, read in large blocks."""
+    before = os.stat(path, follow_symlinks=False)
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_BLOCK):
+            h.update(chunk)
+    after = os.stat(path, follow_symlinks=False)
+    stable = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+    return after.st_size, after.st_mtime_ns, h.hexdigest(), stable
+
+
+def _walk_files(root: bytes) -> Iterator[bytes]:
+    """Regular files below a directory item (relative to *root*'s parent), sorted."""
+    stack = [root]
+    found: list[bytes] = []
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    found.append(e.path)
+    yield from sorted(found)
+
+
+def local_digest(source_dir: Path, record: ItemRecord) -> LocalDigest:
+    base = os.fsencode(source_dir)
+    path = os.path.join(base, os.fsencode(record.relpath))
+    if not record.is_dir:
+        size, mtime_ns, digest, stable = _hash_file(path)
+        changed = None
+        if not stable or (size, mtime_ns) != (record.size, record.mtime_ns):
+            changed = "source changed while it was being sent"
+        return LocalDigest({record.relpath: (size, digest)}, {record.relpath: (size, mtime_ns)},
+                           digest, size, changed)
+    files: dict[str, tuple[int, str]] = {}
+    versions: dict[str, tuple[int, int]] = {}
+    manifest = hashlib.sha256()
+    total = 0
+    changed = None
+    for fpath in _walk_files(path):
+        rel = os.fsdecode(os.path.relpath(fpath, base))
+        size, mtime_ns, digest, stable = _hash_file(fpath)
+        if not stable:
+            changed = "a file in the directory changed while it was being sent"
+        files[rel] = (size, digest)
+        versions[rel] = (size, mtime_ns)
+        total += size
+        manifest.update(os.fsencode(rel) + b"\0" + str(size).encode() + b"\0" +
+                        digest.encode() + b"\n")
+    return LocalDigest(files, versions, manifest.hexdigest(), total, changed)
+
+
+def compare(local: LocalDigest, remote: dict[str, RemoteFile], *, prefix: str = "") -> str | None:
+    """None if the target holds exactly what we hashed, else the first difference."""
+    for rel, (size, digest) in local.files.items():
+        got = remote.get(rel)
+        if got is None:
+            return f"missing at the target: {show(rel)}"
+        if got.size != size:
+            return f"bad size at the target: {show(rel)} is {got.size} bytes, expected {size}"
+        if got.sha256 != digest:
+            return f"bad checksum at the target: {show(rel)}"
+    return None
+
+
+# -- what happened -----------------------------------------------------------------
+def json_path(relpath: str) -> dict[str, str]:
+    try:
+        relpath.encode("utf-8")
+        return {"path": relpath}
+    except UnicodeEncodeError:
+        import base64
+
+        raw = os.fsencode(relpath)
+        return {"path": raw.decode("utf-8", "backslashreplace"),
+                "path_base64": base64.b64encode(raw).decode()}
+
+
+@dataclass
+class Summary:
+    stream: str
+    delivered: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    retried: int = 0
+    bytes: int = 0
+    paused: str | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    queued: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "stream": self.stream,
+            "delivered": len(self.delivered),
+            "delivered_bytes": self.bytes,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "retried": self.retried,
+            "queued": self.queued,
+            "paused": self.paused,
+            "error": self.error,
+            "seconds": round(time.time() - self.started, 3),
+            "items": self.delivered,
+        }, ensure_ascii=False, indent=None)
+
+
+class TtyProgress:
+    """A single updating line on a terminal: items, bytes, rate."""
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.files = 0
+        self.bytes = 0
+        self._base = (0, 0)
+        self._t0 = time.monotonic()
+        self._last = 0.0
+        self._shown = False
+
+    def batch_progress(self, files: int, nbytes: int) -> None:
+        self.files, self.bytes = self._base[0] + files, self._base[1] + nbytes
+        now = time.monotonic()
+        if now - self._last >= 0.2:
+            self._last = now
+            self._draw()
+
+    def batch_done(self) -> None:
+        self._base = (self.files, self.bytes)
+
+    def _draw(self) -> None:
+        rate = self.bytes / max(1e-6, time.monotonic() - self._t0)
+        sys.stderr.write(f"\r{self.stream}: {self.files} files, {_human(self.bytes)}, "
+                         f"{_human(rate)}/s   ")
+        sys.stderr.flush()
+        self._shown = True
+
+    def finish(self) -> None:
+        if self._shown:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# -- the sender ----------------------------------------------------------------------
+class Sender:
+    def __init__(self, stream: StreamConfig, *, spool: Spool, transport: Transport,
+                 notifier: Notifier | None = None, progress: TtyProgress | None = None,
+                 scan: bool = True) -> None:
+        self.stream = stream
+        self.out = stream.outgoing
+        self.spool = spool
+        self.transport = transport
+        self.notifier = notifier or Notifier()
+        self.progress = progress
+        self.do_scan = scan
+        self.stop_event = threading.Event()
+        self.summary = Summary(stream.name)
+        self.backoff = DestinationBackoff(base=max(0.1, self.out.retry_backoff),
+                                          maximum=max(0.1, self.out.retry_backoff_max))
+        self.backoff.load_state(spool.load_state().get("backoff", {}))
+        self.peer = f"{stream.rsync_ssh.username + '@' if stream.rsync_ssh.username else ''}" \
+                    f"{self.out.target_host}:{self.out.target_port}"
+        self.per_item_level = logging.INFO if under_journal() else logging.DEBUG
+        self._remote_stop: tuple[float, str | None] = (0.0, None)
+        self._paused_reason: str | None = None
+        self.last_delivery: float | None = None
+        self.waker: Callable[[], None] | None = None
+
+    # -- control --------------------------------------------------------------
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.waker:
+            self.waker()
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set() or self.spool.lease_lost()
+
+    def tick(self) -> None:
+        self.notifier.watchdog()
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, waking for shutdown and keeping the watchdog fed."""
+        end = time.monotonic() + seconds
+        while not self.stop_event.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.tick()
+            self.stop_event.wait(min(left, self.notifier.max_sleep or left, 5.0))
+
+    # -- scanning -------------------------------------------------------------
+    def scan_into_spool(self) -> scanning.ScanReport | None:
+        try:
+            with self.spool.scan_lock():
+                report = scanning.scan(self.stream)
+                records = []
+                for c in report.ready:
+                    rid = item_id(c.relpath, c.size, c.mtime_ns)
+                    done = self.spool.path / "done" / rid
+                    if self.out.transfer_mode == "move" and done.exists():
+                        # verified earlier; the deletion did not happen (crash): finish it
+                        self._delete_source(c.relpath, {c.relpath: (c.size, c.mtime_ns)}, c.is_dir,
+                                            whole=(c.size, c.mtime_ns))
+                        continue
+                    if self.spool.known(rid):
+                        continue
+                    records.append(ItemRecord(relpath=c.relpath, size=c.size,
+                                              mtime_ns=c.mtime_ns, is_dir=c.is_dir,
+                                              enqueued_at=time.time()))
+                added = self.spool.enqueue(records)
+                if added:
+                    log.info("%s: %d new item(s) queued", self.stream.name, added,
+                             extra=event("enqueued", stream=self.stream.name))
+                for relpath, reason in report.skipped:
+                    log.debug("skipped %s: %s", show(relpath), reason,
+                              extra=fields(stream=self.stream.name, item=relpath, reason=reason))
+                return report
+        except SpoolBusy:
+            log.debug("another scanner holds %s; not scanning", self.spool.path)
+            return None
+
+    # -- pausing ----------------------------------------------------------------
+    def paused(self) -> str | None:
+        reason = scanning.is_paused(self.stream)
+        if reason is None:
+            reason = self._remote_paused()
+        if reason != self._paused_reason:
+            if reason:
+                log.warning("%s: paused: %s", self.stream.name, reason,
+                            extra=event("paused", stream=self.stream.name, reason=reason))
+            elif self._paused_reason:
+                log.info("%s: resumed", self.stream.name,
+                         extra=event("resumed", stream=self.stream.name))
+            self._paused_reason = reason
+        return reason
+
+    def _remote_paused(self) -> str | None:
+        checked, reason = self._remote_stop
+        now = time.monotonic()
+        if checked and now - checked < self.out.stop_file_poll_interval:
+            return reason
+        if not self.transport.alive():
+            return reason  # only asked over an open connection; never connect just for this
+        try:
+            reason = self.transport.stop_file_present()
+        except TargetUnavailable:
+            return reason
+        self._remote_stop = (now, reason)
+        return reason
+
+    # -- delivering -------------------------------------------------------------
+    def deliver_pending(self) -> None:
+        """Deliver claimable items until none is left, the target fails, or we stop."""
+        while not self.should_stop():
+            if self.backoff.remaining(time.time()) > 0:
+                return
+            if self.paused():
+                self.summary.paused = self._paused_reason
+                return
+            claims = self.spool.claim(max_items=self.out.batch_max_items,
+                                      max_bytes=self.out.batch_max_bytes)
+            if not claims:
+                return
+            self._deliver(claims)
+
+    def _release(self, claims: list[Claim]) -> None:
+        for c in claims:
+            self.spool.release(c)
+
+    def _target_failed(self, claims: list[Claim], error: str) -> None:
+        self._release(claims)
+        self.transport.close()
+        wait = self.backoff.failed(time.time(), error)
+        self._save_backoff()
+        self.summary.error = error
+        log.warning("%s: target unreachable (%s); backing off %.0f s (step %d)",
+                    self.stream.name, error, wait, self.backoff.step,
+                    extra=event("target_unreachable", stream=self.stream.name, peer=self.peer,
+                                reason=error, attempt=self.backoff.step))
+        self.notifier.status(f"backing off {wait:.0f} s: {error}")
+
+    def _save_backoff(self) -> None:
+        state = self.spool.load_state()
+        state["backoff"] = self.backoff.to_state()
+        self.spool.save_state(state)
+
+    def _deliver(self, claims: list[Claim]) -> None:
+        source = self.stream.directory
+        live: list[Claim] = []
+        for c in claims:
+            r = c.record
+            try:
+                st = os.stat(os.path.join(os.fsencode(source), os.fsencode(r.relpath)),
+                             follow_symlinks=self.stream.follow_symlinks)
+            except FileNotFoundError:
+                self._skip(c, "source vanished before it was sent")
+                continue
+            if not r.is_dir and (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
+                self._skip(c, "source changed since it was scanned; it will be queued again")
+                continue
+            live.append(c)
+        if not live:
+            return
+        self.notifier.status(f"sending {len(live)} item(s)")
+        try:
+            self.transport.open()
+        except TargetUnavailable as err:
+            self._target_failed(live, err.message)
+            return
+        if self.backoff.succeeded():
+            log.info("%s: target %s reachable again", self.stream.name, self.peer,
+                     extra=event("resumed", stream=self.stream.name, peer=self.peer))
+            self._save_backoff()
+        items = [Item(c.record.relpath, c.record.size, c.record.is_dir, force=c.record.attempts > 0)
+                 for c in live]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
+            futures: dict[str, Future[LocalDigest]] = {
+                c.record.id: pool.submit(local_digest, source, c.record) for c in live}
+            result = self.transport.send(
+                items, progress=self.progress.batch_progress if self.progress else None,
+                should_stop=self.should_stop, tick=self.tick)
+            if self.progress:
+                self.progress.batch_done()
+            if result.stopped or self.should_stop():
+                log.info("%s: batch abandoned for shutdown; %d item(s) stay queued",
+                         self.stream.name, len(live))
+                for f in futures.values():
+                    f.cancel()
+                self._release(live)
+                return
+            if not self.transport.alive():
+                self._target_failed(live, result.error or "connection lost during transfer")
+                return
+            digests: dict[str, LocalDigest | str] = {}
+            for c in live:
+                try:
+                    digests[c.record.id] = futures[c.record.id].result()
+                except OSError as err:
+                    digests[c.record.id] = f"cannot read the source: {err.strerror or err}"
+        try:
+            remote = self.transport.inspect(
+                [rel for c in live if not c.record.is_dir
+                 and isinstance(d := digests[c.record.id], LocalDigest) for rel in d.files])
+            staged = {}
+            if any(c.record.is_dir for c in live):
+                staged = self.transport.inspect(
+                    [rel for c in live if c.record.is_dir
+                     and isinstance(d := digests[c.record.id], LocalDigest) for rel in d.files],
+                    staged=True)
+        except TargetUnavailable as err:
+            self._target_failed(live, err.message)
+            return
+        for c in live:
+            self._settle(c, digests[c.record.id], staged if c.record.is_dir else remote,
+                         result.error)
+        self.notifier.status(self.status_line())
+
+    def _settle(self, claim: Claim, digest: LocalDigest | str, remote: dict[str, RemoteFile],
+                transfer_error: str) -> None:
+        r = claim.record
+        if isinstance(digest, str):
+            self._retry(claim, digest)
+            return
+        if digest.changed:
+            self._skip(claim, digest.changed + "; it will be queued again")
+            return
+        problem = compare(digest, remote)
+        if problem:
+            if transfer_error:
+                problem = f"{problem} ({transfer_error})"
+            self._retry(claim, problem)
+            return
+        if r.is_dir:
+            errors = self.transport.publish([Item(r.relpath, r.size, True)])
+            if errors:
+                self._retry(claim, errors[r.relpath])
+                return
+        if not self.spool.complete(claim, sha256=digest.sha256):
+            log.warning("%s: lost the lease on %s to another sender; not deleting it",
+                        self.stream.name, show(r.relpath),
+                        extra=event("lease_taken_over", stream=self.stream.name, item=r.relpath))
+            return
+        self.last_delivery = time.time()
+        self.summary.delivered.append({**json_path(r.relpath), "bytes": digest.size,
+                                       "sha256": digest.sha256})
+        self.summary.bytes += digest.size
+        log.log(self.per_item_level, "%s: delivered %s (%d bytes, sha256 %s)", self.stream.name,
+                show(r.relpath), digest.size, digest.sha256[:16],
+                extra=event("delivered", stream=self.stream.name, item=r.relpath,
+                            bytes=digest.size, peer=self.peer))
+        if self.out.transfer_mode == "move":
+            self._delete_source(r.relpath, digest.versions, r.is_dir, whole=None)
+
+    def _skip(self, claim: Claim, reason: str) -> None:
+        self.spool.drop(claim, reason)
+        self.summary.skipped.append({**json_path(claim.record.relpath), "reason": reason})
+        log.info("%s: skipped %s: %s", self.stream.name, show(claim.record.relpath), reason,
+                 extra=event("skipped", stream=self.stream.name, item=claim.record.relpath,
+                             reason=reason))
+
+    def _retry(self, claim: Claim, reason: str) -> None:
+        attempt = claim.record.attempts + 1
+        outcome = self.spool.retry(claim, reason, retry_count=self.out.retry_count,
+                                   backoff=self.out.retry_backoff,
+                                   backoff_max=self.out.retry_backoff_max)
+        if outcome == "failed":
+            self.summary.failed.append({**json_path(claim.record.relpath), "reason": reason,
+                                        "attempts": attempt})
+            log.error("%s: failed %s after %d attempt(s): %s; kept at the source",
+                      self.stream.name, show(claim.record.relpath), attempt, reason,
+                      extra=event("failed", stream=self.stream.name, item=claim.record.relpath,
+                                  reason=reason, attempt=attempt, peer=self.peer))
+        else:
+            self.summary.retried += 1
+            log.warning("%s: will retry %s (attempt %d of %d): %s", self.stream.name,
+                        show(claim.record.relpath), attempt, self.out.retry_count + 1, reason,
+                        extra=event("retried", stream=self.stream.name,
+                                    item=claim.record.relpath, reason=reason, attempt=attempt))
+
+    def _delete_source(self, relpath: str, versions: dict[str, tuple[int, int]], is_dir: bool,
+                       *, whole: tuple[int, int] | None) -> None:
+        """Unlink what was verified, and only that: a file changed since is kept."""
+        base = os.fsencode(self.stream.directory)
+        path = os.path.join(base, os.fsencode(relpath))
+        try:
+            if not is_dir:
+                st = os.stat(path, follow_symlinks=False)
+                if (st.st_size, st.st_mtime_ns) != versions[relpath]:
+                    log.warning("%s: %s changed after delivery; kept", self.stream.name,
+                                show(relpath))
+                    return
+                os.unlink(path)
+                self._remove_marker(relpath)
+            else:
+                if whole is None:
+                    now_files = {os.fsdecode(os.path.relpath(p, base)): os.stat(p)
+                                 for p in _walk_files(path)}
+                    if {k: (s.st_size, s.st_mtime_ns) for k, s in now_files.items()} != versions:
+                        log.warning("%s: %s changed after delivery; kept", self.stream.name,
+                                    show(relpath))
+                        return
+                shutil.rmtree(path)
+                self._remove_marker(relpath)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            log.error("%s: cannot delete delivered source %s: %s", self.stream.name,
+                      show(relpath), err.strerror,
+                      extra=fields(stream=self.stream.name, item=relpath))
+            return
+        log.log(self.per_item_level, "%s: deleted source %s (verified at target)",
+                self.stream.name, show(relpath),
+                extra=event("source_deleted", stream=self.stream.name, item=relpath))
+
+    def _remove_marker(self, relpath: str) -> None:
+        marker = self.stream.ready_marker
+        if not marker:
+            return
+        head, tail = os.path.split(relpath)
+        mpath = self.stream.directory / head / marker.format(name=tail)
+        try:
+            os.unlink(os.fsencode(mpath))
+        except OSError:
+            pass
+
+    # -- status ---------------------------------------------------------------
+    def status_line(self) -> str:
+        counts = self.spool.counts()
+        if self._paused_reason:
+            return f"paused: {self._paused_reason}; {counts.get('new', 0)} queued"
+        if self.backoff.step:
+            left = self.backoff.remaining(time.time())
+            return f"backing off {left:.0f} s: {self.backoff.last_error}"
+        last = (time.strftime("%H:%M:%S", time.localtime(self.last_delivery))
+                if self.last_delivery else "never")
+        failed = counts.get("failed", 0)
+        extra = f", {failed} failed" if failed else ""
+        return f"idle, {counts.get('new', 0)} queued{extra}, last delivery {last}"
+
+    # -- the two ways of running ------------------------------------------------
+    def next_due(self) -> float | None:
+        """Seconds until the earliest queued item may be tried again, if any is waiting."""
+        soonest: float | None = None
+        for rec in self.spool.iter_records("new"):
+            soonest = rec.not_before if soonest is None else min(soonest, rec.not_before)
+        if soonest is None:
+            return None
+        return max(0.0, soonest - time.time())
+
+    def run_once(self) -> Summary:
+        """Scan, then deliver until nothing claimable remains (waiting out item backoffs)."""
+        self.spool.reclaim_expired()
+        if self.do_scan:
+            self.scan_into_spool()
+        connection_tries = 0
+        while not self.should_stop():
+            self.deliver_pending()
+            if self.summary.paused:
+                break
+            wait_backoff = self.backoff.remaining(time.time())
+            if wait_backoff > 0:
+                connection_tries += 1
+                if connection_tries > self.out.retry_count:
+                    break
+                self._sleep(wait_backoff)
+                continue
+            due = self.next_due()
+            if due is None:
+                break
+            self._sleep(due)
+        self.summary.queued = self.spool.counts().get("new", 0)
+        if self.progress:
+            self.progress.finish()
+        return self.summary
+
+    def follow(self) -> None:
+        """Run until stopped: scan on every change, deliver, back off, keep systemd told."""
+        from mstm.watch import Watcher
+
+        watcher = Watcher(self.stream.directory, poll_interval=self.stream.poll_interval,
+                          recursive=True)
+        self.waker = watcher.wake
+        self.spool.start_heartbeat()
+        self.notifier.ready(self.status_line())
+        log.info("%s: following %s -> %s:%s (%s, %s)", self.stream.name,
+                 show(self.stream.directory), self.peer, self.out.target_dir,
+                 self.out.transfer_mode, watcher.backend,
+                 extra=fields(stream=self.stream.name, peer=self.peer))
+        try:
+            while not self.stop_event.is_set():
+                self.tick()
+                self.spool.reclaim_expired()
+                report = self.scan_into_spool() if self.do_scan else None
+                self.deliver_pending()
+                self.notifier.status(self.status_line())
+                timeouts = [self.stream.poll_interval * 20]
+                if self.notifier.max_sleep:
+                    timeouts.append(self.notifier.max_sleep)
+                if report is not None and report.next_check is not None:
+                    timeouts.append(report.next_check + 0.05)
+                if self.backoff.step:
+                    timeouts.append(self.backoff.remaining(time.time()) + 0.01)
+                due = self.next_due()
+                if due is not None:
+                    timeouts.append(due + 0.01)
+                if self._paused_reason:
+                    timeouts.append(min(self.out.stop_file_poll_interval,
+                                        self.stream.poll_interval * 10))
+                if not self.do_scan:
+                    timeouts.append(self.stream.poll_interval)
+                watcher.wait(max(0.0, min(timeouts)))
+        finally:
+            self.notifier.stopping()
+            watcher.close()
+            self.spool.stop_heartbeat()
+            self.transport.close()
