@@ -12,9 +12,9 @@ def delay(step: int, *, base: float, maximum: float, rng: random.Random | None =
     Full exponential growth capped at *maximum*, then "equal jitter": a random point in
     the upper half, so many senders that failed together do not return together.
     """
-    r = rng or random
-    raw = min(maximum, base * (2 ** max(0, step - 1)))
-    return raw * r.uniform(0.5, 1.0)
+    r: random.Random = rng or random.Random()
+    raw = min(maximum, base * (2.0 ** min(max(0, step - 1), 64)))
+    return float(raw * r.uniform(0.5, 1.0))
 
 
 @dataclass

@@ -121,7 +121,19 @@ def _also(*edits: Callable[[Conf], None]) -> Callable[[Conf], None]:
     return edit
 
 
-_not_root = pytest.mark.skipif(os.geteuid() == 0, reason="root can read any directory")
+def _deny_access_as_root(monkeypatch: pytest.MonkeyPatch, name: str) -> bool:
+    """Root reads any directory, so for the unreadable case fake what access(2) says."""
+    if name != "directory_unreadable" or os.geteuid() != 0:
+        return False
+    import mstm.config  # noqa: PLC0415
+
+    real = os.access
+
+    def access(path: object, mode: int, **kw: object) -> bool:  # directories: denied
+        return False if os.path.isdir(path) else real(path, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mstm.config.os, "access", access)
+    return True
 
 BROKEN = {
     "missing_global_file": Broken(_missing_global, "missing", None, None, "cannot read"),
@@ -227,8 +239,17 @@ BROKEN = {
                                "global", "email", "ssl", "cannot both be on"),
 }
 
-CASES = [pytest.param(name, marks=_not_root if name == "directory_unreadable" else [], id=name)
-         for name in BROKEN]
+CASES = [pytest.param(name, id=name) for name in BROKEN]
+
+
+def _check_in_process(conf: Conf, stream: str) -> subprocess.CompletedProcess[str]:
+    """The same command, run in this process (so a monkeypatch applies)."""
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from mstm.cli.send import main  # noqa: PLC0415
+
+    r = CliRunner().invoke(main, ["--config", str(conf.global_file), "--check", stream])
+    return subprocess.CompletedProcess([], r.exit_code, r.stdout, r.stderr)
 
 
 def _check(conf: Conf, stream: str) -> subprocess.CompletedProcess[str]:
@@ -257,8 +278,9 @@ def test_there_are_at_least_twelve_broken_configuration_cases() -> None:
 
 @pytest.mark.parametrize("name", CASES)
 def test_broken_configuration_raises_config_error_naming_file_section_key_and_reason(
-        tmp_path: Path, name: str) -> None:
+        tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     conf, case, expected_file = _prepare(tmp_path, name)
+    _deny_access_as_root(monkeypatch, name)
     with pytest.raises(ConfigError) as info:
         load_stream(case.stream, conf.global_file)
     err = info.value
@@ -270,9 +292,12 @@ def test_broken_configuration_raises_config_error_naming_file_section_key_and_re
 
 @pytest.mark.parametrize("name", CASES)
 def test_broken_configuration_makes_mstm_send_check_exit_78_with_one_line_on_stderr(
-        tmp_path: Path, name: str) -> None:
+        tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     conf, case, expected_file = _prepare(tmp_path, name)
-    result = _check(conf, case.stream)
+    if _deny_access_as_root(monkeypatch, name):
+        result = _check_in_process(conf, case.stream)
+    else:
+        result = _check(conf, case.stream)
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

@@ -45,27 +45,28 @@ exit 0
 """
 
 # Move staged directory items into place; answers "O name" or "E name" per item.
+# POSIX sh only (the target's sh may be dash): names arrive as xargs arguments.
 _PUBLISH_SCRIPT = r"""
 cd -- "$1" || exit 3
-while IFS= read -r -d '' n; do
-  case "$n" in /*|../*|*/../*|..) printf 'E %s\0' "$n"; continue;; esac
+exec xargs -0 -r sh -c '
+for n do
+  case "$n" in /*|../*|*/../*|..) printf "E %s\0" "$n"; continue;; esac
   d=$(dirname -- "$n")
-  mkdir -p -- "$d" || { printf 'E %s\0' "$n"; continue; }
+  mkdir -p -- "$d" || { printf "E %s\0" "$n"; continue; }
   old=""
   if [ -e "$n" ] || [ -L "$n" ]; then
     old=".mstm-staging/.replaced.$$"
     rm -rf -- "$old"
-    mv -T -- "$n" "$old" || { printf 'E %s\0' "$n"; continue; }
+    mv -T -- "$n" "$old" || { printf "E %s\0" "$n"; continue; }
   fi
   if mv -T -- ".mstm-staging/$n" "$n"; then
-    printf 'O %s\0' "$n"
+    printf "O %s\0" "$n"
     [ -n "$old" ] && rm -rf -- "$old"
   else
     [ -n "$old" ] && mv -T -- "$old" "$n"
-    printf 'E %s\0' "$n"
+    printf "E %s\0" "$n"
   fi
-done
-exit 0
+done' sh
 """
 
 
