@@ -37,6 +37,9 @@ DEFAULT_RUNTIME_DIR = Path("/run/mstm")
 STREAM_FILE_NAMES = ("{}.ini", "ds_{}.ini", "dataset_{}.ini")
 STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# [outgoing] target_port when none is written, by transfer_protocol
+DEFAULT_PORTS = {"rsync_ssh": 22, "sftp": 22, "rsync_native": 873, "ftp": 21, "ftps": 21,
+                 "local": 22}
 
 _REFERENCE = re.compile(r"\$\(([^)]*)(\)?)")
 # configparser's DEFAULT section would leak its keys into every section; a name that no
@@ -385,6 +388,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "disk-space priority (default: [disk_space_monitor] base_priority)"),
         "deletion_enabled": Key(Bool(), "false",
                                 "the disk-space monitor may delete delivered items"),
+        "delete_undelivered": Key(Bool(), "false",
+                                  "with deletion_enabled: at VLOW also delete undelivered items"),
         "spool_dir": Key(AbsPath(), "$(global:spool_base_dir)/$(data_stream:name)",
                          "the stream's durable queue (default: <spool_base_dir>/<name>)"),
         "settle_seconds": Key(Seconds(), "5", "an item must be unchanged this long to be ready"),
@@ -399,17 +404,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "outgoing": {
         "target_host": Key(Word(), None,
                            "the host to send to (required unless transfer_protocol is local)"),
-        "target_port": Key(Int(1, 65535), "22", "port of the target's ssh server"),
+        "target_port": Key(Int(1, 65535), None,
+                           "port of the target's server (default: 22 for rsync_ssh and sftp,"
+                           " 873 for rsync_native, 21 for ftp and ftps)"),
         "target_dir": Key(RemoteDir(), None, "the absolute directory on the target host",
                           required=True),
         "transfer_protocol": Key(
-            Choice(("rsync_ssh",), ("rsync_native", "sftp", "ftp", "ftps", "local"),
-                   "transfer_protocol '{}' is not implemented yet"),
+            Choice(("rsync_ssh", "rsync_native", "sftp", "ftp", "ftps", "local")),
             "rsync_ssh", "how items travel"),
         "transfer_mode": Key(Choice(("move", "mirror")), None,
                              "required: move (delete the source once verified) or mirror"),
         "target_uses_arrival_monitor": Key(Bool(), "false",
                                            "the target runs mstm-receive (handshake files)"),
+        "target_incoming_dir": Key(RemoteDir(), "$(outgoing:target_dir)/.mstm-incoming",
+                                   "with the arrival monitor: the receiver's incoming area"),
         "retry_count": Key(Int(0), "3", "attempts per item before it is parked as failed"),
         "retry_backoff": Key(Seconds(), "2", "first wait before a retry (doubles each time)"),
         "retry_backoff_max": Key(Seconds(), "600", "longest wait between retries"),
@@ -444,6 +452,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "thankyou_file_extension": Key(FileName(), "mstm-thanks",
                                        "extension of thank-you files"),
         "stop_file": Key(FileName(), ".stop", "a file of this name pauses receiving"),
+        "incoming_dir": Key(AbsPath(), "$(data_stream:directory)/.mstm-incoming",
+                            "where senders put batches and handshake files for mstm-receive"
+                            " (default: <directory>/.mstm-incoming)"),
+        "receipt_file_extension": Key(FileName(), "mstm-rcpt", "extension of receipt files"),
+        "overwrite": Key(Bool(), "false",
+                         "replace a published file whose content differs (else: refused)"),
+        "max_control_bytes": Key(Size(), "8M", "larger control files are quarantined unread"),
     },
     "rsync_ssh": {
         "cmd": Key(Word(), "rsync", "the rsync program"),
@@ -457,12 +472,49 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "check_size": Key(Bool(), "true",
                           "MiStaMover compatibility; sizes and sha256 are always verified"),
     },
+    "rsync_native": {
+        "cmd": Key(Word(), "rsync", "the rsync program"),
+        "module": Key(Word(), None, "the rsync daemon's module (required for rsync_native)"),
+        "username": Key(Word(), None, "user of the rsync daemon (empty: no login)"),
+        "password_file": Key(AbsPath(), None, "file holding the daemon password (default:"
+                             " the systemd credential rsync-password, if there is one)"),
+        "password": Key(Text(), None, "refused: use password_file or a systemd credential",
+                        refused="passwords are not accepted in configuration files (they get"
+                        " logged and copied); use password_file or a systemd credential"),
+    },
+    "sftp": {
+        "username": Key(Word(), None, "user on the target host (empty: the current user)"),
+        "identity_file": Key(AbsPath(), None, "ssh private key (must be a readable file)"),
+        "known_hosts": Key(AbsPath(), None,
+                           "known_hosts file to check the host key against (must exist)"),
+        "remote_checksum": Key(Bool(), "true",
+                               "ask the target's sha256sum over the same ssh connection"),
+        "verify_readback": Key(Bool(), "true",
+                               "without a remote checksum, read each file back to hash it"),
+    },
+    "ftp": {
+        "username": Key(Word(), "anonymous", "FTP login"),
+        "password_file": Key(AbsPath(), None, "file holding the FTP password (default:"
+                             " the systemd credential ftp-password, if there is one)"),
+        "tls": Key(Bool(), "false", "use TLS (AUTH TLS, PROT P); ftps always does"),
+        "ca_file": Key(AbsPath(), None,
+                       "CA certificates the server's certificate is checked against"
+                       " (default: the system's)"),
+        "passive": Key(Bool(), "true", "passive mode (the client opens data connections)"),
+        "verify_readback": Key(Bool(), "true",
+                               "read each file back after upload to hash it"),
+        "password": Key(Text(), None, "refused: use password_file or a systemd credential",
+                        refused="passwords are not accepted in configuration files (they get"
+                        " logged and copied); use password_file or a systemd credential"),
+    },
     "disk_space_monitor": {
         "base_priority": Key(Int(), "100", "streams at or below it are stopped first"),
         "level_good": Key(Level(), "1500", "free space above it is GOOD (MB or N%)"),
         "level_low": Key(Level(), "1000", "free space below it is LOW (MB or N%)"),
         "level_vlow": Key(Level(), "500", "free space below it is VLOW (MB or N%)"),
         "poll_interval": Key(Seconds(positive=True), "60", "how often free space is checked"),
+        "hysteresis": Key(Level(), "50",
+                          "a level is left upwards only this far above it (MB or N%)"),
     },
     "email": {
         "from": Key(Text(empty_ok=False), None, "sender address (default: mstm@<host name>)"),
@@ -476,6 +528,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "username": Key(Word(), None, "SMTP login (empty: none)"),
         "password_file": Key(AbsPath(), None,
                              "file holding the SMTP password (or use a systemd credential)"),
+        "password_credential": Key(FileName(), "smtp-password",
+                                   "name of the systemd credential holding the SMTP password"),
+        "ca_file": Key(AbsPath(), None,
+                       "CA certificates for the SMTP server's certificate (default: system's)"),
+        "timeout": Key(Seconds(positive=True), "30", "SMTP connection timeout"),
+        "template_dir": Key(AbsPath(), None,
+                            "directory of mail templates overriding the built-in ones"),
+        "state_dir": Key(AbsPath(), None,
+                         "mstm-alert's journal cursor and outbox (default: $STATE_DIRECTORY,"
+                         " else /var/lib/mstm)"),
         "password": Key(Text(), None, "refused: use password_file or a systemd credential",
                         refused="passwords are not accepted in configuration files (they get"
                         " logged and copied); use password_file or a systemd credential"),
@@ -503,6 +565,7 @@ class DiskSpaceConfig:
     level_low: str
     level_vlow: str
     poll_interval: float
+    hysteresis: str = "50"
 
 
 @dataclass(frozen=True)
@@ -518,6 +581,11 @@ class EmailConfig:
     username: str | None
     password_file: Path | None
     email_timer: float  # [logging] email_timer
+    password_credential: str = "smtp-password"
+    ca_file: Path | None = None
+    timeout: float = 30.0
+    template_dir: Path | None = None
+    state_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -541,6 +609,7 @@ class OutgoingConfig:
     transfer_protocol: str
     transfer_mode: str  # "move" | "mirror"
     target_uses_arrival_monitor: bool
+    target_incoming_dir: str
     retry_count: int
     retry_backoff: float
     retry_backoff_max: float
@@ -571,11 +640,42 @@ class RsyncSshConfig:
 
 
 @dataclass(frozen=True)
+class RsyncNativeConfig:
+    cmd: str = "rsync"
+    module: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SftpConfig:
+    username: str | None = None
+    identity_file: Path | None = None
+    known_hosts: Path | None = None
+    remote_checksum: bool = True
+    verify_readback: bool = True
+
+
+@dataclass(frozen=True)
+class FtpConfig:
+    username: str = "anonymous"
+    password_file: Path | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    passive: bool = True
+    verify_readback: bool = True
+
+
+@dataclass(frozen=True)
 class IncomingConfig:
     require_arrival_monitor: bool
     control_file_extension: str
     thankyou_file_extension: str
     stop_file: str
+    incoming_dir: Path | None = None  # None only when built by hand: <directory>/.mstm-incoming
+    receipt_file_extension: str = "mstm-rcpt"
+    overwrite: bool = False
+    max_control_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -599,6 +699,10 @@ class StreamConfig:
     rsync_ssh: RsyncSshConfig
     incoming: IncomingConfig
     runtime_dir: Path  # [global] runtime_dir: ssh control sockets and other runtime files
+    rsync_native: RsyncNativeConfig = RsyncNativeConfig()
+    sftp: SftpConfig = SftpConfig()
+    ftp: FtpConfig = FtpConfig()
+    delete_undelivered: bool = False  # [data_stream]; only with deletion_enabled
 
     @property
     def running(self) -> bool:
@@ -623,13 +727,13 @@ def load_global(path: Path | None = None) -> GlobalConfig:
     return setup.config
 
 
-def load_stream(name: str, path: Path | None = None) -> StreamConfig:
+def load_stream(name: str, path: Path | None = None, role: str = "send") -> StreamConfig:
     """One stream: the global file merged with that stream's file, validated.
 
     Other streams' files are not validated: a broken proj2.ini does not stop proj1.
     """
     setup = _open_global(path)
-    stream, warnings = _load_stream(setup, name)
+    stream, warnings = _load_stream(setup, name, role)
     _emit(setup.warnings + warnings)
     return stream
 
@@ -973,6 +1077,7 @@ def _build_disk_space(v: _View) -> DiskSpaceConfig:
         level_low=low,
         level_vlow=vlow,
         poll_interval=v.get(s, "poll_interval", float),
+        hysteresis=v.get(s, "hysteresis", str),
     )
 
 
@@ -993,10 +1098,18 @@ def _build_email(v: _View) -> EmailConfig:
         username=username or None,
         password_file=v.opt(s, "password_file", Path),
         email_timer=v.get("logging", "email_timer", float),
+        password_credential=v.get(s, "password_credential", str),
+        ca_file=v.opt(s, "ca_file", Path),
+        timeout=v.get(s, "timeout", float),
+        template_dir=v.opt(s, "template_dir", Path),
+        state_dir=v.opt(s, "state_dir", Path),
     )
 
 
-def _load_stream(setup: _GlobalSetup, name: str) -> tuple[StreamConfig, list[str]]:
+def _load_stream(setup: _GlobalSetup, name: str,
+                 role: str = "send") -> tuple[StreamConfig, list[str]]:
+    if role not in ("send", "receive"):
+        raise ValueError(f"unknown role {role!r}")
     listed = setup.config.data_stream_list
     if name not in listed:
         raise ConfigError(f"stream {name!r} is not listed (listed: "
@@ -1012,11 +1125,17 @@ def _load_stream(setup: _GlobalSetup, name: str) -> tuple[StreamConfig, list[str
     warnings = _check_structure(layer, setup.refs)
     implicit = {**setup.implicit, ("data_stream", "name"): name}
     view = _View([setup.layer, layer], spath, implicit)
-    view.validate(SCHEMA)
-    return _build_stream(view, name, setup.path, spath), warnings
+    # role "receive" (mstm-receive): [outgoing] may be absent; what is written is checked
+    view.validate(SCHEMA if role == "send" else [s for s in SCHEMA if s != "outgoing"])
+    if role == "receive":
+        for key, spec in SCHEMA["outgoing"].items():
+            if ("outgoing", key) in view.entries and not (spec.ignored or spec.refused):
+                view.value("outgoing", key)
+    return _build_stream(view, name, setup.path, spath, role), warnings
 
 
-def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path) -> StreamConfig:
+def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path,
+                  role: str = "send") -> StreamConfig:
     s = "data_stream"
     if v.get(s, "name", str) != name:
         raise v.error(s, "name", f"{v.get(s, 'name', str)!r} differs from the stream's name"
@@ -1031,17 +1150,22 @@ def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path) -> 
         status=v.get(s, "status", str),
         priority=v.get(s, "priority", int),
         deletion_enabled=v.get(s, "deletion_enabled", bool),
-        spool_dir=_check_spool_dir(v, directory),
+        delete_undelivered=v.get(s, "delete_undelivered", bool),
+        spool_dir=_check_spool_dir(v, directory) if role == "send"
+        else v.get(s, "spool_dir", Path),
         settle_seconds=v.get(s, "settle_seconds", float),
         ignore_patterns=v.get(s, "ignore_patterns", tuple),
         ready_marker=v.opt(s, "ready_marker", str),
         follow_symlinks=v.get(s, "follow_symlinks", bool),
         poll_interval=v.get(s, "poll_interval", float),
         log_level=v.get("logging", "log_level", str),
-        outgoing=_build_outgoing(v),
+        outgoing=_build_outgoing(v) if role == "send" else _receive_outgoing(v),
         rsync_ssh=_build_rsync_ssh(v),
         incoming=_build_incoming(v),
         runtime_dir=v.get("global", "runtime_dir", Path),
+        rsync_native=_build_rsync_native(v),
+        sftp=_build_sftp(v),
+        ftp=_build_ftp(v),
     )
 
 
@@ -1082,11 +1206,12 @@ def _build_outgoing(v: _View) -> OutgoingConfig:
                       f"{backoff_max:g} s is less than retry_backoff ({backoff:g} s)")
     return OutgoingConfig(
         target_host=host or "",
-        target_port=v.get(s, "target_port", int),
+        target_port=v.opt(s, "target_port", int) or DEFAULT_PORTS[protocol],
         target_dir=v.get(s, "target_dir", str),
         transfer_protocol=protocol,
         transfer_mode=_transfer_mode(v),
         target_uses_arrival_monitor=v.get(s, "target_uses_arrival_monitor", bool),
+        target_incoming_dir=v.get(s, "target_incoming_dir", str),
         retry_count=v.get(s, "retry_count", int),
         retry_backoff=backoff,
         retry_backoff_max=backoff_max,
@@ -1104,6 +1229,26 @@ def _build_outgoing(v: _View) -> OutgoingConfig:
         receipt_file_extension=v.get(s, "receipt_file_extension", str),
         thankyou_file_extension=v.get(s, "thankyou_file_extension", str),
     )
+
+
+def _receive_outgoing(v: _View) -> OutgoingConfig:
+    """[outgoing] of a stream loaded by mstm-receive: complete, or with empty targets."""
+    try:
+        return _build_outgoing(v)
+    except ConfigError:
+        pass  # a receive-only stream need not say where it would send to
+
+    def value(key: str) -> object:
+        try:
+            return v.value("outgoing", key)
+        except ConfigError:  # required, or refers to a key that is not set
+            return None
+
+    kw = {key: value(key) for key in OutgoingConfig.__dataclass_fields__}
+    for key in ("target_host", "target_dir", "transfer_mode", "target_incoming_dir"):
+        kw[key] = kw[key] or ""
+    kw["target_port"] = kw["target_port"] or 0
+    return OutgoingConfig(**kw)  # type: ignore[arg-type]
 
 
 def _transfer_mode(v: _View) -> str:
@@ -1135,13 +1280,64 @@ def _build_rsync_ssh(v: _View) -> RsyncSshConfig:
     )
 
 
+def _readable_file(v: _View, section: str, key: str) -> Path | None:
+    path = v.opt(section, key, Path)
+    if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+        raise v.error(section, key, f"{path}: not a readable file")
+    return path
+
+
+def _build_rsync_native(v: _View) -> RsyncNativeConfig:
+    s = "rsync_native"
+    module = v.opt(s, "module", str)
+    if module is None and v.get("outgoing", "transfer_protocol", str) == "rsync_native":
+        raise v.error(s, "module", "is required with transfer_protocol rsync_native")
+    return RsyncNativeConfig(cmd=v.get(s, "cmd", str), module=module,
+                             username=v.opt(s, "username", str),
+                             password_file=_readable_file(v, s, "password_file"))
+
+
+def _build_sftp(v: _View) -> SftpConfig:
+    s = "sftp"
+    known_hosts = v.opt(s, "known_hosts", Path)
+    if known_hosts is not None and not known_hosts.exists():
+        raise v.error(s, "known_hosts", f"{known_hosts}: no such file")
+    return SftpConfig(username=v.opt(s, "username", str),
+                      identity_file=_readable_file(v, s, "identity_file"),
+                      known_hosts=known_hosts,
+                      remote_checksum=v.get(s, "remote_checksum", bool),
+                      verify_readback=v.get(s, "verify_readback", bool))
+
+
+def _build_ftp(v: _View) -> FtpConfig:
+    s = "ftp"
+    return FtpConfig(username=v.get(s, "username", str),
+                     password_file=_readable_file(v, s, "password_file"),
+                     tls=v.get(s, "tls", bool) or
+                     v.get("outgoing", "transfer_protocol", str) == "ftps",
+                     ca_file=_readable_file(v, s, "ca_file"),
+                     passive=v.get(s, "passive", bool),
+                     verify_readback=v.get(s, "verify_readback", bool))
+
+
 def _build_incoming(v: _View) -> IncomingConfig:
     s = "incoming"
+    exts = {k: v.get(s, k, str) for k in ("control_file_extension", "receipt_file_extension",
+                                          "thankyou_file_extension")}
+    for key, ext in exts.items():  # each kind of handshake file must be told apart by name
+        for other_key, other in exts.items():
+            if key != other_key and (ext == other or ext.endswith("." + other)):
+                raise v.error(s, key, f"{ext!r} cannot be told apart from {other_key}"
+                              f" {other!r}; choose distinct extensions")
     return IncomingConfig(
         require_arrival_monitor=v.get(s, "require_arrival_monitor", bool),
-        control_file_extension=v.get(s, "control_file_extension", str),
-        thankyou_file_extension=v.get(s, "thankyou_file_extension", str),
+        control_file_extension=exts["control_file_extension"],
+        thankyou_file_extension=exts["thankyou_file_extension"],
         stop_file=v.get(s, "stop_file", str),
+        incoming_dir=v.get(s, "incoming_dir", Path),
+        receipt_file_extension=exts["receipt_file_extension"],
+        overwrite=v.get(s, "overwrite", bool),
+        max_control_bytes=v.get(s, "max_control_bytes", int),
     )
 
 

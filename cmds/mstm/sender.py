@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mstm import protocol
 from mstm import scan as scanning
 from mstm.backoff import DestinationBackoff
 from mstm.config import StreamConfig
@@ -335,6 +336,17 @@ class Sender:
                                       max_bytes=self.out.batch_max_bytes)
             if not claims:
                 return
+            if not self.transport.alive():
+                try:
+                    self.transport.open()
+                except TargetUnavailable as err:
+                    self._target_failed(claims, err.message)
+                    return
+            # the target's stop file is asked over the open connection, before each batch
+            if self.paused():
+                self.summary.paused = self._paused_reason
+                self._release(claims)
+                return
             self._deliver(claims)
 
     def _release(self, claims: list[Claim]) -> None:
@@ -387,12 +399,15 @@ class Sender:
             self._save_backoff()
         items = [Item(c.record.relpath, c.record.size, c.record.is_dir, force=c.record.attempts > 0)
                  for c in live]
+        handshake = self.out.target_uses_arrival_monitor
+        batch = protocol.new_batch_id() if handshake else ""
+        batch_dir = f"{self.out.target_incoming_dir}/{batch}" if handshake else None
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
             futures: dict[str, Future[LocalDigest]] = {
                 c.record.id: pool.submit(local_digest, source, c.record) for c in live}
             result = self.transport.send(
                 items, progress=self.progress.batch_progress if self.progress else None,
-                should_stop=self.should_stop, tick=self.tick)
+                should_stop=self.should_stop, tick=self.tick, dest=batch_dir)
             if self.progress:
                 self.progress.batch_done()
             if result.stopped or self.should_stop():
@@ -412,25 +427,96 @@ class Sender:
                 except OSError as err:
                     digests[c.record.id] = f"cannot read the source: {err.strerror or err}"
         try:
-            remote = self.transport.inspect(
-                [rel for c in live if not c.record.is_dir
-                 and isinstance(d := digests[c.record.id], LocalDigest) for rel in d.files])
-            staged = {}
-            if any(c.record.is_dir for c in live):
-                staged = self.transport.inspect(
-                    [rel for c in live if c.record.is_dir
-                     and isinstance(d := digests[c.record.id], LocalDigest) for rel in d.files],
-                    staged=True)
+            if handshake:
+                problems = self._handshake(batch, live, digests)
+            else:
+                problems = self._inspect(live, digests)
         except TargetUnavailable as err:
             self._target_failed(live, err.message)
             return
         for c in live:
-            self._settle(c, digests[c.record.id], staged if c.record.is_dir else remote,
-                         result.error)
+            problem = problems.get(c.record.id)
+            if problem and result.error:
+                problem = f"{problem} ({result.error})"
+            self._settle(c, digests[c.record.id], problem, publish=not handshake)
         self.notifier.status(self.status_line())
 
-    def _settle(self, claim: Claim, digest: LocalDigest | str, remote: dict[str, RemoteFile],
-                transfer_error: str) -> None:
+    def _inspect(self, live: list[Claim], digests: dict[str, LocalDigest | str]
+                 ) -> dict[str, str]:
+        """Without a receiver: ask the target for size and sha256 of every file."""
+        def files(dirs: bool) -> list[str]:
+            return [rel for c in live if c.record.is_dir == dirs
+                    and isinstance(d := digests[c.record.id], LocalDigest) for rel in d.files]
+
+        remote = self.transport.inspect(files(False))
+        staged = self.transport.inspect(files(True), staged=True) if files(True) else {}
+        problems: dict[str, str] = {}
+        for c in live:
+            d = digests[c.record.id]
+            if isinstance(d, LocalDigest):
+                p = compare(d, staged if c.record.is_dir else remote)
+                if p:
+                    problems[c.record.id] = p
+        return problems
+
+    def _handshake(self, batch: str, live: list[Claim], digests: dict[str, LocalDigest | str]
+                   ) -> dict[str, str]:
+        """With mstm-receive at the target: control file, receipt, thank-you.
+
+        The receipt is untrusted input: parsed strictly, and an item counts as delivered
+        only if the receipt says "ok" for every one of its files.  A receipt that never
+        comes means the receiver is not working: the batch is released, not failed.
+        """
+        out = self.out
+        control_name, receipt_name, thanks_name = protocol.file_names(
+            batch, control_ext=out.control_file_extension,
+            receipt_ext=out.receipt_file_extension, thanks_ext=out.thankyou_file_extension)
+        entries = [protocol.ControlItem(rel, size, digest)
+                   for c in live if isinstance(d := digests[c.record.id], LocalDigest)
+                   and not d.changed for rel, (size, digest) in d.files.items()]
+        problems: dict[str, str] = {}
+        # a control file even for an empty batch: its thank-you lets the receiver clean up
+        control = protocol.Control(batch=batch, algorithm="sha256", receipt=receipt_name,
+                                   items=tuple(entries))
+        try:
+            self.transport.put_file(out.target_incoming_dir, control_name,
+                                    protocol.render_control(control))
+        except OSError as err:
+            raise TargetUnavailable(str(err)) from err
+        timeout = out.receipt_file_poll_count * out.receipt_file_poll_interval
+        raw = self.transport.await_file(out.target_incoming_dir, receipt_name,
+                                        timeout=timeout, max_bytes=64 << 20, tick=self.tick,
+                                        should_stop=self.should_stop)
+        if raw is None:
+            if self.should_stop():
+                raise TargetUnavailable("stopped while waiting for the receipt")
+            raise TargetUnavailable(f"no receipt from the target's mstm-receive within "
+                                    f"{timeout:.0f} s (is it running?)")
+        try:
+            receipt = protocol.parse_receipt(raw, batch=batch)
+        except protocol.ProtocolError as err:
+            raise TargetUnavailable(f"unreadable receipt for batch {batch}: {err}") from err
+        status = dict(receipt.items)
+        for c in live:
+            d = digests[c.record.id]
+            if not isinstance(d, LocalDigest) or d.changed:
+                continue
+            for rel in d.files:
+                st = status.get(rel)
+                if st is not protocol.Status.OK:
+                    what = st.value if st is not None else "no answer"
+                    problems[c.record.id] = f"receipt says {what}: {show(rel)}"
+                    break
+        try:
+            self.transport.put_file(out.target_incoming_dir, thanks_name,
+                                    protocol.render_thanks(batch))
+        except (OSError, TargetUnavailable) as err:  # harmless: the receipt stays behind
+            log.warning("%s: could not send the thank-you for batch %s: %s",
+                        self.stream.name, batch, err)
+        return problems
+
+    def _settle(self, claim: Claim, digest: LocalDigest | str, problem: str | None, *,
+                publish: bool) -> None:
         r = claim.record
         if isinstance(digest, str):
             self._retry(claim, digest)
@@ -438,13 +524,10 @@ class Sender:
         if digest.changed:
             self._skip(claim, digest.changed + "; it will be queued again")
             return
-        problem = compare(digest, remote)
         if problem:
-            if transfer_error:
-                problem = f"{problem} ({transfer_error})"
             self._retry(claim, problem)
             return
-        if r.is_dir:
+        if r.is_dir and publish:
             errors = self.transport.publish([Item(r.relpath, r.size, True)])
             if errors:
                 self._retry(claim, errors[r.relpath])

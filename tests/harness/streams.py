@@ -58,8 +58,9 @@ class StreamEnv:
             "rsync_ssh": {"identity_file": str(self.sshd.client_key),
                           "known_hosts": str(self.sshd.known_hosts)},
         }
-        for section, values in {**self.settings, **sections}.items():
-            base.setdefault(section, {}).update(values)
+        for layer in (self.settings, sections):  # earlier settings, then these, key by key
+            for section, values in layer.items():
+                base.setdefault(section, {}).update(values)
         self.settings = base
         etc = self.global_ini.parent
         etc.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,11 @@ class StreamEnv:
         for dirpath, _dirs, names in os.walk(base):
             for n in names:
                 p = os.path.join(dirpath, n)
-                out[os.path.relpath(p, base)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+                try:
+                    with open(p, "rb") as f:
+                        out[os.path.relpath(p, base)] = hashlib.sha256(f.read()).hexdigest()
+                except FileNotFoundError:  # a temporary file that came and went
+                    continue
         return out
 
 

@@ -125,7 +125,7 @@ def _deny_access_as_root(monkeypatch: pytest.MonkeyPatch, name: str) -> bool:
     """Root reads any directory, so for the unreadable case fake what access(2) says."""
     if name != "directory_unreadable" or os.geteuid() != 0:
         return False
-    import mstm.config  # noqa: PLC0415
+    import mstm.config
 
     real = os.access
 
@@ -174,9 +174,12 @@ BROKEN = {
                                  "stream", "outgoing", "transfer_mode",
                                  "expected one of move, mirror, got 'moove' "
                                  "(did you mean 'move'?)"),
-    "protocol_not_implemented": Broken(
-        _set("stream", "outgoing", "transfer_protocol", "sftp"), "stream", "outgoing",
-        "transfer_protocol", "transfer_protocol 'sftp' is not implemented yet"),
+    "protocol_unknown": Broken(
+        _set("stream", "outgoing", "transfer_protocol", "sftpp"), "stream", "outgoing",
+        "transfer_protocol", "got 'sftpp' (did you mean 'sftp'?)"),
+    "rsync_native_without_module": Broken(
+        _set("stream", "outgoing", "transfer_protocol", "rsync_native"), "stream",
+        "rsync_native", "module", "is required with transfer_protocol rsync_native"),
     "missing_target_dir": Broken(_unset("outgoing", "target_dir"), "stream", "outgoing",
                                  "target_dir", "is required"),
     "relative_target_dir": Broken(_set("stream", "outgoing", "target_dir", "archive"),
@@ -244,9 +247,9 @@ CASES = [pytest.param(name, id=name) for name in BROKEN]
 
 def _check_in_process(conf: Conf, stream: str) -> subprocess.CompletedProcess[str]:
     """The same command, run in this process (so a monkeypatch applies)."""
-    from click.testing import CliRunner  # noqa: PLC0415
+    from click.testing import CliRunner
 
-    from mstm.cli.send import main  # noqa: PLC0415
+    from mstm.cli.send import main
 
     r = CliRunner().invoke(main, ["--config", str(conf.global_file), "--check", stream])
     return subprocess.CompletedProcess([], r.exit_code, r.stdout, r.stderr)

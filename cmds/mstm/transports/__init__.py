@@ -24,6 +24,46 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
             runtime_dir=runtime_dir)
         return RsyncSsh(conn=conn, source_dir=stream.directory, target_dir=out.target_dir,
                         rsync_cmd=rs.cmd, stall_seconds=out.stall_seconds, bwlimit=out.bwlimit,
-                        stop_file=out.stop_file)
+                        stop_file=out.stop_file,
+                        stop_dirs=[out.target_incoming_dir] if out.target_uses_arrival_monitor
+                        else [out.target_dir])
+    # where a target's stop file is looked for
+    stop_dirs = [out.target_incoming_dir if out.target_uses_arrival_monitor else out.target_dir]
+    if out.transfer_protocol == "local":
+        from mstm.transports.local import Local
+
+        return Local(source_dir=stream.directory, target_dir=out.target_dir,
+                     stall_seconds=out.stall_seconds, connect_timeout=out.connect_timeout,
+                     bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs)
+    if out.transfer_protocol == "rsync_native":
+        from mstm.transports.rsync_native import RsyncNative
+
+        rn = stream.rsync_native
+        return RsyncNative(host=out.target_host, port=out.target_port, module=rn.module or "",
+                           target_dir=out.target_dir, source_dir=stream.directory,
+                           username=rn.username, password_file=rn.password_file,
+                           rsync_cmd=rn.cmd, connect_timeout=out.connect_timeout,
+                           stall_seconds=out.stall_seconds, bwlimit=out.bwlimit,
+                           stop_file=out.stop_file, stop_dirs=stop_dirs)
+    if out.transfer_protocol == "sftp":
+        from mstm.transports.sftp import Sftp
+
+        sf = stream.sftp
+        return Sftp(host=out.target_host, port=out.target_port, username=sf.username,
+                    identity_file=sf.identity_file, known_hosts=sf.known_hosts,
+                    source_dir=stream.directory, target_dir=out.target_dir,
+                    connect_timeout=out.connect_timeout, stall_seconds=out.stall_seconds,
+                    bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs,
+                    remote_checksum=sf.remote_checksum, verify_readback=sf.verify_readback)
+    if out.transfer_protocol in ("ftp", "ftps"):
+        from mstm.transports.ftp import Ftp
+
+        fc = stream.ftp
+        return Ftp(host=out.target_host, port=out.target_port, username=fc.username,
+                   password_file=fc.password_file, tls=fc.tls, ca_file=fc.ca_file,
+                   passive=fc.passive, source_dir=stream.directory, target_dir=out.target_dir,
+                   connect_timeout=out.connect_timeout, stall_seconds=out.stall_seconds,
+                   bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs,
+                   verify_readback=fc.verify_readback)
     raise ConfigError(f"transfer_protocol {out.transfer_protocol!r} is not implemented yet",
                       file=str(stream.stream_file), section="outgoing", key="transfer_protocol")

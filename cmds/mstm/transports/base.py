@@ -54,9 +54,12 @@ class Transport(Protocol):
         """Is the connection still usable?"""
 
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
-             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None
-             ) -> SendResult:
-        """Transfer *items*; files become visible at the target only when complete."""
+             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
+             dest: str | None = None) -> SendResult:
+        """Transfer *items*; files become visible at the target only when complete.
+
+        *dest* is a directory on the target to send into instead of the stream's target
+        directory (the arrival monitor's batch directory)."""
 
     def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
         """Size and sha256 of each file at the target (absent = missing): under its final
@@ -64,6 +67,15 @@ class Transport(Protocol):
 
     def publish(self, items: Sequence[Item]) -> dict[str, str]:
         """Move staged items (directories) into place; returns {relpath: error} for failures."""
+
+    def put_file(self, directory: str, name: str, data: bytes) -> None:
+        """Create *directory*/*name* on the target atomically (temporary name, rename)."""
+
+    def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
+                   tick: Callable[[], None] | None = None,
+                   should_stop: ShouldStop | None = None) -> bytes | None:
+        """Wait for *directory*/*name* to appear on the target; its first *max_bytes*
+        bytes, or None after *timeout* seconds (or when asked to stop)."""
 
     def stop_file_present(self) -> str | None:
         """A reason if the target asks senders to pause (its stop file), else None."""

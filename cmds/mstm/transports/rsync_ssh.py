@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -70,12 +71,32 @@ done' sh
 """
 
 
+# Create one small file atomically: a hidden temporary name, then rename.
+_PUT_SCRIPT = r"""
+cd -- "$1" || exit 3
+umask 027
+t=".$2.tmp.$$"
+cat > "$t" && mv -f -- "$t" "$2" || { rm -f -- "$t"; exit 1; }
+"""
+
+# Wait (up to $3 tenths of a second) for a file to appear; print at most $4 bytes of it.
+_AWAIT_SCRIPT = r"""
+cd -- "$1" 2>/dev/null || exit 3
+n=0
+while [ ! -e "$2" ]; do
+  n=$((n+1)); [ "$n" -gt "$3" ] && exit 4
+  sleep 0.05
+done
+head -c "$4" -- "$2"
+"""
+
+
 class RsyncSsh:
     name = "rsync_ssh"
 
     def __init__(self, *, conn: SshConnection, source_dir: Path, target_dir: str,
                  rsync_cmd: str = "rsync", stall_seconds: float = 120.0, bwlimit: int = 0,
-                 stop_file: str = ".stop") -> None:
+                 stop_file: str = ".stop", stop_dirs: Sequence[str] = ()) -> None:
         self.conn = conn
         self.source_dir = source_dir
         self.target_dir = target_dir.rstrip("/") or "/"
@@ -83,6 +104,7 @@ class RsyncSsh:
         self.stall_seconds = stall_seconds
         self.bwlimit = bwlimit
         self.stop_file = stop_file
+        self.stop_dirs = list(stop_dirs) or [self.target_dir]
 
     # -- connection -------------------------------------------------------------
     def open(self) -> None:
@@ -118,12 +140,15 @@ class RsyncSsh:
         return argv
 
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
-             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None
-             ) -> SendResult:
+             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
+             dest: str | None = None) -> SendResult:
         result = SendResult()
-        files = [i for i in items if not i.is_dir]
-        dirs = [i for i in items if i.is_dir]
-        for group, dest in ((files, self.target_dir), (dirs, f"{self.target_dir}/{STAGING}")):
+        if dest is not None:
+            groups = [(list(items), dest)]
+        else:
+            groups = [([i for i in items if not i.is_dir], self.target_dir),
+                      ([i for i in items if i.is_dir], f"{self.target_dir}/{STAGING}")]
+        for group, dest in groups:
             if not group:
                 continue
             r = self._run(group, dest, progress=progress, should_stop=should_stop, tick=tick,
@@ -218,10 +243,37 @@ class RsyncSsh:
         return {i.relpath: "could not be moved into place at the target"
                 for i in dirs if i.relpath not in ok}
 
+    def put_file(self, directory: str, name: str, data: bytes) -> None:
+        r = self.conn.run(["sh", "-c", _PUT_SCRIPT, "sh", directory, name], input=data,
+                          timeout=120)
+        if r.returncode != 0:
+            raise OSError(f"cannot write {name} in {directory} on the target: "
+                          f"{r.stderr.decode('utf-8', 'replace').strip()}")
+
+    def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
+                   tick: Callable[[], None] | None = None,
+                   should_stop: ShouldStop | None = None) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (should_stop and should_stop()):
+                return None
+            # wait on the target in slices, so the watchdog and shutdown are served
+            slice_ = min(left, 10.0)
+            r = self.conn.run(["sh", "-c", _AWAIT_SCRIPT, "sh", directory, name,
+                               str(max(1, int(slice_ / 0.05))), str(max_bytes)],
+                              timeout=slice_ + 30)
+            if r.returncode == 0:
+                return r.stdout
+            if tick:
+                tick()
+
     def stop_file_present(self) -> str | None:
-        path = f"{self.target_dir}/{self.stop_file}"
-        r = self.conn.run(["test", "-e", path], timeout=30)
-        return f"{self.stop_file} on target" if r.returncode == 0 else None
+        for d in self.stop_dirs:
+            r = self.conn.run(["test", "-e", f"{d}/{self.stop_file}"], timeout=30)
+            if r.returncode == 0:
+                return f"{self.stop_file} on target ({d})"
+        return None
 
 
 def parse_inspect(out: bytes) -> dict[str, RemoteFile]:

@@ -1,0 +1,394 @@
+"""rsync_native: an rsync daemon (`rsync://[user@]host:port/module/path`).
+
+One rsync run per batch (`--files-from - --from0`: names travel NUL-separated on stdin,
+never on a command line), one TCP connection to the daemon per run.  `target_dir` is a
+path inside the module ("/" is the module's top).  The daemon password comes from
+`[rsync_native] password_file` or the systemd credential `rsync-password` and reaches
+rsync only through `RSYNC_PASSWORD` in the child's environment -- never an argument,
+never a log line.
+
+What it guarantees:
+
+* **Nothing half-written under a final name**: rsync writes each file to a hidden
+  temporary name beside its final one and renames it when its own whole-file checksum
+  matched; an interrupted large file is kept in `.mstm-partial/` and resumed next time.
+* **Directory items**: a daemon offers no rename, so there is no staging area and
+  `publish` has nothing to do.  Each directory is sent as a tree straight to its final
+  place with `--delay-updates`: every file of the run is held back in `.~tmp~` and all
+  are renamed into place together at the end of the run.  The directory therefore
+  appears (empty, or with its older content) before the run ends, and its new files
+  all arrive within moments of each other -- weaker than rsync_ssh's single rename.
+* **Verification** (`inspect`) -- better than sizes alone, without reading the data
+  back over the network: size from the daemon's listing (`--list-only`), then a
+  dry run with `--checksum` in which *the daemon* computes rsync's whole-file checksum
+  (xxh128 or MD5, whichever both sides prefer) of every file under its final name and
+  compares it with the same checksum of the local source.  When they agree the file
+  is reported with the sha256 of the local source, computed here around that dry run
+  (and only if the source did not change meanwhile); when they differ, sha256 is None
+  (a mismatch).  So the proof is "the target holds a file with the same 128-bit
+  checksum as the source whose sha256 is X", not a sha256 computed on the target; an
+  rsync daemon cannot be asked for one.
+* **bwlimit** is rsync's `--bwlimit`; **connect_timeout** is `--contimeout`;
+  **stall_seconds** is `--timeout` (no data for that long ends the run with exit 30);
+  a connection-level exit (5, 10, 12, 30, 35, or a signal) marks the transport dead so
+  the sender backs off and retries the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mstm.errors import TargetUnavailable
+from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.transports.common import read_secret
+from mstm.transports.ssh import spawn
+
+log = logging.getLogger("mstm.rsync_native")
+
+PARTIAL = ".mstm-partial"
+CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
+_TAG = b"mstm-xfer:"
+_ESCAPE = re.compile(rb"\\#([0-7]{3})")
+_HASH_BLOCK = 1 << 20
+
+
+def unescape(name: bytes) -> bytes:
+    """rsync prints unprintable bytes of a name as \\#ooo (octal)."""
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), name)
+
+
+def parse_listing(out: bytes) -> dict[str, int]:
+    """Regular files of `rsync --list-only` output: name -> size."""
+    found: dict[str, int] = {}
+    for line in out.split(b"\n"):
+        if not line.startswith(b"-"):
+            continue
+        parts = line.split(None, 4)
+        if len(parts) < 5:
+            continue
+        digits = parts[1].replace(b",", b"").replace(b".", b"").replace(b"'", b"")
+        if digits.isdigit():
+            found[os.fsdecode(unescape(parts[4]))] = int(digits)
+    return found
+
+
+def parse_itemized(out: bytes) -> dict[str, bool]:
+    """A `-n -c -ii` dry run: name -> content identical (True) or not (False)."""
+    result: dict[str, bool] = {}
+    for line in out.split(b"\n"):
+        if not line.startswith(_TAG):
+            continue
+        body = line[len(_TAG):]
+        flags, name = body[:11], body[12:]  # %i is 11 characters (spaces for "same")
+        if flags[1:2] != b"f" or not name:
+            continue
+        result[os.fsdecode(unescape(name))] = flags[:1] == b"." and b"+" not in flags
+    return result
+
+
+class RsyncNative:
+    name = "rsync_native"
+
+    def __init__(self, *, host: str, port: int = 873, module: str, target_dir: str,
+                 source_dir: Path, username: str | None = None,
+                 password_file: Path | None = None, rsync_cmd: str = "rsync",
+                 connect_timeout: float = 15.0, stall_seconds: float = 120.0,
+                 bwlimit: int = 0, stop_file: str = ".stop",
+                 stop_dirs: Sequence[str] = ()) -> None:
+        self.host = host
+        self.port = port
+        self.module = module
+        self.target_dir = self._inside(target_dir)
+        self.source_dir = source_dir
+        self.username = username
+        self.password_file = password_file
+        self.rsync_cmd = rsync_cmd
+        self.connect_timeout = connect_timeout
+        self.stall_seconds = stall_seconds
+        self.bwlimit = bwlimit
+        self.stop_file = stop_file
+        self.stop_dirs = [self._inside(d) for d in stop_dirs] or [self.target_dir]
+        self._alive = False
+        self._env: dict[str, str] | None = None
+
+    @staticmethod
+    def _inside(path: str) -> str:
+        """A target path as a path inside the module: no leading or trailing '/'."""
+        return path.strip("/")
+
+    def url(self, path: str = "") -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.username}@" if self.username else ""
+        inside = "/".join(p for p in (self.module, path.strip("/")) if p)
+        return f"rsync://{user}{host}:{self.port}/{inside}"
+
+    @property
+    def peer(self) -> str:
+        return f"rsync://{self.host}:{self.port}/{self.module}"
+
+    def env(self) -> dict[str, str]:
+        if self._env is None:
+            env = {k: v for k, v in os.environ.items() if k != "RSYNC_PASSWORD"}
+            secret = read_secret(self.password_file, "rsync-password", section="rsync_native")
+            if secret is not None:
+                env["RSYNC_PASSWORD"] = secret
+            self._env = env
+        return self._env
+
+    def _base_argv(self) -> list[str]:
+        return [self.rsync_cmd, f"--contimeout={max(1, int(self.connect_timeout))}",
+                f"--timeout={max(1, int(self.stall_seconds))}"]
+
+    def _run(self, argv: list[str], *, input: bytes = b"", timeout: float | None = None
+             ) -> subprocess.CompletedProcess[bytes]:
+        proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, env=self.env())
+        try:
+            out, err = proc.communicate(input, timeout=timeout or (
+                self.connect_timeout + self.stall_seconds + 30))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            self._alive = False
+            raise TargetUnavailable(f"{self.peer}: rsync did not finish in time") from None
+        if proc.returncode in CONNECTION_CODES or proc.returncode < 0:
+            self._alive = False
+            raise TargetUnavailable(f"{self.peer}: {_summarise(err, proc.returncode)}")
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    # -- connection -------------------------------------------------------------
+    def open(self) -> None:
+        """Ask the daemon for the target directory: reachable and authenticated."""
+        if self._alive:
+            return
+        r = self._run([*self._base_argv(), "--list-only", "--dirs", "--",
+                       self.url(self.target_dir) if self.target_dir else self.url() + "/"],
+                      timeout=self.connect_timeout + 30)
+        if r.returncode not in (0, 23):  # 23: target_dir not made yet; --mkpath will
+            raise TargetUnavailable(f"{self.peer}: {_summarise(r.stderr, r.returncode)}")
+        self._alive = True
+
+    def close(self) -> None:
+        self._alive = False
+
+    def alive(self) -> bool:
+        return self._alive
+
+    # -- transfer ---------------------------------------------------------------
+    def rsync_argv(self, dest: str, *, force: bool, delay: bool) -> list[str]:
+        argv = [
+            *self._base_argv(),
+            "--recursive", "--links", "--perms", "--times",
+            "--from0", "--files-from=-", "--mkpath",
+            f"--partial-dir={PARTIAL}",
+            f"--out-format={_TAG.decode()}%i %l",
+        ]
+        if delay:
+            argv.append("--delay-updates")
+        if force:
+            argv.append("--ignore-times")
+        if self.bwlimit:
+            argv.append(f"--bwlimit={self.bwlimit}")
+        argv += ["--", f"{self.source_dir}/", self.url(dest) + "/"]
+        return argv
+
+    def send(self, items: Sequence[Item], *, progress: Progress | None = None,
+             should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
+             dest: str | None = None) -> SendResult:
+        result = SendResult()
+        where = self._inside(dest) if dest is not None else self.target_dir
+        files = [i for i in items if not i.is_dir]
+        dirs = [i for i in items if i.is_dir]
+        for group, delay in ((files, False), (dirs, True)):
+            if not group:
+                continue
+            r = self._transfer(group, where, delay=delay, progress=progress,
+                               should_stop=should_stop, tick=tick,
+                               done=(result.files, result.bytes))
+            result.files += r.files
+            result.bytes += r.bytes
+            if r.exit_code and not result.exit_code:
+                result.exit_code, result.error = r.exit_code, r.error
+            if r.stopped:
+                result.stopped = True
+                break
+            if r.exit_code in CONNECTION_CODES or r.exit_code < 0:
+                self._alive = False
+                break
+        return result
+
+    def _transfer(self, items: Sequence[Item], dest: str, *, delay: bool,
+                  progress: Progress | None, should_stop: ShouldStop | None,
+                  tick: Callable[[], None] | None, done: tuple[int, int]) -> SendResult:
+        argv = self.rsync_argv(dest, force=any(i.force for i in items), delay=delay)
+        names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
+        proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, env=self.env())
+        counts = list(done)
+        err_tail: list[bytes] = []
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.write(names)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+        def read_out() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if not line.startswith(_TAG):
+                    continue
+                flags, _, length = line[len(_TAG):].strip().partition(b" ")
+                if flags[1:2] == b"f" and length.isdigit():
+                    counts[0] += 1
+                    counts[1] += int(length)
+                    if progress:
+                        progress(counts[0], counts[1])
+
+        def read_err() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err_tail.append(line)
+                del err_tail[:-20]
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out, read_err)]
+        for t in threads:
+            t.start()
+        stopped = False
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if tick:
+                    tick()
+                if should_stop and not stopped and should_stop():
+                    stopped = True
+                    proc.terminate()
+        for t in threads:
+            t.join(timeout=5)
+        code = proc.returncode
+        error = b"".join(err_tail)
+        if code:
+            log.debug("rsync exited %s: %s", code, error.decode("utf-8", "replace"))
+        return SendResult(files=counts[0] - done[0], bytes=counts[1] - done[1],
+                          error=_summarise(error, code) if code else "",
+                          exit_code=code or 0, stopped=stopped)
+
+    # -- verification -----------------------------------------------------------
+    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+        """Sizes from the daemon's listing; content by the daemon's own checksum compared
+        with the source's (see the module's docstring).  *staged* changes nothing: a
+        daemon has no staging area, directories are sent to their final place."""
+        if not relpaths:
+            return {}
+        names = b"".join(os.fsencode(p) + b"\0" for p in relpaths)
+        with tempfile.TemporaryDirectory(prefix="mstm-rsync-") as scratch:
+            listing = self._run([*self._base_argv(), "--list-only", "--from0",
+                                 "--files-from=-", "--", self.url(self.target_dir) + "/",
+                                 os.path.join(scratch, "none") + "/"], input=names)
+        sizes = parse_listing(listing.stdout)
+        present = [p for p in relpaths if p in sizes]
+        if not present:
+            return {}
+        before = {p: _version(self.source_dir, p) for p in present}
+        check = self._run([*self._base_argv(), "--dry-run", "--checksum", "-ii",
+                           "--recursive", "--from0", "--files-from=-",
+                           f"--out-format={_TAG.decode()}%i %n", "--",
+                           f"{self.source_dir}/", self.url(self.target_dir) + "/"],
+                          input=b"".join(os.fsencode(p) + b"\0" for p in present))
+        same = parse_itemized(check.stdout)
+        found: dict[str, RemoteFile] = {}
+        for p in present:
+            digest = None
+            version = before[p]
+            if same.get(p) and version is not None:
+                digest = _sha256(self.source_dir, p, version)
+            found[p] = RemoteFile(size=sizes[p], sha256=digest)
+        return found
+
+    def publish(self, items: Sequence[Item]) -> dict[str, str]:
+        return {}  # directories went to their final place (--delay-updates)
+
+    # -- small files (the arrival monitor's handshake) ---------------------------
+    def put_file(self, directory: str, name: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="mstm-rsync-") as scratch:
+            path = os.path.join(os.fsencode(scratch), os.fsencode(name))
+            with open(path, "wb") as f:
+                f.write(data)
+            r = self._run([*self._base_argv(), "--mkpath", "--from0", "--files-from=-",
+                           "--", scratch + "/", self.url(self._inside(directory)) + "/"],
+                          input=os.fsencode(name) + b"\0")
+        if r.returncode:
+            raise OSError(f"cannot write {name} in {directory} on {self.peer}: "
+                          f"{_summarise(r.stderr, r.returncode)}")
+
+    def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
+                   tick: Callable[[], None] | None = None,
+                   should_stop: ShouldStop | None = None) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        scratch = tempfile.mkdtemp(prefix="mstm-rsync-")
+        try:
+            while True:
+                r = self._run([*self._base_argv(), "--from0", "--files-from=-", "--",
+                               self.url(self._inside(directory)) + "/", scratch + "/"],
+                              input=os.fsencode(name) + b"\0")
+                got = os.path.join(os.fsencode(scratch), os.fsencode(name))
+                if r.returncode == 0 and os.path.exists(got):
+                    with open(got, "rb") as f:
+                        return f.read(max_bytes)
+                if time.monotonic() >= deadline or (should_stop and should_stop()):
+                    return None
+                if tick:
+                    tick()
+                time.sleep(0.5)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def stop_file_present(self) -> str | None:
+        for d in self.stop_dirs:
+            r = self._run([*self._base_argv(), "--list-only", "--",
+                           self.url(f"{d}/{self.stop_file}")], timeout=60)
+            if r.returncode == 0 and r.stdout.strip():
+                return f"{self.stop_file} on target ({d or '/'})"
+        return None
+
+
+def _version(source: Path, relpath: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(os.path.join(os.fsencode(source), os.fsencode(relpath)))
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _sha256(source: Path, relpath: str, before: tuple[int, int, int]) -> str | None:
+    """The source's sha256, if it is still the version the daemon's checksum matched."""
+    path = os.path.join(os.fsencode(source), os.fsencode(relpath))
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(_HASH_BLOCK):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest() if _version(source, relpath) == before else None
+
+
+def _summarise(error: bytes, code: int | None) -> str:
+    lines = [ln for ln in error.decode("utf-8", "replace").splitlines() if ln.strip()]
+    meaningful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
+    text = meaningful[-1] if meaningful else ""
+    return f"rsync exit {code}: {text}" if code else text
