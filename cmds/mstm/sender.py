@@ -42,7 +42,7 @@ from mstm.errors import TargetUnavailable
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
 from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy, item_id
-from mstm.transports.base import Item, RemoteFile, Transport
+from mstm.transports.base import Item, RemoteFile, Transport, exchange
 
 log = logging.getLogger("mstm.send")
 
@@ -475,18 +475,22 @@ class Sender:
                    for c in live if isinstance(d := digests[c.record.id], LocalDigest)
                    and not d.changed for rel, (size, digest) in d.files.items()]
         problems: dict[str, str] = {}
-        # a control file even for an empty batch: its thank-you lets the receiver clean up
+        # a control file even for an empty batch: its thank-you lets the receiver clean up.
+        # The thank-you goes as soon as the receipt exists (one round trip for it all): if
+        # we then fail to read the receipt, nothing is deleted here and a re-send finds the
+        # items already published, identical, and gets "ok".
         control = protocol.Control(batch=batch, algorithm="sha256", receipt=receipt_name,
                                    items=tuple(entries))
+        timeout = out.receipt_file_poll_count * out.receipt_file_poll_interval
         try:
-            self.transport.put_file(out.target_incoming_dir, control_name,
-                                    protocol.render_control(control))
+            raw = exchange(
+                self.transport, out.target_incoming_dir,
+                put=(control_name, protocol.render_control(control)),
+                await_name=receipt_name, then_put=(thanks_name, protocol.render_thanks(batch)),
+                timeout=timeout, max_bytes=64 << 20, tick=self.tick,
+                should_stop=self.should_stop)
         except OSError as err:
             raise TargetUnavailable(str(err)) from err
-        timeout = out.receipt_file_poll_count * out.receipt_file_poll_interval
-        raw = self.transport.await_file(out.target_incoming_dir, receipt_name,
-                                        timeout=timeout, max_bytes=64 << 20, tick=self.tick,
-                                        should_stop=self.should_stop)
         if raw is None:
             if self.should_stop():
                 raise TargetUnavailable("stopped while waiting for the receipt")
@@ -507,12 +511,6 @@ class Sender:
                     what = st.value if st is not None else "no answer"
                     problems[c.record.id] = f"receipt says {what}: {show(rel)}"
                     break
-        try:
-            self.transport.put_file(out.target_incoming_dir, thanks_name,
-                                    protocol.render_thanks(batch))
-        except (OSError, TargetUnavailable) as err:  # harmless: the receipt stays behind
-            log.warning("%s: could not send the thank-you for batch %s: %s",
-                        self.stream.name, batch, err)
         return problems
 
     def _settle(self, claim: Claim, digest: LocalDigest | str, problem: str | None, *,

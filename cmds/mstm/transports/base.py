@@ -79,3 +79,28 @@ class Transport(Protocol):
 
     def stop_file_present(self) -> str | None:
         """A reason if the target asks senders to pause (its stop file), else None."""
+
+
+def exchange(transport: Transport, directory: str, *, put: tuple[str, bytes], await_name: str,
+             then_put: tuple[str, bytes], timeout: float, max_bytes: int,
+             tick: Callable[[], None] | None = None,
+             should_stop: ShouldStop | None = None) -> bytes | None:
+    """The handshake in as few round trips as the transport allows: create *put*
+    atomically, wait for *await_name* and return its content (None after *timeout*), and
+    create *then_put* as soon as it appeared.
+
+    A transport with a remote shell does it in one round trip (an `exchange` method);
+    any other does put_file + await_file + put_file.
+    """
+    fast = getattr(transport, "exchange", None)
+    if fast is not None:
+        result: bytes | None = fast(directory, put=put, await_name=await_name,
+                                    then_put=then_put, timeout=timeout, max_bytes=max_bytes,
+                                    tick=tick, should_stop=should_stop)
+        return result
+    transport.put_file(directory, *put)
+    got = transport.await_file(directory, await_name, timeout=timeout, max_bytes=max_bytes,
+                               tick=tick, should_stop=should_stop)
+    if got is not None:
+        transport.put_file(directory, *then_put)
+    return got

@@ -90,6 +90,28 @@ done
 head -c "$4" -- "$2"
 """
 
+# The whole handshake in one round trip (remote shells can be slow to start): create the
+# control file atomically (from stdin, when $2 is set), wait up to $5 tenths-of-a-second
+# ticks for the receipt $3, print at most $6 bytes of it, then create the thank-you $4
+# with content $7.  Exit 4: not there yet (call again with $2 empty).
+_EXCHANGE_SCRIPT = r"""
+cd -- "$1" 2>/dev/null || exit 3
+umask 027
+if [ -n "$2" ]; then
+  t=".$2.tmp.$$"
+  cat > "$t" && mv -f -- "$t" "$2" || { rm -f -- "$t"; exit 5; }
+fi
+n=0
+while [ ! -e "$3" ]; do
+  n=$((n+1)); [ "$n" -gt "$5" ] && exit 4
+  sleep 0.05
+done
+head -c "$6" -- "$3" || exit 6
+t=".$4.tmp.$$"
+printf '%s' "$7" > "$t" && mv -f -- "$t" "$4"
+exit 0
+"""
+
 
 class RsyncSsh:
     name = "rsync_ssh"
@@ -263,6 +285,31 @@ class RsyncSsh:
             r = self.conn.run(["sh", "-c", _AWAIT_SCRIPT, "sh", directory, name,
                                str(max(1, int(slice_ / 0.05))), str(max_bytes)],
                               timeout=slice_ + 30)
+            if r.returncode == 0:
+                return r.stdout
+            if tick:
+                tick()
+
+    def exchange(self, directory: str, *, put: tuple[str, bytes], await_name: str,
+                 then_put: tuple[str, bytes], timeout: float, max_bytes: int,
+                 tick: Callable[[], None] | None = None,
+                 should_stop: ShouldStop | None = None) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        first = True
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or (should_stop and should_stop()):
+                return None
+            slice_ = min(left, 10.0)
+            r = self.conn.run(
+                ["sh", "-c", _EXCHANGE_SCRIPT, "sh", directory, put[0] if first else "",
+                 await_name, then_put[0], str(max(1, int(slice_ / 0.05))), str(max_bytes),
+                 then_put[1].decode("ascii")],
+                input=put[1] if first else b"", timeout=slice_ + 30)
+            if r.returncode == 5:
+                raise OSError(f"cannot write {put[0]} in {directory} on the target: "
+                              f"{r.stderr.decode('utf-8', 'replace').strip()}")
+            first = False
             if r.returncode == 0:
                 return r.stdout
             if tick:
