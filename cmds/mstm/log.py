@@ -82,7 +82,7 @@ class JournalHandler(logging.Handler):
 
     def __init__(self, tool: str) -> None:
         super().__init__()
-        from systemd import journal  # noqa: PLC0415 - only under systemd
+        from systemd import journal
 
         self._send = journal.send
         self._tool = tool
@@ -94,7 +94,7 @@ class JournalHandler(logging.Handler):
                 "PRIORITY": str(_syslog_priority(record.levelno)),
                 "SYSLOG_IDENTIFIER": self._tool,
                 "CODE_FILE": record.pathname,
-                "CODE_LINE": str(record.lineno),
+                "CODE_LINE": record.lineno,  # python-systemd formats it with {:d}
                 "CODE_FUNC": record.funcName,
             }
             for key, value in getattr(record, "mstm_fields", {}).items():

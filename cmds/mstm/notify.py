@@ -14,7 +14,7 @@ class Notifier:
         self._notify = None
         if self._enabled:
             try:
-                from systemd import daemon  # noqa: PLC0415
+                from systemd import daemon
 
                 self._notify = daemon.notify
             except ImportError:

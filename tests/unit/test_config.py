@@ -302,6 +302,50 @@ def test_stream_values_fill_in_stream_defaults(conf: Conf) -> None:
             i.stop_file) == (False, "mstm-ctrl", "mstm-thanks", ".stop")
 
 
+def test_incoming_keys_default_to_an_area_inside_the_directory_and_refuse_overwrites(
+        conf: Conf) -> None:
+    i = conf.stream().incoming
+    assert i.incoming_dir == conf.root / "data" / "proj1" / ".mstm-incoming"
+    assert (i.receipt_file_extension, i.overwrite, i.max_control_bytes) == (
+        "mstm-rcpt", False, 8 * 1024**2)
+
+
+def test_incoming_keys_are_read_and_checked(conf: Conf, tmp_path: Path) -> None:
+    for key, value in {"incoming_dir": str(tmp_path / "in"), "overwrite": "yes",
+                       "receipt_file_extension": "rcpt", "max_control_bytes": "1M"}.items():
+        conf.set("proj1", "incoming", key, value)
+    i = conf.stream().incoming
+    assert (i.incoming_dir, i.overwrite, i.receipt_file_extension, i.max_control_bytes) == (
+        tmp_path / "in", True, "rcpt", 1024**2)
+    conf.set("proj1", "incoming", "incoming_dir", "relative/in")
+    assert conf.error().key == "incoming_dir"
+
+
+def test_incoming_extensions_must_tell_the_handshake_files_apart(conf: Conf) -> None:
+    conf.set("proj1", "incoming", "receipt_file_extension", "mstm-ctrl")
+    assert conf.error().section == "incoming"
+    conf.set("proj1", "incoming", "receipt_file_extension", "x.mstm-thanks")
+    assert "apart" in conf.error().reason
+
+
+def test_a_receive_only_stream_needs_no_outgoing_section(conf: Conf) -> None:
+    del conf.streams["proj1"]["outgoing"]
+    assert conf.error().section == "outgoing"  # a sender needs it
+    s = load_stream("proj1", conf.write(), role="receive")
+    assert (s.outgoing.target_host, s.outgoing.target_dir, s.outgoing.transfer_mode) == (
+        "", "", "")
+    assert s.incoming.incoming_dir == s.directory / ".mstm-incoming"
+    conf.set("proj1", "outgoing", "retry_count", "many")  # what is written is still checked
+    with pytest.raises(ConfigError) as info:
+        load_stream("proj1", conf.write(), role="receive")
+    assert info.value.key == "retry_count"
+
+
+def test_a_receive_only_stream_loads_a_complete_outgoing_section_as_usual(conf: Conf) -> None:
+    s = load_stream("proj1", conf.write(), role="receive")
+    assert (s.outgoing.target_host, s.outgoing.transfer_mode) == ("archive.example.org", "move")
+
+
 def test_priority_defaults_to_base_priority(conf: Conf) -> None:
     conf.set("global", "disk_space_monitor", "base_priority", "42")
     assert conf.stream().priority == 42

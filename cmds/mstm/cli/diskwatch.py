@@ -1,20 +1,92 @@
-"""mstm-diskwatch: not built yet (see the project's issues)."""
+"""mstm-diskwatch: pause streams in priority order before a disk fills (see mstm.diskwatch)."""
 
 from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
 
 import click
 
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
-from mstm.errors import NotImplementedYet
+from mstm.diskwatch import DiskWatch, Report, load_streams, status_line
+from mstm.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE
+from mstm.notify import Notifier
+
+log = logging.getLogger("mstm.diskwatch")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("args", nargs=-1)
+@click.option("--once", "mode", flag_value="once", default=True,
+              help="Check every file system, act, print the levels, exit (the default).")
+@click.option("--follow", "mode", flag_value="follow",
+              help="Check every [disk_space_monitor] poll_interval until stopped.")
+@click.option("--dry-run", "-n", is_flag=True,
+              help="Say what would be stopped, resumed or deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print the report as JSON.")
 @common_options
-def main(args: tuple[str, ...], config_path: object, verbose: int, quiet: bool) -> None:
-    """Not built yet: exits 69 (EX_UNAVAILABLE)."""
+def main(mode: str, dry_run: bool, as_json: bool, config_path: Path | None, verbose: int,
+         quiet: bool) -> None:
+    """Watch the free space of the file systems holding the streams' directories.
+
+    Below level_low, streams with priority <= base_priority are paused (a stop file),
+    lowest priority first; below level_vlow every stream there is, and streams with
+    deletion_enabled lose items already delivered, oldest first.  Only stop files it
+    placed itself are ever removed.  Exit status: 0 done, 70 some action failed,
+    78 the configuration is wrong (the streams that load are still watched).
+    """
 
     def body() -> int:
-        raise NotImplementedYet("mstm-diskwatch is not built yet")
+        gcfg, streams, problems = load_streams(config_path)
+        watch = DiskWatch(gcfg, streams, dry_run=dry_run)
+        if mode == "follow":
+            follow(watch, gcfg.disk_space_monitor.poll_interval)
+            return EXIT_OK
+        report = watch.check()
+        click.echo(report.to_json() if as_json else render(report))
+        if problems:
+            return EXIT_CONFIG
+        return EXIT_SOFTWARE if report.errors else EXIT_OK
 
     run_command("mstm-diskwatch", body, verbose=verbose, quiet=quiet)
+
+
+def render(report: Report) -> str:
+    lines = [a.describe() for a in report.actions]
+    lines += [f"error: {e}" for e in report.errors]
+    return "\n".join([*lines, report.table()])
+
+
+def follow(watch: DiskWatch, interval: float) -> None:
+    """Check every *interval* seconds until SIGTERM/SIGINT; tell systemd how it goes."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    notifier = Notifier()
+    first = True
+    while not stop.is_set():
+        try:
+            text = status_line(watch.check())
+        except OSError as e:  # a passing problem (a directory unmounted): try again later
+            log.error("check failed: %s", e)
+            text = f"check failed: {e}"
+        if first:
+            notifier.ready(text)
+            first = False
+        else:
+            notifier.status(text)
+        notifier.watchdog()
+        waited = 0.0
+        while waited < interval and not stop.is_set():
+            step = min(interval - waited, notifier.max_sleep or interval)
+            stop.wait(step)
+            waited += step
+            notifier.watchdog()
+    notifier.stopping()
