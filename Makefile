@@ -25,13 +25,13 @@ PIP_INSTALL_FLAGS ?=
 VERSION    := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' cmds/mstm/__init__.py)
 
 DEB_PACKAGES = rsync openssh-client openssh-server libsystemd-dev pkg-config python3-venv \
-               python3-dev gcc iproute2 iptables man-db pandoc
+               python3-dev gcc iproute2 iptables man-db pandoc systemd
 
 VPY   = $(VENV)/bin/python
 STAMP = $(VENV)/.installed
 
 .PHONY: all deps demo test test-unit lint bench torture clean units man install uninstall \
-        install-python install-data
+        install-python install-data FORCE
 
 all: $(STAMP) units man
 
@@ -88,7 +88,16 @@ MAN_OUT    = $(addprefix build/man/,$(MANPAGES))
 
 units: $(UNITS_OUT)
 
-$(UNIT_BUILD)/%: units/%.in Makefile
+# The rendered units depend on the values filled in: a different PREFIX (or BINDIR, ...)
+# than last time renders them again.
+UNIT_VARS = $(BINDIR):$(SYSCONFDIR):$(PKGLIBDIR):$(SYSUSERSDIR):$(TMPFILESDIR):$(VERSION)
+$(UNIT_BUILD)/.vars: FORCE
+	@mkdir -p $(@D)
+	@echo '$(UNIT_VARS)' | cmp -s - $@ || echo '$(UNIT_VARS)' > $@
+
+FORCE:
+
+$(UNIT_BUILD)/%: units/%.in Makefile $(UNIT_BUILD)/.vars
 	@mkdir -p $(@D)
 	sed -e 's|@bindir@|$(BINDIR)|g' -e 's|@sysconfdir@|$(SYSCONFDIR)|g' \
 	    -e 's|@pkglibdir@|$(PKGLIBDIR)|g' -e 's|@sysusersdir@|$(SYSUSERSDIR)|g' \
@@ -99,7 +108,7 @@ $(UNIT_BUILD)/%: units/%.in Makefile
 man: $(MAN_OUT)
 
 PANDOC_MAN = $(PANDOC) --standalone --from markdown-smart --to man \
-             -M footer="mstm $(VERSION)" -M header="mstm manual"
+             -M footer="mstm $(VERSION)" -M header="mstm manual" -M hyphenate=false
 
 build/man/%: man/%.md Makefile
 	@mkdir -p $(@D)
@@ -131,10 +140,12 @@ install: install-python install-data
 	  echo "mstm: creating user mstm and its directories, reloading systemd"; \
 	  systemd-sysusers $(SYSUSERSDIR)/mstm.conf; \
 	  systemd-tmpfiles --create $(TMPFILESDIR)/mstm.conf; \
+	  journalctl --update-catalog; \
 	  systemctl daemon-reload; \
 	elif [ -z "$(DESTDIR)" ]; then \
 	  echo "mstm: now run: systemd-sysusers $(SYSUSERSDIR)/mstm.conf;" \
-	       "systemd-tmpfiles --create $(TMPFILESDIR)/mstm.conf; systemctl daemon-reload"; \
+	       "systemd-tmpfiles --create $(TMPFILESDIR)/mstm.conf;" \
+	       "journalctl --update-catalog; systemctl daemon-reload"; \
 	fi
 
 install-python:
@@ -152,7 +163,7 @@ install-python:
 	      sed -i "1s|^#!$$venv/|#!$(PKGLIBDIR)/|" "$$f"; fi; \
 	  done; \
 	  sed -i "s| $$venv\$$| $(PKGLIBDIR)|" "$$venv/pyvenv.cfg"; \
-	  "$$venv/bin/python" -m compileall -q -s "$$dest" -p / "$$venv/lib"; \
+	  "$$venv/bin/python" -m compileall -q -f -s "$$dest" -p / "$$venv/lib"; \
 	else \
 	  "$$venv/bin/python" -m compileall -q "$$venv/lib"; \
 	fi
@@ -164,6 +175,7 @@ install-data: units man
 	install -m 644 $(UNITS_OUT) $(DESTDIR)$(UNITDIR)/
 	install -D -m 644 conf/mstm.sysusers $(DESTDIR)$(SYSUSERSDIR)/mstm.conf
 	install -D -m 644 conf/mstm.tmpfiles $(DESTDIR)$(TMPFILESDIR)/mstm.conf
+	install -D -m 644 conf/mstm.catalog $(DESTDIR)$(CATALOGDIR)/mstm.catalog
 	for p in $(MANPAGES); do \
 	  install -D -m 644 build/man/$$p $(DESTDIR)$(MANDIR)/man$${p##*.}/$$p; done
 # Examples: always as *.example; under their own name only where no file of that name
@@ -171,21 +183,22 @@ install-data: units man
 	install -d -m 755 $(DESTDIR)$(CONFDIR)
 	for f in $(EXAMPLES); do \
 	  n=$$(basename $$f); install -m 644 $$f $(DESTDIR)$(CONFDIR)/$$n.example; \
-	  if [ "$$n" = global.ini ] && [ ! -e $(DESTDIR)$(CONFDIR)/$$n ]; then \
+	  if [ ! -e $(DESTDIR)$(CONFDIR)/$$n ]; then \
 	    install -m 644 $$f $(DESTDIR)$(CONFDIR)/$$n; fi; \
 	done
 
 # Removes what `make install` put there: the venv, the command links, units, sysusers.d,
-# tmpfiles.d, man pages and the *.example files.  A configuration file stays unless it
-# is still byte for byte the example it was installed from.  The user mstm and the
-# spool (data!) stay, as with a Debian package that is removed but not purged.  With
-# DESTDIR, directories left empty are removed too, up to DESTDIR itself.
+# tmpfiles.d, the journal catalog, man pages and the *.example files.  A configuration
+# file stays unless it is still byte for byte the example it was installed from.  The
+# user mstm and the spool (data!) stay, as with a Debian package that is removed but not
+# purged.  With DESTDIR, directories left empty are removed too, up to DESTDIR itself.
 uninstall:
 	rm -rf $(DESTDIR)$(PKGLIBDIR)
 	for c in $(COMMANDS); do \
 	  [ ! -L $(DESTDIR)$(BINDIR)/$$c ] || rm -f $(DESTDIR)$(BINDIR)/$$c; done
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/mstm.conf $(DESTDIR)$(TMPFILESDIR)/mstm.conf
+	rm -f $(DESTDIR)$(CATALOGDIR)/mstm.catalog
 	for p in $(MANPAGES); do rm -f $(DESTDIR)$(MANDIR)/man$${p##*.}/$$p; done
 	for f in $(EXAMPLES); do \
 	  n=$(DESTDIR)$(CONFDIR)/$$(basename $$f); \
@@ -193,13 +206,15 @@ uninstall:
 	  elif [ -e $$n ]; then echo "mstm: keeping $$n (changed since install)"; fi; \
 	  rm -f $$n.example; \
 	done
-	-rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null
+	rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || true
 	@if [ -n "$(DESTDIR)" ]; then \
 	  top=$$(cd "$(DESTDIR)" && pwd); \
-	  for d in $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(LIBDIR) $(CONFDIR) \
+	  for d in $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(CATALOGDIR) $(LIBDIR) $(CONFDIR) \
 	           $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man7; do \
 	    d="$$top$$d"; \
-	    while [ "$$d" != "$$top" ] && [ "$$d" != / ] && rmdir "$$d" 2>/dev/null; do \
-	      d=$$(dirname "$$d"); done; \
+	    while [ "$$d" != "$$top" ] && [ "$$d" != / ]; do \
+	      if [ -d "$$d" ]; then rmdir "$$d" 2>/dev/null || break; fi; \
+	      d=$$(dirname "$$d"); \
+	    done; \
 	  done; \
 	elif [ "$$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

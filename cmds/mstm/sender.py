@@ -125,6 +125,8 @@ def compare(local: LocalDigest, remote: dict[str, RemoteFile], *, prefix: str = 
             return f"missing at the target: {show(rel)}"
         if got.size != size:
             return f"bad size at the target: {show(rel)} is {got.size} bytes, expected {size}"
+        if got.sha256 is None:  # never accept size alone before deleting anything
+            return f"the target gave no checksum for {show(rel)} (is verification disabled?)"
         if got.sha256 != digest:
             return f"bad checksum at the target: {show(rel)}"
     return None
@@ -233,8 +235,8 @@ class Sender:
         self.backoff = DestinationBackoff(base=max(0.1, self.out.retry_backoff),
                                           maximum=max(0.1, self.out.retry_backoff_max))
         self.backoff.load_state(spool.load_state().get("backoff", {}))
-        self.peer = f"{stream.rsync_ssh.username + '@' if stream.rsync_ssh.username else ''}" \
-                    f"{self.out.target_host}:{self.out.target_port}"
+        self.peer = f"{self.out.transfer_protocol}://{self.out.target_host}:" \
+                    f"{self.out.target_port}{self.out.target_dir}"
         self.per_item_level = logging.INFO if under_journal() else logging.DEBUG
         self._remote_stop: tuple[float, str | None] = (0.0, None)
         self._paused_reason: str | None = None

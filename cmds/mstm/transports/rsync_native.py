@@ -342,9 +342,11 @@ class RsyncNative:
         scratch = tempfile.mkdtemp(prefix="mstm-rsync-")
         try:
             while True:
-                r = self._run([*self._base_argv(), "--from0", "--files-from=-", "--",
-                               self.url(self._inside(directory)) + "/", scratch + "/"],
-                              input=os.fsencode(name) + b"\0")
+                # a daemon will not open a file named by --files-from here (it reports
+                # it vanished), so the name is in the URL; --secluded-args keeps the
+                # daemon from globbing it
+                r = self._run([*self._base_argv(), "--secluded-args", "--",
+                               self.url(f"{self._inside(directory)}/{name}"), scratch + "/"])
                 got = os.path.join(os.fsencode(scratch), os.fsencode(name))
                 if r.returncode == 0 and os.path.exists(got):
                     with open(got, "rb") as f:
@@ -359,7 +361,7 @@ class RsyncNative:
 
     def stop_file_present(self) -> str | None:
         for d in self.stop_dirs:
-            r = self._run([*self._base_argv(), "--list-only", "--",
+            r = self._run([*self._base_argv(), "--list-only", "--secluded-args", "--",
                            self.url(f"{d}/{self.stop_file}")], timeout=60)
             if r.returncode == 0 and r.stdout.strip():
                 return f"{self.stop_file} on target ({d or '/'})"

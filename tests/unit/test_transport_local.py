@@ -1,0 +1,113 @@
+"""The local transport on this host's file system, including a hung copy."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from mstm.errors import TargetUnavailable
+from mstm.transports.base import Item
+from mstm.transports.local import Local
+
+
+def make(tmp_path: Path, **kw: object) -> tuple[Local, Path, Path]:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    return Local(source_dir=src, target_dir=str(dst), **kw), src, dst  # type: ignore[arg-type]
+
+
+def test_open_fails_when_the_target_directory_is_missing(tmp_path: Path) -> None:
+    t = Local(source_dir=tmp_path, target_dir=str(tmp_path / "not-mounted"))
+    with pytest.raises(TargetUnavailable, match="No such file"):
+        t.open()
+    assert not t.alive()
+
+
+def test_files_arrive_with_mode_and_mtime_and_inspect_hashes_the_copy(tmp_path: Path) -> None:
+    t, src, dst = make(tmp_path)
+    (src / "d").mkdir()
+    (src / "d" / "a b.dat").write_bytes(b"x" * 5000)
+    os.chmod(src / "d" / "a b.dat", 0o640)
+    os.utime(src / "d" / "a b.dat", ns=(1, 1_000_000_000))
+    t.open()
+    r = t.send([Item("d/a b.dat", 5000)])
+    assert (r.files, r.bytes, r.error) == (1, 5000, "")
+    st = os.stat(dst / "d" / "a b.dat")
+    assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 1_000_000_000)
+    assert sorted(os.listdir(dst / "d")) == ["a b.dat"]  # no temporary file left
+    got = t.inspect(["d/a b.dat", "missing"])
+    assert got["d/a b.dat"].sha256 == hashlib.sha256(b"x" * 5000).hexdigest()
+    assert "missing" not in got
+    again = t.send([Item("d/a b.dat", 5000)])  # same size and mtime: not copied again
+    assert again.files == 0
+    forced = t.send([Item("d/a b.dat", 5000, force=True)])
+    assert forced.files == 1
+
+
+def test_a_hung_copy_is_cut_after_stall_seconds_and_nothing_appears(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t, src, dst = make(tmp_path, stall_seconds=0.5)
+    (src / "f.dat").write_bytes(b"y" * 100_000)
+    release = threading.Event()
+
+    def hung(*args: object) -> int:
+        release.wait(5)  # a write to a hard-mounted NFS server that went away
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "copy_file_range", hung)
+    t.open()
+    r = t.send([Item("f.dat", 100_000)])
+    release.set()
+    assert "stalled" in r.error
+    assert not t.alive()  # the sender backs off and retries
+    assert not (dst / "f.dat").exists()
+
+
+def test_an_error_of_the_file_system_fails_the_batch_not_the_item(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t, src, _dst = make(tmp_path)
+    (src / "f.dat").write_bytes(b"z")
+
+    def full(*args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    t.open()
+    r = t.send([Item("f.dat", 1)])
+    assert "No space left" in r.error and r.item_errors == {}
+    assert not t.alive()
+
+
+def test_directories_are_staged_then_published_replacing_an_older_copy(tmp_path: Path) -> None:
+    t, src, dst = make(tmp_path)
+    (src / "run" / "sub").mkdir(parents=True)
+    (src / "run" / "sub" / "f").write_bytes(b"new")
+    os.symlink("sub/f", src / "run" / "link")
+    (dst / "run").mkdir()
+    (dst / "run" / "old").write_bytes(b"old")
+    t.open()
+    r = t.send([Item("run", 3, is_dir=True)])
+    assert r.files == 1 and (dst / "run" / "old").exists()  # not visible yet
+    staged = t.inspect(["run/sub/f"], staged=True)
+    assert staged["run/sub/f"].size == 3
+    assert t.publish([Item("run", 3, is_dir=True)]) == {}
+    assert sorted(os.listdir(dst / "run")) == ["link", "sub"]
+    assert os.readlink(dst / "run" / "link") == "sub/f"
+    assert os.listdir(dst / ".mstm-staging") == []
+
+
+def test_the_handshake_files_and_the_stop_file(tmp_path: Path) -> None:
+    t, _src, dst = make(tmp_path, stop_dirs=[str(tmp_path / "dst" / "in")])
+    t.open()
+    t.put_file(str(dst / "in"), "batch.ctrl", b"hello")
+    assert (dst / "in" / "batch.ctrl").read_bytes() == b"hello"
+    assert t.await_file(str(dst / "in"), "batch.ctrl", timeout=1, max_bytes=3) == b"hel"
+    assert t.await_file(str(dst / "in"), "none", timeout=0.2, max_bytes=3) is None
+    assert t.stop_file_present() is None
+    (dst / "in" / ".stop").touch()
+    assert t.stop_file_present()

@@ -1,0 +1,71 @@
+"""rsync_native's parsing of rsync's output, and where its password goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mstm.transports.rsync_native import RsyncNative, parse_itemized, parse_listing, unescape
+
+
+def test_rsync_escapes_are_undone() -> None:
+    assert unescape(b"a b\\#012c") == b"a b\nc"
+    assert unescape(b"plain") == b"plain"
+
+
+def test_the_listing_gives_sizes_of_regular_files_with_digit_groups() -> None:
+    out = (b"drwxr-xr-x          4,096 2026/01/01 12:00:00 .\n"
+           b"-rw-r--r--      1,234,567 2026/01/01 12:00:00 a b\\#012c \xc3\xbc\n"
+           b"-rw-r--r--              5 2026/01/01 12:00:00 with  two spaces\n"
+           b"lrwxrwxrwx              3 2026/01/01 12:00:00 link -> x\n")
+    assert parse_listing(out) == {"a b\nc ü": 1234567, "with  two spaces": 5}
+
+
+def test_the_checksum_dry_run_tells_identical_from_different() -> None:
+    out = (b"mstm-xfer:.f          same name\n"
+           b"mstm-xfer:.f..t...... same content, other time\n"
+           b"mstm-xfer:<fc.T...... differs\n"
+           b"mstm-xfer:<f+++++++++ new\n"
+           b"mstm-xfer:cd+++++++++ dir/\n")
+    assert parse_itemized(out) == {"same name": True, "same content, other time": True,
+                                   "differs": False, "new": False}
+
+
+def make(tmp_path: Path, **kw: object) -> RsyncNative:
+    return RsyncNative(host="archive.example.org", port=8730, module="data",
+                       target_dir="/in/proj1/", source_dir=tmp_path, username="mstm",
+                       **kw)  # type: ignore[arg-type]
+
+
+def test_the_password_travels_in_the_environment_never_on_the_command_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSYNC_PASSWORD", "inherited-must-not-leak")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    t = make(tmp_path, password_file=pw, bwlimit=100)
+    argv = t.rsync_argv("in/proj1", force=False, delay=False)
+    assert not any("s3cret" in a for a in argv)
+    assert t.env()["RSYNC_PASSWORD"] == "s3cret"
+    assert argv[-1] == "rsync://mstm@archive.example.org:8730/data/in/proj1/"
+    assert "--bwlimit=100" in argv and "--files-from=-" in argv and "--from0" in argv
+
+
+def test_without_a_password_file_the_systemd_credential_is_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "rsync-password").write_text("from-credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    monkeypatch.delenv("RSYNC_PASSWORD", raising=False)
+    assert make(tmp_path).env()["RSYNC_PASSWORD"] == "from-credential"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    assert "RSYNC_PASSWORD" not in make(tmp_path).env()
+
+
+def test_target_dir_is_a_path_inside_the_module(tmp_path: Path) -> None:
+    t = make(tmp_path)
+    assert t.url(t.target_dir) == "rsync://mstm@archive.example.org:8730/data/in/proj1"
+    top = RsyncNative(host="::1", module="m", target_dir="/", source_dir=tmp_path)
+    assert top.url(top.target_dir) == "rsync://[::1]:873/m"
