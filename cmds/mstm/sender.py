@@ -622,27 +622,30 @@ class Sender:
 
     # -- status ---------------------------------------------------------------
     def status_line(self) -> str:
-        counts = self.spool.counts()
+        queued = self.spool.count("new")  # done/ can be huge: never listed per wake-up
         if self._paused_reason:
-            return f"paused: {self._paused_reason}; {counts.get('new', 0)} queued"
+            return f"paused: {self._paused_reason}; {queued} queued"
         if self.backoff.step:
             left = self.backoff.remaining(time.time())
             return f"backing off {left:.0f} s: {self.backoff.last_error}"
         last = (time.strftime("%H:%M:%S", time.localtime(self.last_delivery))
                 if self.last_delivery else "never")
-        failed = counts.get("failed", 0)
+        failed = self.spool.count("failed")
         extra = f", {failed} failed" if failed else ""
-        return f"idle, {counts.get('new', 0)} queued{extra}, last delivery {last}"
+        return f"idle, {queued} queued{extra}, last delivery {last}"
 
     # -- the two ways of running ------------------------------------------------
     def next_due(self) -> float | None:
         """Seconds until the earliest queued item may be tried again, if any is waiting."""
-        soonest: float | None = None
-        for rec in self.spool.iter_records("new"):
-            soonest = rec.not_before if soonest is None else min(soonest, rec.not_before)
+        soonest = self.spool.earliest_due()  # from file times: a hint, cheap
         if soonest is None:
             return None
-        return max(0.0, soonest - time.time())
+        now = time.time()
+        if soonest > now:
+            return soonest - now
+        # the hint says due, yet nothing was claimable: the records' not_before decides
+        exact = min((r.not_before for r in self.spool.iter_records("new")), default=None)
+        return None if exact is None else max(0.05, exact - now)
 
     def run_once(self) -> Summary:
         """Scan, then deliver until nothing claimable remains (waiting out item backoffs)."""
@@ -665,7 +668,7 @@ class Sender:
             if due is None:
                 break
             self._sleep(due)
-        self.summary.queued = self.spool.counts().get("new", 0)
+        self.summary.queued = self.spool.count("new")
         if self.progress:
             self.progress.finish()
         return self.summary
@@ -697,7 +700,7 @@ class Sender:
                     timeouts.append(report.next_check + 0.05)
                 if self.backoff.step:
                     timeouts.append(self.backoff.remaining(time.time()) + 0.01)
-                due = self.next_due()
+                due = None if self._paused_reason or self.backoff.step else self.next_due()
                 if due is not None:
                     timeouts.append(due + 0.01)
                 if self._paused_reason:

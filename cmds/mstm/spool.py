@@ -873,6 +873,31 @@ class Spool:
         self._require_open()
         return {state: len(_listdir(d)) for state, d in self._dirs.items()}
 
+    def count(self, state: str) -> int:
+        """Number of records in one state (one directory listing)."""
+        self._require_open()
+        return len(_listdir(self._dirs[state]))
+
+    def earliest_due(self) -> float | None:
+        """When the soonest waiting record becomes claimable (epoch), from file times only.
+
+        new/ files carry their due time as mtime (see the module docstring), so this is a
+        directory scan with stat, no record is read: cheap enough for every wake-up.
+        """
+        self._require_open()
+        soonest: float | None = None
+        try:
+            with os.scandir(self._dirs["new"]) as it:
+                for entry in it:
+                    try:
+                        t = entry.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    soonest = t if soonest is None else min(soonest, t)
+        except FileNotFoundError:
+            return None
+        return soonest
+
     def iter_records(self, state: str) -> Iterator[ItemRecord]:
         """The readable records in one state (new, claimed, done, failed)."""
         self._require_open()
