@@ -23,7 +23,7 @@ import re
 import socket
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -339,6 +339,50 @@ class Marker(Kind):
         return text
 
 
+class Regex(Kind):
+    """A Python regular expression (searched for: anchor it with ^ and $ when you mean it)."""
+
+    empty_ok = False
+
+    def describe(self) -> str:
+        return "a regular expression"
+
+    def parse(self, text: str) -> str:
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise Invalid(f"not a valid regular expression ({err}): {text!r}") from None
+        return text
+
+
+class PullMap(Kind):
+    """Ordered mapping rules, one per line: ``REGEX -> DESTINATION`` (first match wins).
+
+    A relative destination is a folder under [data_stream] directory; it may not climb
+    out of it with "..".  Empty: every item goes directly into directory.
+    """
+
+    def describe(self) -> str:
+        return "lines of 'REGEX -> DESTINATION'"
+
+    def parse(self, text: str) -> tuple[tuple[str, str], ...]:
+        rules: list[tuple[str, str]] = []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            pattern, arrow, dest = line.rpartition("->")
+            pattern, dest = pattern.strip(), dest.strip()
+            if not arrow or not pattern or not dest:
+                raise Invalid(f"expected 'REGEX -> DESTINATION', got {line!r}")
+            Regex().parse(pattern)
+            parts = dest.split("/")
+            if "\0" in dest or (not dest.startswith("/") and ".." in parts):
+                raise Invalid(f"a relative destination may not contain '..': {line!r}")
+            rules.append((pattern, dest))
+        return tuple(rules)
+
+
 # --------------------------------------------------------------------------- the schema
 
 
@@ -400,6 +444,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "follow_symlinks": Key(Bool(), "false", "follow symbolic links found in directory"),
         "poll_interval": Key(Seconds(positive=True), "$(global:general_poll_interval)",
                              "how often to rescan (default: [global] general_poll_interval)"),
+        "direction": Key(Choice(("push", "pull")), "push",
+                         "push sends directory to the target; pull fetches items from it"),
     },
     "outgoing": {
         "target_host": Key(Word(), None,
@@ -506,6 +552,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "password": Key(Text(), None, "refused: use password_file or a systemd credential",
                         refused="passwords are not accepted in configuration files (they get"
                         " logged and copied); use password_file or a systemd credential"),
+    },
+    "pull": {
+        "source_dir": Key(RemoteDir(), None,
+                          "pull: the remote directory whose entries are the items (required)"),
+        "item_pattern": Key(Regex(), "^[^.]", "pull: only items whose name matches"),
+        "max_age_days": Key(Int(0), "0",
+                            "pull: skip items unchanged for longer than this (0: no limit)"),
+        "max_tasks": Key(Int(1, 64), "1", "pull: items fetched at the same time"),
+        "ledger": Key(AbsPath(), "$(data_stream:spool_dir)/ledger.jsonl",
+                      "pull: the done-ledger (default: <spool_dir>/ledger.jsonl)"),
+        "map": Key(PullMap(), "",
+                   "pull: 'REGEX -> DESTINATION' lines, first match wins (empty: directory)"),
     },
     "disk_space_monitor": {
         "base_priority": Key(Int(), "100", "streams at or below it are stopped first"),
@@ -679,6 +737,18 @@ class IncomingConfig:
 
 
 @dataclass(frozen=True)
+class PullConfig:
+    """[pull]: what a pull stream fetches from [outgoing] target_host, and where to."""
+
+    source_dir: str = ""
+    item_pattern: str = "^[^.]"
+    max_age_days: int = 0  # 0: no limit
+    max_tasks: int = 1
+    ledger: Path | None = None  # None only when built by hand: <spool_dir>/ledger.jsonl
+    map: tuple[tuple[str, str], ...] = ()  # (regex, destination), first match wins
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     name: str
     global_file: Path
@@ -703,6 +773,8 @@ class StreamConfig:
     sftp: SftpConfig = SftpConfig()
     ftp: FtpConfig = FtpConfig()
     delete_undelivered: bool = False  # [data_stream]; only with deletion_enabled
+    direction: str = "push"  # [data_stream] direction: "push" | "pull"
+    pull: PullConfig = PullConfig()
 
     @property
     def running(self) -> bool:
@@ -1125,9 +1197,12 @@ def _load_stream(setup: _GlobalSetup, name: str,
     warnings = _check_structure(layer, setup.refs)
     implicit = {**setup.implicit, ("data_stream", "name"): name}
     view = _View([setup.layer, layer], spath, implicit)
-    # role "receive" (mstm-receive): [outgoing] may be absent; what is written is checked
-    view.validate(SCHEMA if role == "send" else [s for s in SCHEMA if s != "outgoing"])
-    if role == "receive":
+    # role "receive" (mstm-receive): [outgoing] may be absent; what is written is checked.
+    # A pull stream needs only target_host (and port) of [outgoing]: checked when built.
+    pull = view.get("data_stream", "direction", str) == "pull"
+    view.validate(SCHEMA if role == "send" and not pull
+                  else [s for s in SCHEMA if s != "outgoing"])
+    if role == "receive" or pull:
         for key, spec in SCHEMA["outgoing"].items():
             if ("outgoing", key) in view.entries and not (spec.ignored or spec.refused):
                 view.value("outgoing", key)
@@ -1159,13 +1234,16 @@ def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path,
         follow_symlinks=v.get(s, "follow_symlinks", bool),
         poll_interval=v.get(s, "poll_interval", float),
         log_level=v.get("logging", "log_level", str),
-        outgoing=_build_outgoing(v) if role == "send" else _receive_outgoing(v),
+        outgoing=_pull_outgoing(v) if v.get(s, "direction", str) == "pull"
+        else _build_outgoing(v) if role == "send" else _receive_outgoing(v),
         rsync_ssh=_build_rsync_ssh(v),
         incoming=_build_incoming(v),
         runtime_dir=v.get("global", "runtime_dir", Path),
         rsync_native=_build_rsync_native(v),
         sftp=_build_sftp(v),
         ftp=_build_ftp(v),
+        direction=v.get(s, "direction", str),
+        pull=_build_pull(v),
     )
 
 
@@ -1338,6 +1416,38 @@ def _build_incoming(v: _View) -> IncomingConfig:
         receipt_file_extension=exts["receipt_file_extension"],
         overwrite=v.get(s, "overwrite", bool),
         max_control_bytes=v.get(s, "max_control_bytes", int),
+    )
+
+
+def _pull_outgoing(v: _View) -> OutgoingConfig:
+    """[outgoing] of a pull stream: target_host is the host pulled from; no target_dir."""
+    s = "outgoing"
+    out = _receive_outgoing(v)
+    if not out.target_host:
+        raise v.error(s, "target_host", "is required (the host to pull from)")
+    mode = (v.opt(s, "transfer_mode", str) or v.opt("rsync_ssh", "transfer_mode", str)
+            or "mirror")
+    if mode == "move":
+        raise v.error(s, "transfer_mode", "move is not implemented for pull streams yet; use"
+                      " mirror (the remote items are never deleted)")
+    if out.transfer_protocol != "rsync_ssh":
+        raise v.error(s, "transfer_protocol", "pull streams work over rsync_ssh only")
+    return replace(out, transfer_mode=mode)
+
+
+def _build_pull(v: _View) -> PullConfig:
+    s = "pull"
+    source_dir = v.opt(s, "source_dir", str)
+    if source_dir is None and v.get("data_stream", "direction", str) == "pull":
+        raise v.error(s, "source_dir", "is required for a pull stream (the remote directory"
+                      " whose entries are fetched)")
+    return PullConfig(
+        source_dir=source_dir or "",
+        item_pattern=v.get(s, "item_pattern", str),
+        max_age_days=v.get(s, "max_age_days", int),
+        max_tasks=v.get(s, "max_tasks", int),
+        ledger=v.get(s, "ledger", Path),
+        map=v.get(s, "map", tuple),
     )
 
 

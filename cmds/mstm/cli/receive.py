@@ -1,20 +1,84 @@
-"""mstm-receive: not built yet (see the project's issues)."""
+"""mstm-receive: the arrival monitor of a stream, on the target host."""
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
 import click
 
+from mstm import config
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
-from mstm.errors import NotImplementedYet
+from mstm.errors import EXIT_OK
+from mstm.notify import Notifier
+from mstm.receiver import Receiver, Settings
+
+log = logging.getLogger("mstm.receive")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("args", nargs=-1)
+@click.argument("stream")
+@click.option("--once", "mode", flag_value="once", default=True,
+              help="Answer every complete control file present, then exit (the default).")
+@click.option("--follow", "mode", flag_value="follow",
+              help="Run until stopped: answer control and thank-you files as they arrive.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --once: print a JSON summary of what was answered.")
+@click.option("--poll", "force_poll", is_flag=True,
+              help="With --follow: poll every poll_interval instead of using inotify "
+                   "(for file systems where inotify sees nothing, such as NFS).")
+@click.option("--check", is_flag=True, help="Validate the configuration, then exit.")
 @common_options
-def main(args: tuple[str, ...], config_path: object, verbose: int, quiet: bool) -> None:
-    """Not built yet: exits 69 (EX_UNAVAILABLE)."""
+def main(stream: str, mode: str, as_json: bool, force_poll: bool, check: bool,
+         config_path: Path | None, verbose: int, quiet: bool) -> None:
+    """Verify the batches senders put in STREAM's incoming area, publish them, answer.
+
+    For each control file, every item's size and checksum are checked, good items are
+    published atomically in the stream's directory, and a receipt says, per item: ok,
+    bad-size, bad-checksum, missing, io-error or refused.  A thank-you file from the
+    sender then removes the batch's files.  MiStaMover's handshake files are answered
+    too.  Exit status: 0 done, 75 another mstm-receive is running for the stream,
+    78 the configuration is wrong.
+    """
 
     def body() -> int:
-        raise NotImplementedYet("mstm-receive is not built yet")
+        cfg = config.load_stream(stream, config_path, role="receive")
+        settings = Settings.from_config(cfg)
+        if check:
+            click.echo(f"{cfg.stream_file}: ok (receiving in {settings.incoming_dir},"
+                       f" publishing in {settings.directory})")
+            return EXIT_OK
+        if not cfg.running:
+            log.info("%s: status is %s in %s; nothing to do", cfg.name, cfg.status,
+                     cfg.stream_file)
+            return EXIT_OK
+        receiver = Receiver(settings, notifier=Notifier(), force_poll=force_poll)
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s: %s received; finishing the current item", cfg.name,
+                     signal.Signals(signum).name)
+            receiver.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        with receiver:
+            if mode == "follow":
+                receiver.follow()
+                return EXIT_OK
+            summary = receiver.run_once()
+        if as_json:
+            click.echo(json.dumps({"stream": cfg.name, "batches": summary.batches,
+                                   "ok": summary.ok, "failed": summary.failed,
+                                   "bytes": summary.bytes, "thanked": summary.thanked,
+                                   "quarantined": summary.quarantined,
+                                   "deferred": summary.deferred,
+                                   "statuses": summary.statuses}))
+        log.info("%s: %d batch(es) answered: %d item(s) published (%d bytes), %d not;"
+                 " %d acknowledged, %d quarantined", cfg.name, summary.batches, summary.ok,
+                 summary.bytes, summary.failed, summary.thanked, summary.quarantined)
+        return EXIT_OK
 
     run_command("mstm-receive", body, verbose=verbose, quiet=quiet)

@@ -1,0 +1,1159 @@
+"""The arrival monitor: verify what senders put in the incoming area, publish, answer.
+
+For a stream whose published directory is *D* (``[data_stream] directory``) and whose
+incoming area is *I* (``[incoming] incoming_dir``), see :mod:`mstm.protocol` for the
+files.  For each control file ``I/<batch>.<control_ext>`` without a receipt, each item
+``I/<batch>/<path>`` is
+
+1. looked up with no-follow opens, one component at a time (a symbolic link anywhere in
+   the path refuses the item, it is never followed);
+2. moved into a private staging directory (a rename on the same file system, else a
+   copy), so that nobody else can change it once checked;
+3. checked there: size, then the digest of exactly the bytes that will be published;
+4. flushed to disk and renamed to ``D/<path>`` without replacing anything
+   (``renameat2(RENAME_NOREPLACE)``): an existing identical file makes the item "ok"
+   (a re-delivery), a different one makes it "refused" unless ``[incoming] overwrite``;
+   parent directories are created and opened the same no-follow way.
+
+Then the directories are flushed, and the receipt is written (temp name + rename).  A
+thank-you removes the batch's control file, receipt and directory, by names derived
+from the batch name only.
+
+Crash safety: every step is a rename or is repeated.  A receiver killed at any instant
+and restarted finds the control file without a receipt and processes it again: an item
+already staged is taken from staging, one already published counts as ok when the
+published file has the right size and digest.  So each item is published once, and
+never visible half-written under its final name.
+
+Hostile input: control and thank-you files are size-limited and parsed strictly
+(:mod:`mstm.protocol`); one that fails is moved to ``I/.quarantine/`` with a warning.
+Nothing outside I and D is read or written: every path below them is walked with
+``O_NOFOLLOW`` relative to directory descriptors.
+
+MiStaMover's own handshake files (one item per control file, MD5) are answered too;
+see the MiStaMover section of :mod:`mstm.protocol`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mstm import protocol
+from mstm.config import StreamConfig
+from mstm.errors import ConfigError, MstmError
+from mstm.log import event, fields, show
+from mstm.notify import Notifier
+from mstm.protocol import Control, ControlItem, ProtocolError, Status
+from mstm.watch import Watcher
+
+log = logging.getLogger("mstm.receive")
+
+BLOCK = 1 << 20  # hash and copy in 1 MiB blocks
+QUARANTINE = ".quarantine"
+STAGING = ".mstm-staging"
+TMP_PREFIX = ".mstm-tmp-"
+# An answered batch whose thank-you never came is cleaned up after this long.
+ANSWERED_TTL = 7 * 24 * 3600.0
+# MiStaMover's sender never delivered its thank-you files (its defect 4).
+MSM_RECEIPT_TTL = 24 * 3600.0
+# A MiStaMover control may arrive before its data file (its defect 3): wait this long.
+MSM_DATA_GRACE = 30.0
+# A hidden file named like a handshake file, with unknown content, may still be being
+# written by someone; after this long it is garbage.
+STALE_SECONDS = 60.0
+RESCAN_SECONDS = 60.0  # with inotify: look anyway this often
+EXPIRY_CHECK_SECONDS = 60.0
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# errors that mean "something in the path is a symbolic link or not a directory"
+_REFUSING = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
+
+
+class AlreadyRunning(MstmError):
+    exit_code = 75  # EX_TEMPFAIL
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    stream: str
+    directory: Path  # D: where verified items are published
+    incoming_dir: Path  # I: where senders put batches and handshake files
+    control_ext: str = "mstm-ctrl"
+    receipt_ext: str = "mstm-rcpt"
+    thanks_ext: str = "mstm-thanks"
+    overwrite: bool = False
+    max_control_bytes: int = 8 << 20
+    poll_interval: float = 3.0
+
+    @classmethod
+    def from_config(cls, cfg: StreamConfig) -> Settings:
+        inc = cfg.incoming
+        return cls(
+            stream=cfg.name,
+            directory=cfg.directory,
+            incoming_dir=inc.incoming_dir or cfg.directory / ".mstm-incoming",
+            control_ext=inc.control_file_extension,
+            receipt_ext=inc.receipt_file_extension,
+            thanks_ext=inc.thankyou_file_extension,
+            overwrite=inc.overwrite,
+            max_control_bytes=inc.max_control_bytes,
+            poll_interval=cfg.poll_interval,
+        )
+
+
+@dataclass
+class Summary:
+    batches: int = 0
+    ok: int = 0
+    failed: int = 0
+    bytes: int = 0
+    thanked: int = 0
+    quarantined: int = 0
+    deferred: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: Summary) -> None:
+        """Add *other*'s item counts (not its batches, thank-yous or quarantines)."""
+        self.ok += other.ok
+        self.failed += other.failed
+        self.bytes += other.bytes
+        for key, n in other.statuses.items():
+            self.statuses[key] = self.statuses.get(key, 0) + n
+
+    def count(self, status: Status, size: int) -> None:
+        self.statuses[status.value] = self.statuses.get(status.value, 0) + 1
+        if status is Status.OK:
+            self.ok += 1
+            self.bytes += size
+        else:
+            self.failed += 1
+
+
+class _Stop(Exception):
+    """Stop was requested between two items."""
+
+
+class _Bad(Exception):
+    """A handshake file that must be quarantined; the message says why."""
+
+
+# --------------------------------------------------------------------------- low level
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_renameat2 = _load_renameat2()
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+    """Rename that never replaces an existing *dst* (FileExistsError instead)."""
+    if _renameat2 is not None:
+        if _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), dst)
+    # no renameat2 here: link(2) never replaces either
+    try:
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # last resort (no hard links either): check, then rename
+        try:
+            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+    os.unlink(src, dir_fd=src_dir_fd)
+
+
+def open_dir(parts: list[str], root_fd: int, *, create: bool = False,
+             mode: int = 0o777) -> int:
+    """A descriptor of root/parts..., every component opened with O_NOFOLLOW.
+
+    With *create*, missing components are made (mode *mode*, less the umask).  A
+    symbolic link or a non-directory anywhere raises OSError (ELOOP or ENOTDIR).
+    """
+    fd = os.dup(root_fd)
+    try:
+        attempts = 3 if create else 1
+        for part in parts:
+            for attempt in range(attempts):
+                if create:
+                    with suppress(FileExistsError):
+                        os.mkdir(part, mode, dir_fd=fd)
+                try:
+                    child = os.open(part, _O_DIR, dir_fd=fd)
+                    break
+                except FileNotFoundError:  # removed between mkdir and open: again
+                    if attempt == attempts - 1:
+                        raise
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def _closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _digest(fd: int, algorithm: str, tick: Callable[[], None]) -> tuple[str, int]:
+    """Hex digest and length of everything readable from *fd* (from its start)."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    total = 0
+    os.lseek(fd, 0, os.SEEK_SET)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            total += n
+            tick()
+    return h.hexdigest(), total
+
+
+def _write_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o640) -> None:
+    """*data* under *name* in dir_fd: temp file, fsync, rename, fsync the directory."""
+    tmp = TMP_PREFIX + secrets.token_hex(8)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode, dir_fd=dir_fd)
+    try:
+        with _closing(fd):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+def _remove_tree(name: str, dir_fd: int) -> None:
+    """Remove dir_fd/name whatever it is, never following a symbolic link."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: refuses to follow symlinks
+    else:
+        with suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+
+
+def _mount_id(fd: int) -> str | None:
+    """The mount a descriptor is on (Linux /proc), None if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return line.split()[1]
+    except OSError:
+        pass
+    return None
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _truncate_name(name: str) -> str:
+    raw = os.fsencode(name)
+    return name if len(raw) <= protocol.NAME_MAX else os.fsdecode(raw[: protocol.NAME_MAX])
+
+
+# --------------------------------------------------------------------------- items
+
+
+@dataclass
+class _Job:
+    """One control file being answered: where its items are and where they are staged."""
+
+    label: str  # for log lines
+    key: str  # the staging directory's name
+    algorithm: str
+    source_fd: int | None  # directory the item paths are relative to (None: missing)
+    source_refused: bool = False  # the batch directory is a symbolic link or not a directory
+    stage_fd: int = -1
+    synced_dir: tuple[int, int] | None = None  # (dev, ino) of a directory still to fsync
+    synced_fd: int = -1
+
+
+@dataclass(frozen=True)
+class _Result:
+    status: Status
+    detail: str = ""
+
+
+class Receiver:
+    """Answers the control and thank-you files of one receiving stream."""
+
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None,
+                 force_poll: bool = False) -> None:
+        self.s = settings
+        self.notifier = notifier or Notifier()
+        self.force_poll = force_poll
+        self._stop = threading.Event()
+        self._watcher: Watcher | None = None
+        self._d_fd = -1
+        self._i_fd = -1
+        self._q_fd = -1
+        self._stage_root = -1  # open only while a batch is being answered
+        self._stage_parent = -1
+        self._same_fs = True
+        self._reserved: list[tuple[str, ...]] = []
+        self._broken: set[str] = set()  # names that could not even be quarantined
+        self._last_expiry = 0.0
+        self.total = Summary()
+        for ext in (settings.control_ext, settings.receipt_ext, settings.thanks_ext):
+            try:
+                protocol.check_extension(ext)
+            except ProtocolError as err:
+                raise ConfigError(str(err), section="incoming") from None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def open(self) -> Receiver:
+        """Open (and make) the directories, take the stream's lock, clean up after a
+        crash.  ConfigError or AlreadyRunning if that cannot be done."""
+        try:
+            return self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> Receiver:
+        s = self.s
+        try:
+            self._d_fd = os.open(s.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ConfigError(f"{s.directory}: {err.strerror}", section="data_stream",
+                              key="directory") from None
+        real_d, real_i = os.path.realpath(s.directory), os.path.realpath(s.incoming_dir)
+        if real_i == real_d or Path(real_d).is_relative_to(real_i):
+            raise ConfigError(f"{s.incoming_dir} must not be {s.directory} or contain it",
+                              section="incoming", key="incoming_dir")
+        try:
+            os.mkdir(s.incoming_dir, 0o750)
+            os.chmod(s.incoming_dir, 0o750)
+            log.info("%s: created %s", s.stream, s.incoming_dir)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise ConfigError(f"cannot create {s.incoming_dir}: {err.strerror}",
+                              section="incoming", key="incoming_dir") from None
+        try:
+            self._i_fd = os.open(s.incoming_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ConfigError(f"{s.incoming_dir}: {err.strerror}", section="incoming",
+                              key="incoming_dir") from None
+        try:
+            fcntl.flock(self._i_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"{s.stream}: another mstm-receive is answering"
+                                 f" {s.incoming_dir}") from None
+        self._same_fs = self._can_rename_into_d()
+        self._stage_parent = self._i_fd if self._same_fs else self._d_fd
+        # item paths that would land in our own areas inside D are refused
+        if Path(real_i).is_relative_to(real_d):
+            self._reserved.append(Path(os.path.relpath(real_i, real_d)).parts)
+        if not self._same_fs:
+            self._reserved.append((STAGING,))
+        self._clean_at_start()
+        return self
+
+    def close(self) -> None:
+        for name in ("_stage_root", "_q_fd", "_i_fd", "_d_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                with suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+
+    def __enter__(self) -> Receiver:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        """Finish the current item, then return from run_once() or follow().  Thread- and
+        signal-safe."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _can_rename_into_d(self) -> bool:
+        """Can a file in I be renamed into D: one file system, and one mount of it (a
+        rename between two bind mounts of one file system fails with EXDEV)?"""
+        if os.fstat(self._i_fd).st_dev != os.fstat(self._d_fd).st_dev:
+            return False
+        return _mount_id(self._i_fd) == _mount_id(self._d_fd)
+
+    def _private_dir(self, parent_fd: int, name: str, *, in_incoming: bool) -> int:
+        """parent/name as a directory of ours, mode 0700; an impostor in I is quarantined."""
+        for _ in range(3):
+            with suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            try:
+                fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+            except OSError as err:
+                if err.errno not in _REFUSING or not in_incoming:
+                    raise MstmError(f"{self.s.stream}: cannot use {name}: {err.strerror}"
+                                    ) from None
+                self._quarantine(name, "not a directory")
+                continue
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                os.close(fd)
+                if not in_incoming:
+                    raise MstmError(f"{self.s.stream}: {name} in {self.s.directory} belongs"
+                                    f" to uid {st.st_uid}")
+                self._quarantine(name, f"owned by uid {st.st_uid}")
+                continue
+            os.fchmod(fd, 0o700)
+            return fd
+        raise MstmError(f"{self.s.stream}: cannot make a private {name} directory")
+
+    def _clean_at_start(self) -> None:
+        """Leftovers of a crash: our temp files; staging of batches no longer pending."""
+        names = self._listdir()
+        for name in names:
+            if name.startswith(TMP_PREFIX):
+                with suppress(OSError):
+                    if stat.S_ISREG(os.stat(name, dir_fd=self._i_fd,
+                                            follow_symlinks=False).st_mode):
+                        os.unlink(name, dir_fd=self._i_fd)
+        pending = {self._stage_key(n) for n in names if n.endswith("." + self.s.control_ext)}
+        if not self._exists_in(self._stage_parent, STAGING):
+            return
+        root = self._open_stage_root()
+        for key in os.listdir(root):
+            if key not in pending:
+                with suppress(OSError):
+                    _remove_tree(key, root)
+        self._release_stage_root()
+
+    def _open_stage_root(self) -> int:
+        """The private staging directory, made if need be (on the file system of D)."""
+        if self._stage_root < 0:
+            self._stage_root = self._private_dir(self._stage_parent, STAGING,
+                                                 in_incoming=self._same_fs)
+        return self._stage_root
+
+    def _release_stage_root(self) -> None:
+        """Close the staging directory, and remove it if empty: idle, I holds nothing of
+        ours."""
+        if self._stage_root >= 0:
+            os.close(self._stage_root)
+            self._stage_root = -1
+        with suppress(OSError):
+            os.rmdir(STAGING, dir_fd=self._stage_parent)
+
+    def _unstage(self, key: str) -> None:
+        if self._stage_root >= 0 or self._exists_in(self._stage_parent, STAGING):
+            _remove_tree(key, self._open_stage_root())
+            self._release_stage_root()
+
+    def _stage_key(self, control_name: str) -> str:
+        stem = control_name[: -len(self.s.control_ext) - 1]
+        if protocol.BATCH_RE.match(stem):
+            return stem
+        # MiStaMover controls: a fixed-length name derived from the control file's name
+        return "m-" + hashlib.sha256(os.fsencode(control_name)).hexdigest()[:32]
+
+    # ------------------------------------------------------------------ main loops
+
+    def run_once(self) -> Summary:
+        """Answer every complete control file (and thank-you) present now."""
+        summary = Summary()
+        self._pass(summary)
+        return summary
+
+    def follow(self) -> None:
+        """Answer control and thank-you files as they arrive, until stop()."""
+        s = self.s
+        self._watcher = Watcher(s.incoming_dir, poll_interval=s.poll_interval,
+                                recursive=False, force_poll=self.force_poll)
+        log.info("%s: receiving in %s, publishing in %s (%s)", s.stream, s.incoming_dir,
+                 s.directory, self._watcher.backend)
+        self.notifier.ready(f"{s.stream}: waiting for batches")
+        while not self.stopping:
+            summary = Summary()
+            next_due = self._pass(summary)
+            self.notifier.watchdog()
+            t = self.total
+            self.notifier.status(f"{s.stream}: {t.batches} batches answered, {t.ok} items"
+                                 f" published, {t.failed} not")
+            if self.stopping:
+                break
+            timeout = RESCAN_SECONDS
+            if next_due is not None:
+                timeout = min(timeout, max(0.05, next_due))
+            if self.notifier.max_sleep is not None:
+                timeout = min(timeout, self.notifier.max_sleep)
+            self._watcher.wait(timeout)
+        self.notifier.stopping(f"{s.stream}: stopping")
+        log.info("%s: stopped", s.stream)
+
+    def _pass(self, summary: Summary) -> float | None:
+        """One look at I; returns in how many seconds something deferred is due."""
+        names = self._listdir()
+        present = set(names)
+        self._broken &= present
+        s = self.s
+        due: float | None = None
+        for name in sorted(n for n in names if n.endswith("." + s.thanks_ext)):
+            if self.stopping:
+                return None
+            if name not in self._broken:
+                self._guard(name, summary, self._on_thanks)
+        for name in sorted(n for n in names if n.endswith("." + s.control_ext)):
+            if self.stopping:
+                return None
+            if name in self._broken:
+                continue
+            wait = self._guard(name, summary, self._on_control)
+            if wait is not None:
+                due = wait if due is None else min(due, wait)
+        now = time.monotonic()
+        if now - self._last_expiry >= EXPIRY_CHECK_SECONDS:
+            self._last_expiry = now
+            self._broken.clear()  # try those again once a minute
+            self._expire(self._listdir())
+        self.total.merge(summary)
+        self.total.batches += summary.batches
+        self.total.thanked += summary.thanked
+        self.total.quarantined += summary.quarantined
+        return due
+
+    def _guard(self, name: str, summary: Summary,
+               handler: Callable[[str, Summary], float | None]) -> float | None:
+        """Run *handler* on one handshake file; a bad one is quarantined, never fatal."""
+        try:
+            return handler(name, summary)
+        except _Stop:
+            return None
+        except _Bad as bad:
+            if self._quarantine(name, str(bad)):
+                summary.quarantined += 1
+        except OSError as err:  # the incoming area itself misbehaves: log, try again later
+            log.warning("%s: %s: %s", self.s.stream, show(name), err,
+                        extra=fields(stream=self.s.stream, item=name, result="io-error",
+                                     reason=str(err)))
+        return None
+
+    def _listdir(self) -> list[str]:
+        try:
+            return os.listdir(self._i_fd)
+        except OSError as err:
+            log.warning("%s: cannot list %s: %s", self.s.stream, self.s.incoming_dir,
+                        err.strerror)
+            return []
+
+    # ------------------------------------------------------------------ handshake files
+
+    def _exists(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self._i_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _read(self, name: str, limit: int) -> bytes | None:
+        """A handshake file's content (None: it vanished); _Bad if it is not acceptable."""
+        try:
+            fd = os.open(name, _O_FILE, dir_fd=self._i_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            if err.errno in _REFUSING:
+                raise _Bad("a symbolic link") from None
+            raise
+        with _closing(fd):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _Bad("not a regular file")
+            if st.st_size > limit:
+                raise _Bad(f"larger than {limit} bytes ({st.st_size})")
+            chunks = []
+            left = limit + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, BLOCK))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+            if len(data) > limit:
+                raise _Bad(f"larger than {limit} bytes")
+            return data
+
+    def _quarantine(self, name: str, reason: str) -> bool:
+        s = self.s
+        try:
+            if self._q_fd < 0:
+                with suppress(FileExistsError):
+                    os.mkdir(QUARANTINE, 0o750, dir_fd=self._i_fd)
+                self._q_fd = os.open(QUARANTINE, _O_DIR, dir_fd=self._i_fd)
+            target = _truncate_name(f"{_utc_stamp()}-{secrets.token_hex(3)}-{name}")
+            os.rename(name, target, src_dir_fd=self._i_fd, dst_dir_fd=self._q_fd)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            if self._q_fd >= 0 and err.errno in (errno.EBADF, errno.ENOENT):
+                os.close(self._q_fd)
+                self._q_fd = -1
+            log.warning("%s: %s: %s; cannot quarantine it: %s", s.stream, show(name), reason,
+                        err.strerror, extra=fields(stream=s.stream, item=name,
+                                                   result="broken", reason=reason))
+            self._broken.add(name)
+            return False
+        log.warning("%s: %s quarantined in %s: %s", s.stream, show(name), QUARANTINE,
+                    reason, extra=fields(stream=s.stream, item=name, result="quarantined",
+                                         reason=reason))
+        return True
+
+    def _unknown_hidden(self, name: str, data: bytes) -> float | None:
+        """A hidden handshake-like file with unknown content: wait, then quarantine."""
+        st = self._exists(name)
+        if st is None:
+            return None
+        if data.startswith(b"mstm-") or not data:  # maybe a temp file being written
+            age = time.time() - st.st_mtime
+            if age < STALE_SECONDS:
+                return STALE_SECONDS - age
+        raise _Bad("neither an mstm nor a MiStaMover handshake file")
+
+    def _on_thanks(self, name: str, summary: Summary) -> float | None:
+        s = self.s
+        stem = name[: -len(s.thanks_ext) - 1]
+        if protocol.BATCH_RE.match(stem):
+            data = self._read(name, protocol.MAX_THANKS_BYTES)
+            if data is None:
+                return None
+            try:
+                protocol.parse_thanks(data, batch=stem)
+            except ProtocolError as err:
+                raise _Bad(str(err)) from None
+            self._clean_batch(stem)
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._i_fd)
+            summary.thanked += 1
+            log.info("%s: batch %s acknowledged, cleaned up", s.stream, stem)
+            return None
+        if stem.startswith("."):
+            return self._on_msm_thanks(name, summary)
+        raise _Bad("not a thank-you file name (<batch>.<extension>)")
+
+    def _clean_batch(self, batch: str) -> None:
+        """Remove the batch's control file, receipt and directory: names derived from it."""
+        control, receipt, _ = protocol.file_names(
+            batch, control_ext=self.s.control_ext, receipt_ext=self.s.receipt_ext,
+            thanks_ext=self.s.thanks_ext)
+        for derived in (control, receipt):
+            _remove_tree(derived, self._i_fd)
+        _remove_tree(batch, self._i_fd)
+        self._unstage(batch)
+        os.fsync(self._i_fd)
+
+    def _on_control(self, name: str, summary: Summary) -> float | None:
+        s = self.s
+        stem = name[: -len(s.control_ext) - 1]
+        if stem.startswith("."):
+            return self._on_msm_control(name, summary)
+        if not protocol.BATCH_RE.match(stem):
+            raise _Bad("not a control file name (<batch>.<extension>)")
+        receipt_name = f"{stem}.{s.receipt_ext}"
+        if self._exists(receipt_name) is not None:
+            return None  # answered; waiting for the thank-you
+        data = self._read(name, s.max_control_bytes)
+        if data is None:
+            return None
+        try:
+            control = protocol.parse_control(data, receipt_ext=s.receipt_ext,
+                                              max_bytes=s.max_control_bytes)
+        except ProtocolError as err:
+            raise _Bad(str(err)) from None
+        if control.batch != stem:
+            raise _Bad(f"names batch {control.batch}, but is {name}")
+        self._answer(control, summary)
+        return None
+
+    # ------------------------------------------------------------------ batches
+
+    def _answer(self, control: Control, summary: Summary) -> None:
+        s = self.s
+        batch = control.batch
+        t0 = time.monotonic()
+        try:
+            source_fd: int | None = os.open(batch, _O_DIR, dir_fd=self._i_fd)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, *_REFUSING):
+                raise
+            source_fd = None
+            if err.errno != errno.ENOENT:
+                log.warning("%s: batch %s: its directory is a symbolic link or not a"
+                            " directory", s.stream, batch)
+        job = _Job(label=f"batch {batch}", key=batch, algorithm=control.algorithm,
+                   source_fd=source_fd,
+                   source_refused=source_fd is None and self._exists(batch) is not None)
+        batch_summary = Summary()
+        results: list[tuple[str, Status]] = []
+        try:
+            job.stage_fd = open_dir([job.key], self._open_stage_root(), create=True,
+                                    mode=0o700)
+            for item in control.items:
+                if self.stopping:
+                    log.info("%s: stopping; batch %s is answered after the restart",
+                             s.stream, batch)
+                    raise _Stop
+                result = self._item(job, item)
+                self.notifier.watchdog()
+                batch_summary.count(result.status, item.size)
+                results.append((item.relpath, result.status))
+            self._sync_dir(job, None)
+        finally:
+            self._sync_dir(job, None, flush=False)
+            if job.stage_fd >= 0:
+                os.close(job.stage_fd)
+            if source_fd is not None:
+                os.close(source_fd)
+        receipt = protocol.Receipt(batch, tuple(results))
+        _write_atomic(self._i_fd, control.receipt, protocol.render_receipt(receipt))
+        self._unstage(job.key)
+        summary.batches += 1
+        summary.merge(batch_summary)
+        level = logging.INFO if not batch_summary.failed else logging.WARNING
+        log.log(level, "%s: batch %s answered: %d ok (%d bytes), %d not ok %s in %.2f s",
+                s.stream, batch, batch_summary.ok, batch_summary.bytes, batch_summary.failed,
+                batch_summary.statuses, time.monotonic() - t0,
+                extra=fields(stream=s.stream, item=batch,
+                             result="ok" if not batch_summary.failed else "partial"))
+
+    def _item(self, job: _Job, item: ControlItem) -> _Result:
+        s = self.s
+        result = self._receive(job, item)
+        if result.status is Status.OK:
+            log.info("%s: published %s (%d bytes)%s", s.stream, show(item.relpath), item.size,
+                     f" ({result.detail})" if result.detail else "",
+                     extra=event("delivered", stream=s.stream, item=item.relpath,
+                                 bytes=item.size, result="ok"))
+        else:
+            log.warning("%s: %s: %s: %s", s.stream, job.label, show(item.relpath),
+                        f"{result.status.value}: {result.detail}" if result.detail
+                        else result.status.value,
+                        extra=fields(stream=s.stream, item=item.relpath, bytes=item.size,
+                                     result=result.status.value, reason=result.detail or None))
+        return result
+
+    def _receive(self, job: _Job, item: ControlItem) -> _Result:
+        parts = item.relpath.split("/")
+        for reserved in self._reserved:
+            if tuple(parts[: len(reserved)]) == reserved:
+                return _Result(Status.REFUSED, "would land in mstm's own area")
+        staged = str(len(os.fsencode(item.relpath))) + "-" + hashlib.sha256(
+            os.fsencode(item.relpath)).hexdigest()[:40]
+        try:
+            st = os.stat(staged, dir_fd=job.stage_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None:
+            got = self._stage(job, item, parts, staged)
+            if got is not None:
+                return got
+        return self._verify_and_publish(job, item, parts, staged)
+
+    def _stage(self, job: _Job, item: ControlItem, parts: list[str],
+               staged: str) -> _Result | None:
+        """Move (or copy) the item into staging; a result if that is already the end."""
+        if job.source_fd is None:
+            if job.source_refused:
+                return _Result(Status.REFUSED, "the batch directory is a symbolic link")
+            return self._missing(job, item, parts)
+        try:
+            parent = open_dir(parts[:-1], job.source_fd)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                return self._missing(job, item, parts)
+            if err.errno in _REFUSING:
+                return _Result(Status.REFUSED, "a symbolic link or non-directory in its path")
+            return _Result(Status.IO_ERROR, str(err))
+        with _closing(parent):
+            leaf = parts[-1]
+            try:
+                st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return self._missing(job, item, parts)
+            except OSError as err:
+                return _Result(Status.IO_ERROR, str(err))
+            if stat.S_ISLNK(st.st_mode):
+                return _Result(Status.REFUSED, "a symbolic link")
+            if not stat.S_ISREG(st.st_mode):
+                return _Result(Status.REFUSED, "not a regular file")
+            if st.st_size != item.size:
+                return _Result(Status.BAD_SIZE, f"{st.st_size} bytes, expected {item.size}")
+            try:
+                if self._same_fs:
+                    os.rename(leaf, staged, src_dir_fd=parent, dst_dir_fd=job.stage_fd)
+                else:
+                    self._copy_in(parent, leaf, job.stage_fd, staged)
+                    os.unlink(leaf, dir_fd=parent)
+            except FileNotFoundError:
+                return self._missing(job, item, parts)
+            except _Refused as err:
+                return _Result(Status.REFUSED, str(err))
+            except OSError as err:
+                return _Result(Status.IO_ERROR, str(err))
+        return None
+
+    def _copy_in(self, src_dir: int, leaf: str, dst_dir: int, staged: str) -> None:
+        """Copy src_dir/leaf (no-follow) to dst_dir/staged, flushed; via a .part name."""
+        try:
+            src = os.open(leaf, _O_FILE, dir_fd=src_dir)
+        except OSError as err:
+            if err.errno in _REFUSING:
+                raise _Refused("a symbolic link") from None
+            raise
+        part = staged + ".part"
+        with _closing(src):
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                raise _Refused("not a regular file")
+            dst = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                          os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
+            with _closing(dst):
+                buf = bytearray(BLOCK)
+                with open(src, "rb", buffering=0, closefd=False) as f:
+                    while n := f.readinto(buf):
+                        view = memoryview(buf)[:n]
+                        while view:
+                            view = view[os.write(dst, view):]
+                        self.notifier.watchdog()
+                os.fchmod(dst, stat.S_IMODE(st.st_mode) & 0o777)
+                os.fsync(dst)
+        os.rename(part, staged, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+
+    def _missing(self, job: _Job, item: ControlItem, parts: list[str]) -> _Result:
+        """Not in the incoming area: ok if already published with this content (a restart
+        after a crash, or a re-delivery), else missing."""
+        if self._published_as(item, parts, job.algorithm):
+            return _Result(Status.OK, "already published")
+        return _Result(Status.MISSING)
+
+    def _published_as(self, item: ControlItem, parts: list[str], algorithm: str) -> bool:
+        try:
+            with _closing(open_dir(parts[:-1], self._d_fd)) as parent:
+                if self._same_content(parent, parts[-1], item, algorithm) is not True:
+                    return False
+                os.fsync(parent)  # its rename may not have been flushed before a crash
+                return True
+        except OSError:
+            return False
+
+    def _same_content(self, dir_fd: int, leaf: str, item: ControlItem,
+                      algorithm: str) -> bool | None:
+        """Does dir_fd/leaf hold the item's content?  None: it is not a regular file."""
+        try:
+            fd = os.open(leaf, _O_FILE, dir_fd=dir_fd)
+        except OSError as err:
+            if err.errno in (*_REFUSING, errno.ENXIO, errno.EISDIR):
+                return None
+            raise
+        with _closing(fd):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            if st.st_size != item.size:
+                return False
+            digest, size = _digest(fd, algorithm, self.notifier.watchdog)
+            return size == item.size and digest == item.digest
+
+    def _verify_and_publish(self, job: _Job, item: ControlItem, parts: list[str],
+                            staged: str) -> _Result:
+        try:
+            fd = os.open(staged, _O_FILE, dir_fd=job.stage_fd)
+        except OSError as err:
+            with suppress(OSError):
+                _remove_tree(staged, job.stage_fd)
+            if err.errno in _REFUSING:
+                return _Result(Status.REFUSED, "a symbolic link")
+            return _Result(Status.IO_ERROR, str(err))
+        with _closing(fd):
+            st = os.fstat(fd)
+            bad: _Result | None = None
+            if not stat.S_ISREG(st.st_mode):
+                bad = _Result(Status.REFUSED, "not a regular file")
+            elif st.st_size != item.size:
+                bad = _Result(Status.BAD_SIZE, f"{st.st_size} bytes, expected {item.size}")
+            else:
+                try:
+                    digest, size = _digest(fd, job.algorithm, self.notifier.watchdog)
+                    if size != item.size:
+                        bad = _Result(Status.BAD_SIZE, f"read {size} bytes, expected"
+                                      f" {item.size}")
+                    elif digest != item.digest:
+                        bad = _Result(Status.BAD_CHECKSUM,
+                                      f"{job.algorithm} {digest}, expected {item.digest}")
+                    else:
+                        os.fsync(fd)
+                except OSError as err:
+                    bad = _Result(Status.IO_ERROR, str(err))
+            if bad is not None:
+                _remove_tree(staged, job.stage_fd)  # a directory, if one was swapped in
+                return bad
+        return self._publish(job, item, parts, staged)
+
+    def _publish(self, job: _Job, item: ControlItem, parts: list[str], staged: str) -> _Result:
+        for attempt in range(3):
+            result = self._publish_once(job, item, parts, staged, last=attempt == 2)
+            if result is not None:
+                return result
+        raise AssertionError("unreachable")
+
+    def _publish_once(self, job: _Job, item: ControlItem, parts: list[str], staged: str, *,
+                      last: bool) -> _Result | None:
+        """Rename the staged file into D; None: try again (a directory vanished)."""
+        def drop(result: _Result) -> _Result:
+            with suppress(OSError):
+                _remove_tree(staged, job.stage_fd)
+            return result
+
+        try:
+            parent = open_dir(parts[:-1], self._d_fd, create=True)
+        except OSError as err:
+            if err.errno in _REFUSING:
+                return drop(_Result(Status.REFUSED, "a symbolic link or non-directory in"
+                                    " its published path"))
+            return drop(_Result(Status.IO_ERROR, str(err)))
+        leaf = parts[-1]
+        detail = ""
+        try:
+            try:
+                rename_noreplace(staged, leaf, src_dir_fd=job.stage_fd, dst_dir_fd=parent)
+            except FileExistsError:
+                same = self._same_content(parent, leaf, item, job.algorithm)
+                if same is None:
+                    return drop(_Result(Status.REFUSED, "published name is taken by a"
+                                        " symbolic link or non-file"))
+                if same:
+                    drop(_Result(Status.OK))
+                    detail = "identical file already published"
+                elif not self.s.overwrite:
+                    return drop(_Result(Status.REFUSED, "a different file is already"
+                                        " published under this name ([incoming] overwrite"
+                                        " = false)"))
+                else:
+                    os.rename(staged, leaf, src_dir_fd=job.stage_fd, dst_dir_fd=parent)
+                    detail = "replaced a different file"
+            self._sync_dir(job, parent)
+        except FileNotFoundError as err:
+            # the directory we opened was removed meanwhile (replaced by another)
+            if not last and self._exists_in(job.stage_fd, staged):
+                return None
+            return drop(_Result(Status.IO_ERROR, str(err)))
+        except OSError as err:
+            return drop(_Result(Status.IO_ERROR, str(err)))
+        finally:
+            if job.synced_fd != parent:
+                os.close(parent)
+        return _Result(Status.OK, detail)
+
+    def _sync_dir(self, job: _Job, fd: int | None, *, flush: bool = True) -> None:
+        """Remember *fd* as the directory to fsync; flush the previous one if different.
+
+        Consecutive items mostly share a directory, so each is flushed once.  None: flush
+        (or with flush=False only close) the one remembered.
+        """
+        key = None
+        if fd is not None:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key == job.synced_dir:
+                return  # already remembered (the caller closes its own fd)
+        if job.synced_fd >= 0:
+            try:
+                if flush:
+                    os.fsync(job.synced_fd)
+            finally:
+                os.close(job.synced_fd)
+                job.synced_fd = -1
+                job.synced_dir = None
+        if fd is not None:
+            job.synced_fd = fd
+            job.synced_dir = key
+
+    # ------------------------------------------------------------------ MiStaMover
+
+    def _on_msm_control(self, name: str, summary: Summary) -> float | None:
+        s = self.s
+        data = self._read(name, protocol.MSM_MAX_BYTES)
+        if data is None:
+            return None
+        if not data.startswith(protocol.MSM_CONTROL_MAGIC[0] + b"\n"):
+            return self._unknown_hidden(name, data)
+        try:
+            c = protocol.parse_mistamover_control(data, receipt_ext=s.receipt_ext)
+        except ProtocolError as err:
+            raise _Bad(f"MiStaMover {err}") from None
+        if name != protocol.mistamover_control_name(c.filename, control_ext=s.control_ext):
+            raise _Bad(f"MiStaMover control file for {c.filename!r} under another name")
+        if any(c.filename.endswith("." + ext)
+               for ext in (s.control_ext, s.receipt_ext, s.thanks_ext)):
+            raise _Bad(f"MiStaMover data file name {c.filename!r} is a handshake file name")
+        if self._exists(c.receipt) is not None:  # answered before a crash
+            _remove_tree(name, self._i_fd)
+            return None
+        st = self._exists(name)
+        if st is None:
+            return None
+        # MiStaMover's sender could deliver the control before the data (its defect 3)
+        if self._exists(c.filename) is None:
+            age = time.time() - st.st_ctime
+            key = self._stage_key(name)
+            staged_before = self._exists_in(self._stage_parent, f"{STAGING}/{key}")
+            if age < MSM_DATA_GRACE and not staged_before:
+                summary.deferred += 1
+                return MSM_DATA_GRACE - age
+        item = ControlItem(c.filename, c.size, c.md5)
+        job = _Job(label="MiStaMover control " + name, key=self._stage_key(name),
+                   algorithm="md5", source_fd=self._i_fd)
+        try:
+            job.stage_fd = open_dir([job.key], self._open_stage_root(), create=True,
+                                    mode=0o700)
+            result = self._item(job, item)
+            self._sync_dir(job, None)
+        finally:
+            self._sync_dir(job, None, flush=False)
+            if job.stage_fd >= 0:
+                os.close(job.stage_fd)
+        if result.status is not Status.OK:  # as MiStaMover did: the sender sends it again
+            with suppress(OSError):
+                if stat.S_ISREG(os.stat(c.filename, dir_fd=self._i_fd,
+                                        follow_symlinks=False).st_mode):
+                    os.unlink(c.filename, dir_fd=self._i_fd)
+        ok = result.status is Status.OK
+        receipt = protocol.MsmReceipt(
+            filename=c.filename, code=protocol.MSM_CODES[result.status],
+            size=c.size if ok else -1, md5=c.md5 if ok else "",
+            thanks=protocol.mistamover_thanks_name(c.receipt, receipt_ext=s.receipt_ext,
+                                                   thanks_ext=s.thanks_ext))
+        _write_atomic(self._i_fd, c.receipt, protocol.render_mistamover_receipt(receipt))
+        _remove_tree(name, self._i_fd)
+        self._unstage(job.key)
+        summary.batches += 1
+        summary.count(result.status, c.size)
+        return None
+
+    def _exists_in(self, dir_fd: int, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+    def _on_msm_thanks(self, name: str, summary: Summary) -> float | None:
+        s = self.s
+        data = self._read(name, protocol.MSM_MAX_BYTES)
+        if data is None:
+            return None
+        if not data.startswith(protocol.MSM_THANKS_MAGIC[0] + b"\n"):
+            return self._unknown_hidden(name, data)
+        try:
+            named = protocol.parse_mistamover_thanks(data)
+        except ProtocolError as err:
+            raise _Bad(f"MiStaMover {err}") from None
+        # only the receipt this thank-you's own name derives from (we chose that name)
+        derived = name[: -len(s.thanks_ext)] + s.receipt_ext
+        if named != derived or not protocol.mistamover_receipt_shape(derived, s.receipt_ext):
+            raise _Bad(f"MiStaMover thank-you names {named[:80]!r}, expected {derived[:80]!r}")
+        st = self._exists(derived)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            os.unlink(derived, dir_fd=self._i_fd)
+        os.unlink(name, dir_fd=self._i_fd)
+        summary.thanked += 1
+        log.info("%s: MiStaMover receipt %s acknowledged", s.stream, show(derived))
+        return None
+
+    # ------------------------------------------------------------------ expiry
+
+    def _expire(self, names: list[str]) -> None:
+        """Answered handshakes whose thank-you never came (MiStaMover's defect 4)."""
+        s = self.s
+        now = time.time()
+        suffix = "." + s.receipt_ext
+        for name in names:
+            if not name.endswith(suffix):
+                continue
+            stem = name[: -len(suffix)]
+            st = self._exists(name)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                continue
+            age = now - st.st_mtime
+            if protocol.BATCH_RE.match(stem) and age > ANSWERED_TTL:
+                log.warning("%s: no thank-you for batch %s in %.0f days; cleaned up",
+                            s.stream, stem, age / 86400)
+                with suppress(OSError):
+                    self._clean_batch(stem)
+            elif stem.startswith(".") and age > MSM_RECEIPT_TTL:
+                try:
+                    data = self._read(name, protocol.MSM_MAX_BYTES)
+                except (OSError, _Bad):
+                    continue
+                if data is not None and data.startswith(protocol.MSM_RECEIPT_MAGIC[0]):
+                    with suppress(OSError):
+                        os.unlink(name, dir_fd=self._i_fd)
+                    log.info("%s: MiStaMover receipt %s never acknowledged; removed",
+                             s.stream, show(name))
+
+
+class _Refused(Exception):
+    """The item must be refused; the message says why."""

@@ -1,0 +1,955 @@
+"""mstm.receiver: verify, publish and answer; every named attack on the incoming area.
+
+Layout of each test: ``tmp_path/published`` is the stream's directory D, the incoming
+area I is ``D/.mstm-incoming``, and ``tmp_path/outside`` is what an attacker aims at:
+it is snapshotted (and watched with inotify) to prove nothing outside I and D is ever
+read, written or deleted.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hashlib
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import inotify_simple
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mstm import protocol as p
+from mstm import receiver as rx
+from mstm.protocol import ControlItem, Status
+from mstm.receiver import Receiver, Settings
+
+BIN = Path(sys.executable).parent
+RCPT, CTRL, THANKS = "mstm-rcpt", "mstm-ctrl", "mstm-thanks"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Site:
+    """A receiving stream in tmp_path, and the things a sender (or attacker) does."""
+
+    def __init__(self, root: Path, *, overwrite: bool = False,
+                 incoming: Path | None = None) -> None:
+        self.root = root
+        self.D = root / "published"
+        self.D.mkdir(exist_ok=True)
+        self.I = incoming or self.D / ".mstm-incoming"
+        self.outside = root / "outside"
+        self.outside.mkdir(exist_ok=True)
+        (self.outside / "secret").write_bytes(b"secret")
+        self.settings = Settings(stream="t", directory=self.D, incoming_dir=self.I,
+                                 overwrite=overwrite, poll_interval=0.2)
+        self._receivers: list[Receiver] = []
+        self.baseline()
+
+    def baseline(self) -> None:
+        """What outside I and D looks like now: the test's own set-up is done."""
+        self.before = snapshot(self.root, [self.D])
+
+    def receiver(self, **kw: object) -> Receiver:
+        r = Receiver(self.settings, **kw).open()  # type: ignore[arg-type]
+        self._receivers.append(r)
+        return r
+
+    def close(self) -> None:
+        for r in self._receivers:
+            r.close()
+
+    def put(self, batch: str, files: dict[str, bytes]) -> list[ControlItem]:
+        self.I.mkdir(parents=True, exist_ok=True)
+        items = []
+        for name, data in files.items():
+            path = self.I / batch / os.fsencode(name).decode("utf-8", "surrogateescape")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            items.append(ControlItem(name, len(data), sha(data)))
+        return items
+
+    def control(self, batch: str, items: list[ControlItem]) -> None:
+        data = p.render_control(p.Control(batch, "sha256", f"{batch}.{RCPT}", tuple(items)))
+        self.write(f"{batch}.{CTRL}", data)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.I.mkdir(parents=True, exist_ok=True)
+        tmp = self.I / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.rename(self.I / name)
+
+    def send(self, files: dict[str, bytes], batch: str | None = None) -> str:
+        batch = batch or p.new_batch_id()
+        self.control(batch, self.put(batch, files))
+        return batch
+
+    def receipt(self, batch: str) -> dict[str, Status]:
+        data = (self.I / f"{batch}.{RCPT}").read_bytes()
+        return dict(p.parse_receipt(data, batch=batch).items)
+
+    def thank(self, batch: str) -> None:
+        self.write(f"{batch}.{THANKS}", p.render_thanks(batch))
+
+    def published(self) -> dict[str, bytes]:
+        """Every file in D outside I (relative path -> content); no symlink followed."""
+        out: dict[str, bytes] = {}
+        for dirpath, dirs, files in os.walk(self.D):
+            here = Path(dirpath)
+            dirs[:] = [d for d in dirs if here / d != self.I]
+            for name in files:
+                path = here / name
+                if path.is_symlink():
+                    out[str(path.relative_to(self.D))] = b"<symlink>"
+                else:
+                    out[str(path.relative_to(self.D))] = path.read_bytes()
+        return out
+
+    def incoming(self) -> list[str]:
+        return sorted(os.listdir(self.I)) if self.I.exists() else []
+
+    def quarantined(self) -> list[str]:
+        q = self.I / ".quarantine"
+        return sorted(os.listdir(q)) if q.exists() else []
+
+
+def snapshot(root: Path, skip: list[Path]) -> dict[str, tuple[object, ...]]:
+    """Everything under root except the *skip* trees: type, mode, size, times, content."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        here = Path(dirpath)
+        dirs[:] = [d for d in dirs if here / d not in skip]
+        for name in [*dirs, *files, "."]:
+            path = here / name
+            if path in skip:
+                continue
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                extra: object = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                extra = sha(path.read_bytes())
+            else:
+                extra = None
+            out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                                st.st_ctime_ns, st.st_nlink, extra)
+    return out
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path)
+    yield s
+    s.close()
+    # nothing outside I and D was written or deleted, whatever the test did
+    assert snapshot(tmp_path, [s.D]) == s.before
+
+
+class Watch:
+    """inotify on a directory and its files: did anyone so much as open them?"""
+
+    MASK = (inotify_simple.flags.OPEN | inotify_simple.flags.ACCESS |
+            inotify_simple.flags.MODIFY | inotify_simple.flags.CREATE |
+            inotify_simple.flags.DELETE | inotify_simple.flags.MOVED_FROM |
+            inotify_simple.flags.MOVED_TO | inotify_simple.flags.ATTRIB |
+            inotify_simple.flags.CLOSE_WRITE)
+
+    def __init__(self, *dirs: Path) -> None:
+        self.ino = inotify_simple.INotify(nonblocking=True)
+        for d in dirs:
+            children = [c for c in d.iterdir() if not c.is_symlink()]  # before watching
+            self.ino.add_watch(d, self.MASK)
+            for child in children:
+                self.ino.add_watch(child, self.MASK)
+
+    def events(self) -> list[object]:
+        try:
+            return list(self.ino.read(timeout=0))
+        finally:
+            self.ino.close()
+
+
+# --------------------------------------------------------------------------- good batches
+
+
+def test_a_good_batch_is_published_and_every_item_answered_ok(site: Site) -> None:
+    files = {f"obs/{i:03d}.nc": os.urandom(1000 + i) for i in range(50)}
+    files["top.txt"] = b""
+    r = site.receiver()
+    batch = site.send(files)
+    summary = r.run_once()
+    assert (summary.batches, summary.ok, summary.failed) == (1, 51, 0)
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+    assert list(site.receipt(batch)) == list(files)  # in the control file's order
+
+
+def test_a_thank_you_removes_exactly_the_batch_files_and_leaves_the_area_empty(
+        site: Site) -> None:
+    r = site.receiver()
+    batch = site.send({"a": b"1", "d/b": b"2"})
+    r.run_once()
+    assert site.incoming() == sorted([batch + "." + CTRL, batch + "." + RCPT, batch])
+    site.thank(batch)
+    assert r.run_once().thanked == 1
+    assert site.incoming() == []  # no staging or temp leftovers either
+    assert site.published() == {"a": b"1", "d/b": b"2"}
+
+
+def test_names_with_newline_space_percent_and_bad_utf8_are_published_as_named(
+        site: Site) -> None:
+    files = {"new\nline": b"1", "sp ace/x y": b"2", "100%": b"3",
+             os.fsdecode(b"latin-\xe9"): b"4", "tab\t": b"5"}
+    r = site.receiver()
+    batch = site.send(files)
+    r.run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert sorted(os.listdir(os.fsencode(site.D))) == sorted(
+        [b".mstm-incoming", b"new\nline", b"sp ace", b"100%", b"latin-\xe9", b"tab\t"])
+
+
+def test_the_incoming_area_is_created_with_mode_0750(site: Site) -> None:
+    site.receiver()
+    assert stat.S_IMODE(site.I.stat().st_mode) == 0o750
+
+
+def test_published_items_keep_their_mode(site: Site) -> None:
+    r = site.receiver()
+    batch = "b1"
+    items = site.put(batch, {"x": b"exec"})
+    (site.I / batch / "x").chmod(0o751)
+    site.control(batch, items)
+    r.run_once()
+    assert stat.S_IMODE((site.D / "x").stat().st_mode) == 0o751
+
+
+def test_a_control_file_already_answered_is_not_answered_again(site: Site) -> None:
+    r = site.receiver()
+    batch = site.send({"a": b"1"})
+    r.run_once()
+    first = (site.I / f"{batch}.{RCPT}").stat().st_mtime_ns
+    assert r.run_once().batches == 0
+    assert (site.I / f"{batch}.{RCPT}").stat().st_mtime_ns == first
+
+
+def test_a_delivered_item_is_logged_with_structured_fields(
+        site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    r = site.receiver()
+    site.send({"obs.nc": b"12345"})
+    with caplog.at_level(logging.INFO, logger="mstm"):
+        r.run_once()
+    rec = next(r for r in caplog.records if getattr(r, "mstm_event", None) == "delivered")
+    assert rec.mstm_fields == {"stream": "t", "item": "obs.nc", "bytes": 5,  # type: ignore[attr-defined]
+                               "result": "ok"}
+
+
+# --------------------------------------------------------------------------- bad items
+
+
+def test_each_kind_of_damage_gets_its_own_status(site: Site) -> None:
+    r = site.receiver()
+    batch = "b1"
+    good, corrupt, short = os.urandom(3000), os.urandom(3000), os.urandom(3000)
+    items = site.put(batch, {"good": good, "corrupt": corrupt, "short": short,
+                             "gone": b"gone"})
+    with open(site.I / batch / "corrupt", "r+b") as f:
+        f.seek(1234)
+        f.write(bytes([corrupt[1234] ^ 1]))
+    os.truncate(site.I / batch / "short", 2000)
+    (site.I / batch / "gone").unlink()
+    site.control(batch, items)
+    r.run_once()
+    assert site.receipt(batch) == {"good": Status.OK, "corrupt": Status.BAD_CHECKSUM,
+                                   "short": Status.BAD_SIZE, "gone": Status.MISSING}
+    assert site.published() == {"good": good}  # nothing damaged is ever published
+
+
+def test_a_batch_whose_directory_never_came_is_all_missing(site: Site) -> None:
+    r = site.receiver()
+    site.control("b1", [ControlItem("a", 1, sha(b"a")), ControlItem("b/c", 1, sha(b"c"))])
+    r.run_once()
+    assert site.receipt("b1") == {"a": Status.MISSING, "b/c": Status.MISSING}
+
+
+def test_an_existing_different_file_is_refused_and_kept(site: Site) -> None:
+    (site.D / "x").write_bytes(b"theirs")
+    r = site.receiver()
+    batch = site.send({"x": b"ours"})
+    r.run_once()
+    assert site.receipt(batch) == {"x": Status.REFUSED}
+    assert (site.D / "x").read_bytes() == b"theirs"
+
+
+def test_an_existing_identical_file_is_a_harmless_redelivery(site: Site) -> None:
+    (site.D / "x").write_bytes(b"same")
+    r = site.receiver()
+    batch = site.send({"x": b"same"})
+    r.run_once()
+    assert site.receipt(batch) == {"x": Status.OK}
+
+
+def test_with_overwrite_a_different_file_is_replaced(tmp_path: Path) -> None:
+    s = Site(tmp_path, overwrite=True)
+    (s.D / "x").write_bytes(b"old")
+    r = s.receiver()
+    batch = s.send({"x": b"new"})
+    r.run_once()
+    assert s.receipt(batch) == {"x": Status.OK}
+    assert (s.D / "x").read_bytes() == b"new"
+    s.close()
+
+
+def test_a_directory_where_a_file_should_be_published_is_refused(site: Site) -> None:
+    (site.D / "x").mkdir()
+    r = site.receiver()
+    batch = site.send({"x": b"data"})
+    r.run_once()
+    assert site.receipt(batch) == {"x": Status.REFUSED}
+
+
+def test_items_aimed_at_the_incoming_area_itself_are_refused(site: Site) -> None:
+    r = site.receiver()
+    forged = p.render_control(p.Control("b9", "sha256", "b9.mstm-rcpt", ()))
+    batch = site.send({".mstm-incoming/b9.mstm-ctrl": forged, "fine": b"ok"})
+    r.run_once()
+    assert site.receipt(batch) == {".mstm-incoming/b9.mstm-ctrl": Status.REFUSED,
+                                   "fine": Status.OK}
+    assert not (site.I / "b9.mstm-rcpt").exists()
+
+
+def test_a_second_receiver_on_the_same_area_is_refused(site: Site) -> None:
+    site.receiver()
+    with pytest.raises(rx.AlreadyRunning):
+        site.receiver()
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+def test_a_crash_between_staging_and_publishing_loses_nothing(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"f{i}": os.urandom(100) for i in range(10)}
+    r = site.receiver()
+    batch = site.send(files)
+    real = rx.rename_noreplace
+    calls = []
+
+    def crash_on_fifth(*a: object, **kw: object) -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # stands for SIGKILL at this instant
+        real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rx, "rename_noreplace", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        r.run_once()
+    r.close()
+    monkeypatch.setattr(rx, "rename_noreplace", real)
+    assert not (site.I / f"{batch}.{RCPT}").exists()
+    r2 = site.receiver()
+    r2.run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+
+
+def test_a_lost_receipt_is_written_again_and_says_ok_for_published_items(site: Site) -> None:
+    r = site.receiver()
+    batch = site.send({"a": b"1", "b": b"2"})
+    r.run_once()
+    (site.I / f"{batch}.{RCPT}").unlink()  # as if killed before the receipt's rename
+    r.run_once()
+    assert site.receipt(batch) == {"a": Status.OK, "b": Status.OK}
+
+
+def test_leftover_temp_and_staging_files_of_a_crash_are_removed_at_start(site: Site) -> None:
+    site.I.mkdir()
+    (site.I / (rx.TMP_PREFIX + "dead")).write_bytes(b"half a receipt")
+    (site.I / rx.STAGING / "gone-batch").mkdir(parents=True)
+    site.receiver()
+    assert site.incoming() == []
+
+
+def test_across_file_systems_items_are_copied_then_renamed(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    incoming = shm / f"mstm-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        s = Site(tmp_path, incoming=incoming)
+        r = s.receiver()
+        files = {"a/b": os.urandom(3 << 20), "c": b"small"}
+        bad = s.put("b2", {"bad": b"good data"})
+        (incoming / "b2" / "bad").write_bytes(b"evil data")
+        s.control("b2", bad)
+        batch = s.send(files)
+        r.run_once()
+        assert s.receipt(batch) == dict.fromkeys(files, Status.OK)
+        assert s.receipt("b2") == {"bad": Status.BAD_CHECKSUM}
+        assert s.published() == files
+        assert not (s.D / rx.STAGING).exists()
+        s.close()
+    finally:
+        import shutil
+
+        shutil.rmtree(incoming, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- named attacks
+
+
+@pytest.mark.parametrize("path", ["../outside/secret", "../../etc/passwd", "a/../../x",
+                                  "/etc/passwd", "//x", "a%00b", "..", "a/./b"])
+def test_unsafe_names_make_the_control_file_quarantined(site: Site, path: str) -> None:
+    r = site.receiver()
+    line = f"item 6 {sha(b'secret')} {path.replace(chr(0), '%00')}"
+    data = ("\n".join(["mstm-control 1", "batch b1", "algorithm sha256",
+                       "receipt b1.mstm-rcpt", line, "end"]) + "\n").encode()
+    site.write(f"b1.{CTRL}", data)
+    (site.I / "b1").mkdir()
+    summary = r.run_once()
+    assert summary.quarantined == 1
+    assert not (site.I / f"b1.{RCPT}").exists()
+    assert len(site.quarantined()) == 1 and site.quarantined()[0].endswith("-b1." + CTRL)
+    assert site.published() == {}
+
+
+def test_a_raw_nul_or_newline_in_a_name_cannot_be_written_and_is_quarantined(
+        site: Site) -> None:
+    r = site.receiver()
+    for n, raw in enumerate([b"a\0b", b"a\nb"]):
+        data = (b"mstm-control 1\nbatch b%d\nalgorithm sha256\nreceipt b%d.mstm-rcpt\n"
+                % (n, n) + b"item 1 " + sha(b"x").encode() + b" " + raw + b"\nend\n")
+        site.write(f"b{n}.{CTRL}", data)
+    assert r.run_once().quarantined == 2
+    with pytest.raises(p.ProtocolError):
+        p.encode_path("a\0b")
+
+
+def test_a_symlink_in_the_batch_directory_pointing_outside_is_refused(site: Site) -> None:
+    site.I.mkdir()
+    (site.I / "b1").mkdir()
+    (site.I / "b1" / "sub").symlink_to(site.outside)
+    (site.I / "b1" / "leaf").symlink_to(site.outside / "secret")
+    watch = Watch(site.outside)
+    r = site.receiver()
+    site.control("b1", [ControlItem("sub/secret", 6, sha(b"secret")),
+                        ControlItem("leaf", 6, sha(b"secret"))])
+    r.run_once()
+    assert site.receipt("b1") == {"sub/secret": Status.REFUSED, "leaf": Status.REFUSED}
+    assert site.published() == {}
+    assert watch.events() == []  # not even opened
+    assert (site.outside / "secret").read_bytes() == b"secret"
+
+
+def test_a_batch_directory_that_is_a_symlink_is_refused(site: Site) -> None:
+    site.I.mkdir()
+    (site.I / "b1").symlink_to(site.outside)
+    watch = Watch(site.outside)
+    r = site.receiver()
+    site.control("b1", [ControlItem("secret", 6, sha(b"secret"))])
+    r.run_once()
+    assert site.receipt("b1") == {"secret": Status.REFUSED}
+    site.thank("b1")
+    r.run_once()
+    assert watch.events() == []
+    assert not (site.I / "b1").exists() and (site.outside / "secret").exists()
+
+
+def test_a_symlink_in_the_published_directory_pointing_outside_is_refused(site: Site) -> None:
+    (site.D / "sub").symlink_to(site.outside)
+    (site.D / "existing").symlink_to(site.outside / "secret")
+    watch = Watch(site.outside)
+    r = site.receiver()
+    batch = site.send({"sub/new": b"data", "sub/secret": b"overwrite?", "existing": b"x"})
+    r.run_once()
+    assert site.receipt(batch) == dict.fromkeys(["sub/new", "sub/secret", "existing"],
+                                                Status.REFUSED)
+    assert watch.events() == []
+    assert sorted(os.listdir(site.outside)) == ["secret"]
+
+
+SWAPPER = r"""
+import os, sys, time
+parent, target, stop = sys.argv[1:]
+real, aside = os.path.join(parent, "sub"), os.path.join(parent, "sub.real")
+n = 0
+while not os.path.exists(stop):
+    try:
+        os.rename(real, aside)
+        os.symlink(target, real)
+        time.sleep(0.0001)
+        os.unlink(real)
+        os.rename(aside, real)
+        n += 1
+        time.sleep(0.0005)
+    except OSError:
+        pass
+print(n)
+"""
+
+
+def test_a_symlink_swapped_in_during_publication_never_redirects_a_read_or_write(
+        site: Site, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two processes swap a directory of I/<batch>/ and one of D for symlinks to outside
+    directories, as fast as they can, while the receiver publishes 500 items."""
+    outside2 = site.root / "outside2"
+    outside2.mkdir()
+    files = {f"sub/f{i:03d}": f"content {i}".encode() * 50 for i in range(500)}
+    for name, data in files.items():  # the attacker's copies: same names, same content
+        (site.outside / Path(name).name).write_bytes(data)
+    r = site.receiver()
+    batch = "b1"
+    items = site.put(batch, files)
+    (site.D / "sub").mkdir()
+    site.control(batch, items)
+    stop = tmp_path_factory.mktemp("swappers") / "stop"
+    site.baseline()
+    watch = Watch(site.outside, outside2)
+    swappers = [subprocess.Popen([sys.executable, "-c", SWAPPER, str(parent), str(target),
+                                  str(stop)], stdout=subprocess.PIPE, text=True)
+                for parent, target in ((site.I / batch, site.outside), (site.D, outside2))]
+    try:
+        time.sleep(0.2)
+        r.run_once()
+    finally:
+        stop.write_bytes(b"")
+        swaps = [int(proc.communicate(timeout=10)[0]) for proc in swappers]
+        stop.unlink()
+    assert min(swaps) > 10, swaps
+    assert watch.events() == []  # nothing outside was opened, read, written or created
+    assert os.listdir(outside2) == []
+    receipt = site.receipt(batch)
+    counts = collections.Counter(receipt.values())
+    assert set(counts) <= {Status.OK, Status.REFUSED, Status.MISSING}, counts
+    assert counts[Status.OK] > 0 and counts[Status.REFUSED] > 0, counts
+    # every published file holds exactly its item's content, wherever in D it ended up
+    for rel, data in site.published().items():
+        assert data == files["sub/" + Path(rel).name], rel
+    ok = {n for n, s in receipt.items() if s is Status.OK}
+    assert sorted("sub/" + Path(rel).name for rel in site.published()) == sorted(ok)
+
+
+def test_a_10_mb_control_file_is_quarantined_unread(site: Site) -> None:
+    r = site.receiver()
+    site.write(f"big.{CTRL}", b"mstm-control 1\n" + b"x" * (10 << 20))
+    t0 = time.monotonic()
+    assert r.run_once().quarantined == 1
+    assert time.monotonic() - t0 < 2
+    assert [q.endswith("-big." + CTRL) for q in site.quarantined()] == [True]
+    assert not (site.I / f"big.{RCPT}").exists()
+
+
+def test_a_thank_you_naming_another_batch_removes_nothing_of_it(site: Site) -> None:
+    r = site.receiver()
+    victim = site.send({"v": b"victim"}, batch="victim")
+    r.run_once()
+    site.write(f"attacker.{THANKS}", p.render_thanks("victim"))
+    assert r.run_once().quarantined == 1
+    assert sorted(site.incoming()) == sorted([".quarantine", victim, f"{victim}.{CTRL}",
+                                              f"{victim}.{RCPT}"])
+
+
+def test_a_thank_you_removes_only_names_derived_from_its_batch(site: Site) -> None:
+    r = site.receiver()
+    batch = site.send({"a": b"1"}, batch="b1")
+    r.run_once()
+    keep = ["b1.other", "b1-x", "b10", ".b1.mstm-rcpt", "b1.mstm-rcpt.bak"]
+    for name in keep:
+        (site.I / name).write_bytes(b"keep")
+    (site.I / "b10.mstm-rcpt").write_bytes(b"keep")
+    site.thank(batch)
+    r.run_once()
+    assert [n for n in site.incoming() if n != ".quarantine"] == sorted(
+        [*keep, "b10.mstm-rcpt"])
+
+
+def test_a_control_file_naming_another_batch_is_quarantined(site: Site) -> None:
+    r = site.receiver()
+    site.put("b2", {"a": b"1"})
+    site.write(f"b1.{CTRL}", p.render_control(p.Control(
+        "b2", "sha256", "b2.mstm-rcpt", (ControlItem("a", 1, sha(b"1")),))))
+    assert r.run_once().quarantined == 1
+    assert not (site.I / f"b2.{RCPT}").exists() and not (site.I / f"b1.{RCPT}").exists()
+
+
+def test_garbage_in_the_incoming_area_is_quarantined_or_ignored_never_fatal(
+        site: Site) -> None:
+    site.I.mkdir()
+    i = site.I
+    (i / f"garbage.{CTRL}").write_bytes(os.urandom(5000))
+    (i / f"empty.{CTRL}").write_bytes(b"")
+    (i / f"dir.{CTRL}").mkdir()
+    os.mkfifo(i / f"fifo.{CTRL}")
+    (i / f"link.{CTRL}").symlink_to(site.outside / "secret")
+    (i / f"dangling.{THANKS}").symlink_to(site.outside / "nothing")
+    (i / f"bad name!.{CTRL}").write_bytes(b"x")
+    (i / f"x.{THANKS}").write_bytes(b"\xff" * 100)
+    (i / f"a.b.{CTRL}").write_bytes(b"mstm-control 1\n")
+    (i / f".hidden.{CTRL}").write_bytes(b"neither format")
+    (i / ".stop").write_bytes(b"")
+    (i / "random file").write_bytes(b"data")
+    (i / "random dir").mkdir()
+    (i / f"old.{RCPT}").write_bytes(b"not ours")
+    watch = Watch(site.outside)
+    r = site.receiver()
+    summary = r.run_once()
+    assert summary.quarantined == 10
+    assert sorted(site.incoming()) == sorted([".quarantine", ".stop", "random file",
+                                              "random dir", f"old.{RCPT}"])
+    assert watch.events() == []
+    # and a good batch still goes through afterwards
+    batch = site.send({"ok": b"fine"})
+    r.run_once()
+    assert site.receipt(batch) == {"ok": Status.OK}
+
+
+def test_a_young_hidden_control_like_file_is_left_alone_while_it_may_be_written(
+        site: Site) -> None:
+    r = site.receiver()
+    site.write(f".b1.{CTRL}", b"mstm-control 1\nbatch b1\n")  # somebody's temp file
+    assert r.run_once().quarantined == 0
+    assert f".b1.{CTRL}" in site.incoming()
+
+
+def test_a_directory_swapped_in_for_an_item_after_its_check_is_refused(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = site.receiver()
+    batch = site.send({"x": b"data", "y": b"more"})
+    real_rename = os.rename
+
+    def swap_then_rename(src: str, dst: str, **kw: int) -> None:
+        if src == "x":  # the moment between the receiver's check and its move
+            os.unlink(site.I / batch / "x")
+            os.mkdir(site.I / batch / "x")
+            (site.I / batch / "x" / "inner").write_bytes(b"data")
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(rx.os, "rename", swap_then_rename)
+    r.run_once()
+    assert site.receipt(batch) == {"x": Status.REFUSED, "y": Status.OK}
+    assert site.published() == {"y": b"more"}
+
+
+def test_a_staging_impostor_in_the_incoming_area_is_quarantined(site: Site) -> None:
+    site.I.mkdir()
+    (site.I / rx.STAGING).symlink_to(site.outside)
+    r = site.receiver()
+    batch = site.send({"a": b"1"})
+    r.run_once()
+    assert site.receipt(batch) == {"a": Status.OK}
+    assert os.listdir(site.outside) == ["secret"]
+
+
+_FUZZ_TOKENS = [b"../", b"..", b"/", b"%00", b"%0A", b"%2F", b"%2E%2E", b"outside/secret",
+                b"\n", b" ", b"end", b"item", b"batch", b"receipt", b"mstm-control 1",
+                b"mstm-thanks 1", b".mstm-incoming/", b"\xff", b"99999999999999999999"]
+
+
+@st.composite
+def _mutated(draw: st.DrawFn, base: bytes) -> bytes:
+    data = bytearray(base)
+    for _ in range(draw(st.integers(0, 4))):
+        pos = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["token", "cut", "byte"]))
+        if op == "token":
+            data[pos:pos] = draw(st.sampled_from(_FUZZ_TOKENS))
+        elif op == "cut":
+            del data[pos:pos + draw(st.integers(1, 30))]
+        elif data:
+            data[min(pos, len(data) - 1)] = draw(st.integers(0, 255))
+    return bytes(data)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzzed_control_and_thank_you_files_never_crash_the_receiver_or_escape(
+        site: Site, data: st.DataObject) -> None:
+    if not hasattr(site, "fuzz"):
+        site.fuzz = site.receiver()  # type: ignore[attr-defined]
+        site.fuzz_n = 0  # type: ignore[attr-defined]
+    r: Receiver = site.fuzz  # type: ignore[attr-defined]
+    site.fuzz_n += 1  # type: ignore[attr-defined]
+    batch = f"fz{site.fuzz_n:07d}"  # type: ignore[attr-defined]
+    items = site.put(batch, {"a": b"alpha", "sub/b": b"beta"})
+    items.append(ControlItem("../outside/secret", 6, sha(b"secret")))
+    valid = p.render_control(p.Control(batch, "sha256", f"{batch}.{RCPT}", tuple(items[:2])))
+    valid = valid.replace(b"item 5", b"item 6 " + sha(b"secret").encode() +
+                          b" ../outside/secret\nitem 5", 1) if data.draw(st.booleans()) else valid
+    site.write(f"{batch}.{CTRL}", data.draw(_mutated(valid)))
+    if data.draw(st.booleans()):
+        previous = f"fz{max(1, site.fuzz_n - 1):07d}"  # type: ignore[attr-defined]
+        other = data.draw(st.sampled_from([batch, previous, "x"]))
+        site.write(f"{batch}.{THANKS}", data.draw(_mutated(p.render_thanks(other))))
+    r.run_once()
+    assert os.listdir(site.outside) == ["secret"]
+    assert (site.outside / "secret").read_bytes() == b"secret"
+
+
+# --------------------------------------------------------------------------- MiStaMover
+
+
+def msm_control(site: Site, filename: str, data: bytes | None, *, md5: str | None = None,
+                stamp: str = "1712345678.25") -> str:
+    """What MiStaMover's sender pushes: the data file, then .<name>.<ctrl ext>."""
+    site.I.mkdir(parents=True, exist_ok=True)
+    if data is not None:
+        (site.I / filename).write_bytes(data)
+    receipt = f".{filename}.{stamp}.{RCPT}"
+    site.write(f".{filename}.{CTRL}", p.render_mistamover_control(p.MsmControl(
+        filename, len(data or b""), md5 or hashlib.md5(data or b"").hexdigest(), receipt)))
+    return receipt
+
+
+def test_a_mistamover_sender_is_answered_in_its_own_format(site: Site) -> None:
+    r = site.receiver()
+    receipt = msm_control(site, "obs 1.nc", b"mistamover data")
+    r.run_once()
+    assert site.published() == {"obs 1.nc": b"mistamover data"}
+    got = p.parse_mistamover_receipt((site.I / receipt).read_bytes())
+    assert got == p.MsmReceipt("obs 1.nc", p.MsmCode.SUCCESS, 15,
+                               hashlib.md5(b"mistamover data").hexdigest(),
+                               f".obs 1.nc.1712345678.25.{THANKS}")
+    assert site.incoming() == [receipt]  # the control file is answered and gone
+    site.write(got.thanks, p.render_mistamover_thanks(receipt))
+    r.run_once()
+    assert site.incoming() == []
+
+
+def test_a_mistamover_item_with_a_bad_checksum_gets_code_2_and_is_not_published(
+        site: Site) -> None:
+    r = site.receiver()
+    receipt = msm_control(site, "x.nc", b"data", md5=hashlib.md5(b"other").hexdigest())
+    r.run_once()
+    got = p.parse_mistamover_receipt((site.I / receipt).read_bytes())
+    assert (got.code, got.size, got.md5) == (p.MsmCode.BAD_CKSUM, -1, "")
+    assert site.published() == {}
+    assert site.incoming() == [receipt]  # the bad data is removed, as MiStaMover did
+
+
+def test_a_mistamover_control_before_its_data_waits_instead_of_answering_missing(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MiStaMover defect 3: the control could arrive before the data."""
+    r = site.receiver()
+    receipt = msm_control(site, "late.nc", None)
+    summary = r.run_once()
+    assert summary.deferred == 1 and not (site.I / receipt).exists()
+    (site.I / "late.nc").write_bytes(b"")
+    r.run_once()
+    assert p.parse_mistamover_receipt((site.I / receipt).read_bytes()).code == 0
+    receipt2 = msm_control(site, "never.nc", None)
+    monkeypatch.setattr(rx, "MSM_DATA_GRACE", 0.0)
+    r.run_once()
+    assert p.parse_mistamover_receipt((site.I / receipt2).read_bytes()).code == \
+        p.MsmCode.NO_SUCH_FILE
+
+
+def test_a_mistamover_control_asking_for_any_receipt_name_is_quarantined(site: Site) -> None:
+    """MiStaMover defect 13: the receipt name came from the peer, unchecked."""
+    r = site.receiver()
+    (site.I).mkdir(exist_ok=True)
+    (site.I / "x.nc").write_bytes(b"1")
+    for n, receipt in enumerate([f"b1.{CTRL}", "../../outside/secret", f".y.1.{RCPT}"]):
+        site.write(f".x.nc.{CTRL}", p.render_mistamover_control(
+            p.MsmControl("x.nc", 1, hashlib.md5(b"1").hexdigest(), receipt)))
+        assert r.run_once().quarantined == 1, receipt
+        assert len(site.quarantined()) == n + 1
+    assert site.published() == {}
+
+
+def test_a_mistamover_thank_you_deletes_only_the_receipt_its_name_derives_from(
+        site: Site) -> None:
+    r = site.receiver()
+    receipt = msm_control(site, "a.nc", b"A")
+    r.run_once()
+    batch = site.send({"z": b"z"}, batch="victim")
+    r.run_once()
+    # a thank-you (our name for it) that names another file in its content
+    site.write(f".a.nc.1712345678.25.{THANKS}", p.render_mistamover_thanks(f"victim.{RCPT}"))
+    assert r.run_once().quarantined == 1
+    assert (site.I / receipt).exists() and (site.I / f"{batch}.{RCPT}").exists()
+
+
+def test_unacknowledged_mistamover_receipts_expire(site: Site,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """MiStaMover defect 4: its thank-you never arrived and receipts piled up."""
+    r = site.receiver()
+    receipt = msm_control(site, "a.nc", b"A")
+    r.run_once()
+    old = time.time() - rx.MSM_RECEIPT_TTL - 10
+    os.utime(site.I / receipt, (old, old))
+    monkeypatch.setattr(r, "_last_expiry", 0.0)
+    r.run_once()
+    assert site.incoming() == []
+
+
+def test_answered_batches_without_a_thank_you_expire_after_a_week(site: Site) -> None:
+    r = site.receiver()
+    batch = site.send({"a": b"1"})
+    r.run_once()
+    old = time.time() - rx.ANSWERED_TTL - 10
+    os.utime(site.I / f"{batch}.{RCPT}", (old, old))
+    r._last_expiry = 0.0
+    r.run_once()
+    assert site.incoming() == []
+    assert site.published() == {"a": b"1"}
+
+
+# --------------------------------------------------------------------------- --follow
+
+
+def follow_in_thread(r: Receiver) -> threading.Thread:
+    t = threading.Thread(target=r.follow, daemon=True)
+    t.start()
+    return t
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("force_poll", [False, True])
+def test_follow_answers_each_batch_as_it_arrives_and_stops_promptly(
+        site: Site, force_poll: bool) -> None:
+    r = site.receiver(force_poll=force_poll)
+    t = follow_in_thread(r)
+    latencies = []
+    for n in range(5):
+        batch = site.send({f"f{n}": b"x" * n})
+        latencies.append(wait_for(lambda b=batch: (site.I / f"{b}.{RCPT}").exists()))
+        assert site.receipt(batch) == {f"f{n}": Status.OK}
+        site.thank(batch)
+        wait_for(lambda b=batch: not (site.I / b).exists())
+    if not force_poll:
+        assert sorted(latencies)[2] < 0.5, latencies
+    t0 = time.monotonic()
+    r.stop()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - t0 < 2
+
+
+def test_stop_finishes_the_current_item_and_leaves_the_batch_for_the_restart(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"f{i}": os.urandom(10) for i in range(5)}
+    r = site.receiver()
+    batch = site.send(files)
+    real = r._item
+
+    def item_then_stop(job: object, item: ControlItem) -> object:
+        result = real(job, item)  # type: ignore[arg-type]
+        r.stop()
+        return result
+
+    monkeypatch.setattr(r, "_item", item_then_stop)
+    r.run_once()
+    assert len(site.published()) == 1 and not (site.I / f"{batch}.{RCPT}").exists()
+    r.close()
+    site.receiver().run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def write_config(root: Path, directory: Path, **incoming: str) -> Path:
+    etc = root / "etc"
+    etc.mkdir()
+    (root / "spool").mkdir()
+    (etc / "global.ini").write_text(f"[global]\ndata_stream_list = inbound\n"
+                                    f"spool_base_dir = {root / 'spool'}\n")
+    text = f"[data_stream]\ndirectory = {directory}\n"
+    if incoming:
+        text += "[incoming]\n" + "".join(f"{k} = {v}\n" for k, v in incoming.items())
+    (etc / "inbound.ini").write_text(text)
+    return etc / "global.ini"
+
+
+def test_mstm_receive_once_answers_with_a_receive_only_configuration(site: Site) -> None:
+    conf = write_config(site.root, site.D)
+    site.baseline()
+    batch = site.send({"a": b"1", "b": b"22"})
+    r = subprocess.run([str(BIN / "mstm-receive"), "--config", str(conf), "--once", "--json",
+                        "inbound"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ok"] == 2
+    assert site.receipt(batch) == {"a": Status.OK, "b": Status.OK}
+    check = subprocess.run([str(BIN / "mstm-receive"), "--config", str(conf), "--check",
+                            "inbound"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and ": ok" in check.stdout, check.stderr
+
+
+def test_mstm_receive_follow_answers_promptly_and_exits_cleanly_on_sigterm(site: Site) -> None:
+    conf = write_config(site.root, site.D)
+    site.baseline()
+    log = site.root.parent / f"{site.root.name}-receive.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([str(BIN / "mstm-receive"), "--config", str(conf), "-v",
+                                 "--follow", "inbound"], stderr=err)
+    try:
+        wait_for(lambda: site.I.exists())
+        time.sleep(0.3)
+        batch = site.send({"a": b"1"})
+        wait_for(lambda: (site.I / f"{batch}.{RCPT}").exists())
+        assert site.receipt(batch) == {"a": Status.OK}
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "published a" in text and "stopped" in text and "Traceback" not in text
+
+
+def test_mstm_receive_with_a_bad_configuration_exits_78_without_a_traceback(
+        tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    conf = write_config(tmp_path, d, overwrite="maybe")
+    r = subprocess.run([str(BIN / "mstm-receive"), "--config", str(conf), "inbound"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78 and "overwrite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rename_noreplace_never_replaces(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (tmp_path / "a").write_bytes(b"a")
+        (tmp_path / "b").write_bytes(b"b")
+        with pytest.raises(FileExistsError):
+            rx.rename_noreplace("a", "b", src_dir_fd=fd, dst_dir_fd=fd)
+        assert (tmp_path / "b").read_bytes() == b"b"
+        rx.rename_noreplace("a", "c", src_dir_fd=fd, dst_dir_fd=fd)
+        assert (tmp_path / "c").read_bytes() == b"a" and not (tmp_path / "a").exists()
+    finally:
+        os.close(fd)
+
+
+def test_open_dir_refuses_symlinks_in_every_component(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "l").symlink_to(tmp_path / "a" / "b")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.close(rx.open_dir(["a", "b"], fd))
+        for parts in (["a", "l"], ["a", "l", "x"]):
+            with pytest.raises(OSError) as info:
+                rx.open_dir(parts, fd, create=True)
+            assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+        assert not (tmp_path / "a" / "b" / "x").exists()
+    finally:
+        os.close(fd)
