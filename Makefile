@@ -3,7 +3,10 @@
 #   make test     install what is needed, then run the whole suite
 #   make lint     ruff + mypy
 #   make bench    benchmarks against plain rsync (not part of test)
+#   make units    render the systemd units (build/units) from units/*.in
+#   make man      build the man pages (build/man) from man/*.md with pandoc
 #   make install  DESTDIR= PREFIX= (commands, units, man pages, examples)
+#   make uninstall  the same variables: removes what install added
 
 PREFIX     ?= /usr/local
 DESTDIR    ?=

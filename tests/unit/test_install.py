@@ -1,0 +1,129 @@
+"""`make install DESTDIR=... PREFIX=...` puts everything in place, with the final paths
+(not DESTDIR's) inside; `make uninstall` with the same variables removes exactly that,
+and leaves an admin's own configuration alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from tests.conftest import need
+
+from mstm.log import MESSAGE_IDS
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = "/opt/mstm-test"
+COMMANDS = ("mstm-scan", "mstm-send", "mstm-receive", "mstm-diskwatch", "mstm-alert")
+UNITS = ("mstm-stream@.service", "mstm-receive@.service", "mstm-diskwatch.service",
+         "mstm-alert@.service", "mstm-alert.service", "mstm-send-once@.service",
+         "mstm-send-once@.timer")
+PAGES = ("man1/mstm-send.1", "man1/mstm-scan.1", "man1/mstm-receive.1",
+         "man1/mstm-diskwatch.1", "man1/mstm-alert.1", "man5/mstm.conf.5",
+         "man7/mstm.7", "man7/mstm-protocol.7")
+ADMIN_CONFIG = "# the admin's own configuration\n[global]\ndata_stream_list = mine\n"
+
+
+def make(target: str, destdir: Path) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), target, f"DESTDIR={destdir}",
+                        f"UNIT_BUILD={destdir.parent / (destdir.name + '-units')}",
+                        f"PREFIX={PREFIX}", "UNITDIR=/usr/lib/systemd/system"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"make {target}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
+    return r
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need("make")
+    need("pandoc")
+    dest = tmp_path_factory.mktemp("destdir")
+    (dest / "etc" / "mstm").mkdir(parents=True)
+    (dest / "etc" / "mstm" / "global.ini").write_text(ADMIN_CONFIG)
+    make("install", dest)
+    return dest
+
+
+def test_install_puts_commands_units_man_pages_and_examples_in_place(installed: Path) -> None:
+    d = installed
+    prefix = d / PREFIX.lstrip("/")
+    for c in COMMANDS:
+        link = prefix / "bin" / c
+        assert link.is_symlink() and os.readlink(link) == f"{PREFIX}/lib/mstm/bin/{c}"
+        assert (prefix / "lib" / "mstm" / "bin" / c).is_file()
+    for u in UNITS:
+        assert (d / "usr/lib/systemd/system" / u).is_file(), u
+    stream = (d / "usr/lib/systemd/system/mstm-stream@.service").read_text()
+    assert f"ExecStart={PREFIX}/bin/mstm-send --follow %i" in stream
+    for page in PAGES:
+        assert (prefix / "share" / "man" / page).is_file(), page
+    assert (d / "usr/lib/sysusers.d/mstm.conf").is_file()
+    assert (d / "usr/lib/tmpfiles.d/mstm.conf").is_file()
+    assert (d / "usr/lib/systemd/catalog/mstm.catalog").is_file()
+    assert (d / "etc/mstm/global.ini.example").is_file()
+    assert (d / "etc/mstm/proj1.ini.example").is_file()
+
+
+def test_an_admins_existing_configuration_is_never_overwritten(installed: Path) -> None:
+    assert (installed / "etc/mstm/global.ini").read_text() == ADMIN_CONFIG
+    # a file that did not exist is installed from its example
+    example = (installed / "etc/mstm/proj1.ini.example").read_bytes()
+    assert (installed / "etc/mstm/proj1.ini").read_bytes() == example
+
+
+def test_the_installed_commands_run_and_name_no_destdir_path(installed: Path) -> None:
+    venv = installed / PREFIX.lstrip("/") / "lib" / "mstm"
+    # the shebang names the final path; run the script with the venv's own python
+    script = venv / "bin" / "mstm-send"
+    assert script.read_text().splitlines()[0] == f"#!{PREFIX}/lib/mstm/bin/python"
+    r = subprocess.run([str(venv / "bin" / "python"), str(script), "--version"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "0." in r.stdout, r.stderr
+    r = subprocess.run([str(venv / "bin" / "python"), "-c",
+                        "import systemd.journal, mstm.cli.send"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    leaks = [str(p) for p in installed.rglob("*")
+             if p.is_file() and not p.is_symlink() and os.fsencode(installed) in p.read_bytes()]
+    assert not leaks, f"files naming the DESTDIR: {leaks[:10]}"
+
+
+def test_the_journal_catalog_and_sysusers_file_are_valid(installed: Path,
+                                                         tmp_path: Path) -> None:
+    journalctl = need("journalctl")
+    root = tmp_path / "root"
+    (root / "usr/lib/systemd/catalog").mkdir(parents=True)
+    shutil.copy(installed / "usr/lib/systemd/catalog/mstm.catalog",
+                root / "usr/lib/systemd/catalog")
+    subprocess.run([journalctl, f"--root={root}", "--update-catalog"], check=True,
+                   capture_output=True)
+    listed = subprocess.run([journalctl, f"--root={root}", "--list-catalog"], check=True,
+                            capture_output=True, text=True).stdout
+    for mid in MESSAGE_IDS.values():
+        assert mid in listed, mid
+    sysusers = need("systemd-sysusers")
+    r = subprocess.run([sysusers, "--dry-run", f"--root={tmp_path / 'sysroot'}",
+                        str(installed / "usr/lib/sysusers.d/mstm.conf")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "mstm" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_uninstall_removes_exactly_what_install_added(installed: Path) -> None:
+    make("uninstall", installed)
+    assert tree(installed) == {"etc", "etc/mstm", "etc/mstm/global.ini"}
+    assert (installed / "etc/mstm/global.ini").read_text() == ADMIN_CONFIG
+
+
+def test_install_then_uninstall_in_an_empty_destdir_leaves_nothing(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    need("make")
+    dest = tmp_path_factory.mktemp("empty-destdir")
+    make("install", dest)
+    assert len(tree(dest)) > 50
+    make("uninstall", dest)
+    assert tree(dest) == set()
