@@ -9,13 +9,11 @@ appear on a command line at all: they travel NUL-separated on stdin.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,16 +26,22 @@ from mstm.errors import TargetUnavailable
 log = logging.getLogger("mstm.ssh")
 
 _PR_SET_PDEATHSIG = 1
+# Resolved once, in the parent: between fork and exec the child only makes this one call.
+# (Loading a library there -- dlopen -- could deadlock on a lock another of our threads
+# held at fork time; setpriv(1) would avoid Python in the child but cannot run under the
+# unit's empty capability bounding set.)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    """Children die with us: a killed sender never leaves an rsync writing on its own."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, 9)  # SIGKILL
 
 
 def spawn(argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
-    """Popen with an argv list (never a shell) whose process dies with ours."""
+    """Popen with an argv list (never a shell) whose process dies with ours.
+
+    A killed sender must never leave an rsync writing on its own.
+    """
     return subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **kw)  # type: ignore[call-overload,no-any-return]
 
 
@@ -50,6 +54,8 @@ class SshTarget:
     known_hosts: Path | None = None
     connect_timeout: float = 15.0
     ssh_cmd: str = "ssh"
+    # keepalive probe interval; 3 unanswered probes end a hung connection
+    alive_interval: int = 10
 
 
 class SshConnection:
@@ -72,7 +78,7 @@ class SshConnection:
             "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes",
             "-o", f"ConnectTimeout={max(1, int(t.connect_timeout))}",
-            "-o", "ServerAliveInterval=10",
+            "-o", f"ServerAliveInterval={max(1, t.alive_interval)}",
             "-o", "ServerAliveCountMax=3",
             "-o", f"ControlPath={self.control_path}",
             "-o", "ControlMaster=yes" if master else "ControlMaster=no",
