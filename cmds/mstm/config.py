@@ -1432,7 +1432,8 @@ def _pull_outgoing(v: _View) -> OutgoingConfig:
                       " mirror (the remote items are never deleted)")
     if out.transfer_protocol != "rsync_ssh":
         raise v.error(s, "transfer_protocol", "pull streams work over rsync_ssh only")
-    return replace(out, transfer_mode=mode)
+    return replace(out, transfer_mode=mode,
+                   target_port=out.target_port or DEFAULT_PORTS[out.transfer_protocol])
 
 
 def _build_pull(v: _View) -> PullConfig:

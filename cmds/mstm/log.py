@@ -30,6 +30,7 @@ MESSAGE_IDS: dict[str, str] = {
     "source_deleted": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000a",
     "lease_taken_over": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000b",
     "skipped": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000c",
+    "unmapped": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000d",
 }
 
 _FIELD_NAMES = {"stream", "item", "bytes", "peer", "result", "attempt", "reason"}

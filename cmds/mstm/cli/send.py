@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -38,10 +39,14 @@ log = logging.getLogger("mstm.send")
 @click.option("--status", "show_status", is_flag=True,
               help="Print the stream's queue and state, then exit.")
 @click.option("--check", is_flag=True, help="Validate the configuration, then exit.")
+@click.option("--execute/--dry-run", "execute", default=None,
+              help="Pull streams: fetch, or only show what would be fetched where.  On the"
+                   " command line --once is a dry run unless --execute is given (like"
+                   " mxsync); --follow and runs under systemd fetch.  Push streams: ignored.")
 @common_options
 def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: bool,
-         show_status: bool, check: bool, config_path: Path | None, verbose: int,
-         quiet: bool) -> None:
+         show_status: bool, check: bool, execute: bool | None, config_path: Path | None,
+         verbose: int, quiet: bool) -> None:
     """Deliver the ready items of STREAM to its target and verify them there.
 
     Move mode deletes a source only after the target has reported the same size and
@@ -55,6 +60,12 @@ def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: boo
         if check:
             click.echo(f"{cfg.stream_file}: ok")
             return EXIT_OK
+        if cfg.direction == "pull":  # fetch from the remote host: mstm.pull
+            from mstm import pull
+
+            return pull.run_command(cfg, follow=mode == "follow", execute=execute,
+                                    as_json=as_json, show_status=show_status,
+                                    notifier=Notifier(), install_signals=_on_stop_signals)
         spool = Spool(cfg.spool_dir, lease_seconds=cfg.outgoing.lease_seconds).open()
         if show_status:
             counts = spool.counts()
@@ -105,3 +116,12 @@ def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: boo
         return EXIT_OK
 
     run_command("mstm-send", body, verbose=verbose, quiet=quiet)
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received; finishing the current step", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
