@@ -150,11 +150,7 @@ def own_sshd(root: Path) -> LoopbackSshd:
     take no part (a login shell's .bashrc may run anything, e.g. pyenv's rehash, which
     serialises every session behind one lock file and leaves it stale when a session is
     killed, as the kill -9 test does)."""
-    server = LoopbackSshd(root=root)
-    (root / "home").mkdir()
-    with server.config.open("a") as f:
-        f.write(f"SetEnv HOME={root / 'home'}\n")
-    return server.start()
+    return LoopbackSshd(root=root).start()  # LoopbackSshd gives sessions their own HOME
 
 
 @pytest.fixture(scope="module")
