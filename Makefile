@@ -3,6 +3,7 @@
 #   make test     install what is needed, then run the whole suite
 #   make lint     ruff + mypy
 #   make bench    benchmarks against plain rsync (not part of test)
+#   make torture  the long profile of the fault-injection suite (docs/torture.md)
 #   make units    render the systemd units (build/units) from units/*.in
 #   make man      build the man pages (build/man) from man/*.md with pandoc
 #   make install  DESTDIR= PREFIX= (commands, units, man pages, examples)
@@ -72,7 +73,22 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(VPY) bench/run.py
+	$(VPY) bench/run.py $(BENCH_ARGS)
+
+# The fault-injection suite (docs/torture.md).  `make test` runs its short profile with
+# everything else; this runs the long one (about 7 min on 2 cores; root, for the network
+# namespaces and the mount namespace).  TORTURE_ITERATIONS: runs of each scenario;
+# TORTURE_SECONDS: least duration of each fault phase; TORTURE_SEED: replay a run.
+TORTURE_PROFILE    ?= long
+TORTURE_ITERATIONS ?= 1
+TORTURE_SECONDS    ?= 0
+TORTURE_SEED       ?=
+torture: $(STAMP)
+	@mkdir -p build
+	TORTURE_PROFILE=$(TORTURE_PROFILE) TORTURE_ITERATIONS=$(TORTURE_ITERATIONS) \
+	TORTURE_SECONDS=$(TORTURE_SECONDS) TORTURE_SEED=$(TORTURE_SEED) \
+	TORTURE_AUDIT_LOG=$(CURDIR)/build/torture-audit.log \
+	  $(VPY) -m pytest -q tests/torture
 
 clean:
 	rm -rf build dist *.egg-info cmds/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,7 @@ they hold; this module turns known exceptions into one line on stderr and an exi
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from mstm import __version__
-from mstm.errors import EXIT_SOFTWARE, MstmError
+from mstm.errors import EXIT_SOFTWARE, EXIT_TEMPFAIL, MstmError
 from mstm.log import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,6 +79,10 @@ def run_command(tool: str, body: Callable[[], int | None], *, verbose: int = 0,
     except BrokenPipeError:
         sys.exit(0)
     except Exception as err:  # a bug: say so in one line, traceback on request
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            # a full disk (the spool's, typically) is no bug: a temporary failure
+            _print_error(tool, str(err), "free some space; nothing was lost, run it again")
+            sys.exit(EXIT_TEMPFAIL)
         log.debug("unexpected error", exc_info=True)
         _print_error(tool, f"internal error: {type(err).__name__}: {err}",
                      "run again with -vv for the traceback and report it")

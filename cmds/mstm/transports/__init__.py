@@ -20,7 +20,9 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
         conn = SshConnection(
             SshTarget(host=out.target_host, port=out.target_port, user=rs.username,
                       identity_file=rs.identity_file, known_hosts=rs.known_hosts,
-                      connect_timeout=out.connect_timeout, ssh_cmd=rs.ssh_cmd),
+                      connect_timeout=out.connect_timeout, ssh_cmd=rs.ssh_cmd,
+                      # a hung connection ends after ~stall_seconds, never later than 30 s
+                      alive_interval=min(10, max(1, int(out.stall_seconds / 3)))),
             runtime_dir=runtime_dir)
         return RsyncSsh(conn=conn, source_dir=stream.directory, target_dir=out.target_dir,
                         rsync_cmd=rs.cmd, stall_seconds=out.stall_seconds, bwlimit=out.bwlimit,

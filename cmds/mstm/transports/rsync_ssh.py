@@ -182,6 +182,12 @@ class RsyncSsh:
             if r.stopped:
                 result.stopped = True
                 break
+            if r.exit_code in CONNECTION_CODES or r.exit_code < 0:
+                # stalled (30) or broken: never ask the target over this connection again
+                # (it may hang until ssh's keepalive gives up); the sender sees it closed
+                # and backs off without counting an attempt against the items
+                self.conn.close()
+                break
         return result
 
     def _run(self, items: Sequence[Item], dest: str, *, progress: Progress | None,
