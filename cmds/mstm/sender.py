@@ -441,6 +441,7 @@ class Sender:
             if problem and result.error:
                 problem = f"{problem} ({result.error})"
             self._settle(c, digests[c.record.id], problem, publish=not handshake)
+        self.spool.flush()  # the batch's records, durable in one go
         self.notifier.status(self.status_line())
 
     def _inspect(self, live: list[Claim], digests: dict[str, LocalDigest | str]
@@ -532,7 +533,7 @@ class Sender:
             if errors:
                 self._retry(claim, errors[r.relpath])
                 return
-        if not self.spool.complete(claim, sha256=digest.sha256):
+        if not self.spool.complete(claim, sha256=digest.sha256, durable=False):
             log.warning("%s: lost the lease on %s to another sender; not deleting it",
                         self.stream.name, show(r.relpath),
                         extra=event("lease_taken_over", stream=self.stream.name, item=r.relpath))
@@ -655,7 +656,7 @@ class Sender:
         connection_tries = 0
         while not self.should_stop():
             self.deliver_pending()
-            if self.summary.paused:
+            if self.summary.paused or self.should_stop():
                 break
             wait_backoff = self.backoff.remaining(time.time())
             if wait_backoff > 0:

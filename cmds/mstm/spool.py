@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import itertools
@@ -94,6 +95,14 @@ class SpoolError(Exception):
 
 class SpoolBusy(SpoolError):
     """Another process holds the lock (scan.lock)."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> int:
+    """syncfs(2): flush one filesystem (the spool's), not every filesystem like sync(2)."""
+    return int(_libc.syncfs(fd))
 
 
 def item_id(relpath: str, size: int, mtime_ns: int) -> str:
@@ -387,8 +396,9 @@ class Spool:
 
     # ------------------------------------------------------------------ low-level I/O
 
-    def _write_tmp(self, data: bytes, mtime: float | None = None) -> str:
-        """Write data to a new tmp/ file, set its mtime, fsync it; return its path."""
+    def _write_tmp(self, data: bytes, mtime: float | None = None, *, sync: bool = True) -> str:
+        """Write data to a new tmp/ file, set its mtime, fsync it (unless the caller
+        makes it durable another way, e.g. one syncfs for a whole chunk); its path."""
         name = f"{int(self._clock() * 1e9)}.{self.owner}.{next(self._seq)}"
         path = os.path.join(self._tmp, name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
@@ -399,7 +409,8 @@ class Spool:
             if mtime is not None:
                 ns = int(mtime * 1e9)
                 os.utime(fd, ns=(ns, ns))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -678,7 +689,9 @@ class Spool:
         chunk = [r for r in chunk if r.id not in claimed and not self._exists_any(r.id)]
         if not chunk:
             return 0
-        written = [(r, self._write_tmp(_encode(r), mtime=_due(r))) for r in chunk]
+        # all records written, then one syncfs makes them durable before any is published
+        written = [(r, self._write_tmp(_encode(r), mtime=_due(r), sync=False)) for r in chunk]
+        self.flush()
         added = 0
         try:
             with self._spool_lock(exclusive=True):
@@ -786,7 +799,18 @@ class Spool:
             _fsync_dir(self._new)
         return claims
 
-    def _finish(self, claim: Claim, record: ItemRecord, dest_dir: str, mtime: float) -> bool:
+    def flush(self) -> None:
+        """Make everything written to the spool durable: one syncfs(2) of its filesystem."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _syncfs(fd) != 0:
+                os.fsync(fd)
+                os.sync()
+        finally:
+            os.close(fd)
+
+    def _finish(self, claim: Claim, record: ItemRecord, dest_dir: str, mtime: float,
+                *, durable: bool = True) -> bool:
         """Rewrite the claim's record over claimed/<id>@<owner>, then rename it into dest_dir.
 
         False (nothing changed) if the claim was taken over.
@@ -798,22 +822,29 @@ class Spool:
             # until both renames are done.
             if not os.path.lexists(path):
                 return False
-            tmp = self._write_tmp(_encode(record), mtime=mtime)
+            tmp = self._write_tmp(_encode(record), mtime=mtime, sync=durable)
             try:
                 os.rename(tmp, path)
             except FileNotFoundError as e:
                 raise SpoolError(f"temporary record {tmp} vanished") from e
             os.rename(path, dest)
-        _fsync_dir(dest_dir)
-        _fsync_dir(self._claimed)
+        if durable:
+            _fsync_dir(dest_dir)
+            _fsync_dir(self._claimed)
         return True
 
-    def complete(self, claim: Claim, *, sha256: str) -> bool:
-        """claimed -> done/; False if the claim was lost (then leave the source alone)."""
+    def complete(self, claim: Claim, *, sha256: str, durable: bool = True) -> bool:
+        """claimed -> done/; False if the claim was lost (then leave the source alone).
+
+        durable=False skips the per-record fsyncs; the caller calls flush() once per
+        batch.  That is safe because a done record is bookkeeping, not the evidence a
+        deletion rests on (the target's verification is): a record lost in a crash only
+        makes the item be looked at again, and found delivered or its source gone.
+        """
         self._require_open()
         now = self._clock()
         rec = replace(claim.record, sha256=sha256, completed_at=now, not_before=0.0)
-        if not self._finish(claim, rec, self._done, mtime=now):
+        if not self._finish(claim, rec, self._done, mtime=now, durable=durable):
             log.warning(
                 "spool %s: claim on %r was lost before completion; not completed",
                 self.path,
