@@ -36,7 +36,6 @@ What it guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -44,7 +43,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,6 +50,7 @@ from pathlib import Path
 from mstm.errors import TargetUnavailable
 from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import read_secret
+from mstm.transports.rsyncrun import PROGRESS_FORMAT, run_rsync
 from mstm.transports.ssh import spawn
 
 log = logging.getLogger("mstm.rsync_native")
@@ -192,7 +191,7 @@ class RsyncNative:
             "--recursive", "--links", "--perms", "--times",
             "--from0", "--files-from=-", "--mkpath",
             f"--partial-dir={PARTIAL}",
-            f"--out-format={_TAG.decode()}%i %l",
+            PROGRESS_FORMAT,
         ]
         if delay:
             argv.append("--delay-updates")
@@ -233,59 +232,14 @@ class RsyncNative:
                   tick: Callable[[], None] | None, done: tuple[int, int]) -> SendResult:
         argv = self.rsync_argv(dest, force=any(i.force for i in items), delay=delay)
         names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
-        proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, env=self.env())
-        counts = list(done)
-        err_tail: list[bytes] = []
-
-        def feed() -> None:
-            assert proc.stdin is not None
-            with contextlib.suppress(OSError):
-                proc.stdin.write(names)
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-
-        def read_out() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if not line.startswith(_TAG):
-                    continue
-                flags, _, length = line[len(_TAG):].strip().partition(b" ")
-                if flags[1:2] == b"f" and length.isdigit():
-                    counts[0] += 1
-                    counts[1] += int(length)
-                    if progress:
-                        progress(counts[0], counts[1])
-
-        def read_err() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                err_tail.append(line)
-                del err_tail[:-20]
-
-        threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out, read_err)]
-        for t in threads:
-            t.start()
-        stopped = False
-        while True:
-            try:
-                proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if tick:
-                    tick()
-                if should_stop and not stopped and should_stop():
-                    stopped = True
-                    proc.terminate()
-        for t in threads:
-            t.join(timeout=5)
-        code = proc.returncode
-        error = b"".join(err_tail)
+        run = run_rsync(argv, names, env=self.env(), progress=progress,
+                        should_stop=should_stop, tick=tick, done=done)
+        code, error = run.exit_code, run.stderr_tail
         if code:
             log.debug("rsync exited %s: %s", code, error.decode("utf-8", "replace"))
-        return SendResult(files=counts[0] - done[0], bytes=counts[1] - done[1],
+        return SendResult(files=run.files, bytes=run.sent_bytes,
                           error=_summarise(error, code) if code else "",
-                          exit_code=code or 0, stopped=stopped)
+                          exit_code=code, stopped=run.stopped)
 
     # -- verification -----------------------------------------------------------
     def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:

@@ -12,17 +12,15 @@ under their final names, in one round trip per batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
-from mstm.transports.ssh import SshConnection, spawn
+from mstm.transports.rsyncrun import PROGRESS_FORMAT, run_rsync
+from mstm.transports.ssh import SshConnection
 
 log = logging.getLogger("mstm.rsync")
 
@@ -30,7 +28,6 @@ STAGING = ".mstm-staging"
 PARTIAL = ".mstm-partial"
 # rsync exit codes that mean the connection, not an item, failed
 CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
-_PROGRESS_TAG = b"mstm-xfer:"
 _SPLIT = b"--mstm-split--"
 
 # One round trip: the names arrive NUL-separated on stdin; sizes first, then sha256.
@@ -148,7 +145,7 @@ class RsyncSsh:
             "--mkpath",
             f"--partial-dir={PARTIAL}",
             f"--timeout={max(1, int(self.stall_seconds))}",
-            f"--out-format={_PROGRESS_TAG.decode()}%i %l",
+            PROGRESS_FORMAT,
             "--rsh", self.conn.rsync_rsh(),
         ]
         if force:
@@ -196,57 +193,14 @@ class RsyncSsh:
         argv = self.rsync_argv(dest, force=any(i.force for i in items))
         names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
         log.debug("rsync: %d items to %s", len(items), dest)
-        proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        counts = [done_files, done_bytes]
-        err_tail: list[bytes] = []
-
-        def feed() -> None:
-            assert proc.stdin is not None
-            with contextlib.suppress(BrokenPipeError, OSError):
-                proc.stdin.write(names)
-            with contextlib.suppress(BrokenPipeError, OSError):
-                proc.stdin.close()
-
-        def read_out() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if not line.startswith(_PROGRESS_TAG):
-                    continue
-                flags, _, length = line[len(_PROGRESS_TAG):].strip().partition(b" ")
-                if flags[1:2] == b"f" and length.isdigit():  # a regular file was sent
-                    counts[0] += 1
-                    counts[1] += int(length)
-                    if progress:
-                        progress(counts[0], counts[1])
-
-        def read_err() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                err_tail.append(line)
-                del err_tail[:-20]
-
-        threads = [threading.Thread(target=f, daemon=True) for f in (feed, read_out, read_err)]
-        for t in threads:
-            t.start()
-        stopped = False
-        while True:
-            try:
-                proc.wait(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if tick:
-                    tick()
-                if should_stop and should_stop() and not stopped:
-                    stopped = True
-                    proc.terminate()  # rsync removes or parks its temporary files
-        for t in threads:
-            t.join(timeout=5)
-        code = proc.returncode
-        error = b"".join(err_tail).decode("utf-8", "replace").strip()
-        if code:
-            log.debug("rsync exited %s: %s", code, error)
-        return SendResult(files=counts[0] - done_files, bytes=counts[1] - done_bytes,
-                          error=_summarise(error, code), exit_code=code or 0, stopped=stopped)
+        run = run_rsync(argv, names, progress=progress, should_stop=should_stop, tick=tick,
+                        done=(done_files, done_bytes))
+        error = run.stderr_tail.decode("utf-8", "replace").strip()
+        if run.exit_code:
+            log.debug("rsync exited %s: %s", run.exit_code, error)
+        return SendResult(files=run.files, bytes=run.sent_bytes,
+                          error=_summarise(error, run.exit_code), exit_code=run.exit_code,
+                          stopped=run.stopped)
 
     # -- verification -----------------------------------------------------------
     def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
