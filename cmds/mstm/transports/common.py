@@ -229,3 +229,24 @@ def call_watched(fn: Callable[[Monitor], T], *, stall_seconds: float,
     if failure:
         raise failure[0]
     return box[0]
+
+
+def poll_until(look: Callable[[], T | None], *, timeout: float, interval: float,
+               tick: Callable[[], None] | None = None,
+               should_stop: ShouldStop | None = None) -> T | None:
+    """Call *look* every *interval* seconds until it returns something, *timeout*
+    passes, or *should_stop* says so; *tick* (the watchdog) is fed between looks.
+
+    For transports with no remote shell to wait on the target (see rsync_ssh's
+    exchange): their await_file polls through this.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = look()
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline or (should_stop and should_stop()):
+            return None
+        if tick:
+            tick()
+        time.sleep(interval)

@@ -65,6 +65,7 @@ from mstm.transports.common import (
     call_watched,
     chunk_size,
     note_item_errors,
+    poll_until,
     read_secret,
     run_watched,
 )
@@ -522,29 +523,28 @@ class Ftp:
                    tick: Callable[[], None] | None = None,
                    should_stop: ShouldStop | None = None) -> bytes | None:
         path = _ftp_name(posixpath.join(directory, name))
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def look() -> bytes | None:
             ftp = self._conn()
             try:
-                if _size(ftp, path) is not None:
-                    out = bytearray()
-                    conn = ftp.transfercmd(f"RETR {path}")
-                    try:
-                        while len(out) < max_bytes and (data := conn.recv(1 << 16)):
-                            out += data
-                    finally:
-                        conn.close()
-                    with contextlib.suppress(ftplib.error_temp, ftplib.error_perm):
-                        ftp.voidresp()
-                    return bytes(out[:max_bytes])
+                if _size(ftp, path) is None:
+                    return None
+                out = bytearray()
+                conn = ftp.transfercmd(f"RETR {path}")
+                try:
+                    while len(out) < max_bytes and (data := conn.recv(1 << 16)):
+                        out += data
+                finally:
+                    conn.close()
+                with contextlib.suppress(ftplib.error_temp, ftplib.error_perm):
+                    ftp.voidresp()
+                return bytes(out[:max_bytes])
             except _LOST as err:
                 self._cut()
                 raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
-            if time.monotonic() >= deadline or (should_stop and should_stop()):
-                return None
-            if tick:
-                tick()
-            time.sleep(0.2)
+
+        return poll_until(look, timeout=timeout, interval=0.2, tick=tick,
+                          should_stop=should_stop)
 
     def stop_file_present(self) -> str | None:
         ftp = self._conn()

@@ -38,7 +38,6 @@ import secrets
 import shutil
 import stat
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from mstm.transports.common import (
     chunk_size,
     note_item_errors,
     part_name,
+    poll_until,
     run_watched,
 )
 
@@ -320,18 +320,16 @@ class Local:
                    tick: Callable[[], None] | None = None,
                    should_stop: ShouldStop | None = None) -> bytes | None:
         path = os.path.join(os.fsencode(directory), os.fsencode(name))
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def look() -> bytes | None:
             try:
                 with open(path, "rb") as f:
                     return f.read(max_bytes)
             except FileNotFoundError:
-                pass
-            if time.monotonic() >= deadline or (should_stop and should_stop()):
                 return None
-            if tick:
-                tick()
-            time.sleep(0.05)
+
+        return poll_until(look, timeout=timeout, interval=0.05, tick=tick,
+                          should_stop=should_stop)
 
     def stop_file_present(self) -> str | None:
         for d in self.stop_dirs:

@@ -53,7 +53,6 @@ import shlex
 import socket
 import stat
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from mstm.transports.common import (
     call_watched,
     chunk_size,
     note_item_errors,
+    poll_until,
     run_watched,
 )
 from mstm.transports.rsync_ssh import _INSPECT_SCRIPT, _SPLIT, parse_inspect
@@ -446,18 +446,17 @@ class Sftp:
                    should_stop: ShouldStop | None = None) -> bytes | None:
         sftp = self._sftp_or_raise()
         path = _join(_b(directory), _b(name))
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def look() -> bytes | None:
             try:
                 with sftp.open(path, "rb") as f:
-                    return f.read(max_bytes)
+                    data: bytes = f.read(max_bytes)
+                    return data
             except FileNotFoundError:
-                pass
-            if time.monotonic() >= deadline or (should_stop and should_stop()):
                 return None
-            if tick:
-                tick()
-            time.sleep(0.1)
+
+        return poll_until(look, timeout=timeout, interval=0.1, tick=tick,
+                          should_stop=should_stop)
 
     def stop_file_present(self) -> str | None:
         sftp = self._sftp_or_raise()
