@@ -502,6 +502,13 @@ def scale(b: Bench) -> None:
         ratio = shallow["first_1000"] / d["first_1000"]
         b.target(f"4. throughput, {big_n:,} vs 1,000 queued", ">= 0.8x", f"{ratio:.2f}x",
                  ratio >= 0.8)
+    # the same question in steady state (start-up and the first listing of new/ left out):
+    # seconds per batch of 1,000 with big_n queued vs with small_n queued
+    ref = res[small_n]["deliver"].get("per_1000_after")
+    if ref and d.get("per_1000_after"):
+        ratio = ref / d["per_1000_after"]
+        b.target(f"4. throughput, steady state, {big_n:,} vs {small_n:,} queued", ">= 0.8x",
+                 f"{ratio:.2f}x", ratio >= 0.8)
     wipe(b.root / "w4")
 
 

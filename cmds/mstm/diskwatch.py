@@ -61,8 +61,7 @@ from typing import Any, Protocol
 
 from mstm.config import DiskSpaceConfig, GlobalConfig, StreamConfig, level_value
 from mstm.log import event, fields, show
-from mstm.spool import ItemRecord
-from mstm.spool import _decode as decode_record
+from mstm.spool import ItemRecord, read_records
 
 log = logging.getLogger("mstm.diskwatch")
 
@@ -322,17 +321,7 @@ def _matches(dir_fd: int, name: str, size: int, mtime_ns: int, is_dir: bool) -> 
 
 def done_records(spool_dir: Path) -> Iterator[ItemRecord]:
     """The readable records of a spool's done/ directory (read only; nothing is created)."""
-    done = spool_dir / "done"
-    try:
-        names = sorted(os.listdir(done))
-    except FileNotFoundError:
-        return
-    for name in names:
-        try:
-            with open(done / name, "rb") as f:
-                yield decode_record(f.read(), name)
-        except (OSError, ValueError) as e:
-            log.debug("skipping done record %s: %s", done / name, e)
+    return read_records(spool_dir / "done")
 
 
 def safe_candidates(stream: StreamConfig) -> list[Candidate]:

@@ -1,4 +1,4 @@
-"""The durable per-stream queue: Maildir-style, every state change is one rename(2).
+"""The durable per-stream queue: Maildir-style, every state change one rename(2) or link(2).
 
 Layout of a spool directory (one per stream)::
 
@@ -14,16 +14,29 @@ Layout of a spool directory (one per stream)::
     scan.lock              flock: one scanner per stream
     spool.lock             flock: makes enqueue's duplicate check exact (see below)
 
+Records and files: a record is one line of JSON.  ``enqueue`` writes the records of a
+chunk (up to 512 items) to one file in ``tmp/``, makes it durable with one syncfs(2), and
+publishes each item as a hard link to that file, ``new/<id>``; ``complete_many`` does the
+same with the done records of a batch.  So an item costs a link and a few renames, not a
+file, an fsync and a freed block of its own, and a chunk's file is parsed once for all its
+items (parses are cached by inode and the file's random token).  A record is never
+changed in place: a change (retry) is a new one-record file renamed over the old name.
+Damage to a chunk's file makes each of its items unreadable: each is quarantined and, as
+for any unreadable record, enqueued again by the next scan if its source still exists.
+
 Guarantees:
 
-* Each record is written to ``tmp/``, fsync'd, renamed into place, and its directory
-  fsync'd before the call returns.  A crash at any instant leaves every item in exactly
-  one of new/, claimed/, done/, failed/ (or, if it crashed before publication, in none:
-  the scanner enqueues it again).  Stale ``tmp/`` files are only garbage.
+* Every record file is durable (syncfs or fsync) before a name for it is published by
+  link or rename, and the directory is fsync'd before the call returns (``complete_many``
+  with durable=False leaves that to the caller's ``flush``).  A crash at any instant
+  leaves every item in exactly one of new/, claimed/, done/, failed/ (or, if it crashed
+  before publication, in none: the scanner enqueues it again).  Stale ``tmp/`` files are
+  only garbage.
 * A record leaves ``claimed/`` only by its owner (complete, retry, release, drop) or by
   ``reclaim_expired`` once the owner is dead or silent.  When the content changes
-  (complete, retry) the new record is renamed *over* ``claimed/<id>@<owner>`` and then
-  renamed to its destination, so exactly one copy exists at any instant.
+  (complete, retry) the new record (or a link to the batch's file) is renamed *over*
+  ``claimed/<id>@<owner>`` and then renamed to its destination, so exactly one copy
+  exists at any instant.
 * ``spool.lock``: moves out of ``claimed/`` by an owner hold it shared; ``enqueue``,
   ``reclaim_expired`` and ``retry_failed`` hold it exclusively.  So a takeover never
   interleaves with an owner's check-and-rewrite of its claim (the rewrite can't resurrect
@@ -32,12 +45,16 @@ Guarantees:
 * A record that can't be parsed is moved to ``corrupt/`` with a warning; its item is then
   unknown, and the scanner enqueues it again if its source still exists.
 
-Claim order and cost: ``claim`` lists ``new/`` (one scandir), orders by file mtime, which
-is the record's due time (``enqueued_at``, or ``not_before`` after a retry), and reads
-records lazily in that order until the batch is full.  The record's ``not_before`` is
-authoritative (the mtime only orders), so a clock step can't hide a due item.  mtimes are
-cached by (name, inode) and not-yet-due records are remembered, so a claim over 100,000
-waiting records costs one scandir plus the reads of about one batch.
+Claim order and cost: ``claim`` lists ``new/`` (one scandir; one stat per file, and the
+links of a chunk share one) and keeps the oldest-due few batches' worth of names, ordered
+by file mtime, which is the due time (``enqueued_at``, or ``not_before`` after a retry;
+within a chunk, the records' own times).  Later claims take from that queue; ``new/`` is
+listed again when it runs out, or when an item of ours went back to ``new/``.  So a claim
+with a million records waiting costs one listing per few batches and the memory of a few
+batches.  The record's ``not_before`` is authoritative (the mtime only orders), so a clock
+step can't hide a due item; and a record whose last failure lies in the future of the
+clock (the clock was stepped back) is due at once, so a step back never stretches a
+backoff.
 
 Leases and clocks: all times come from the injected clock.  A heartbeat sets the owner
 file's mtime to now, but never moves it backwards (a backward clock step can't make a
@@ -57,7 +74,9 @@ import base64
 import contextlib
 import ctypes
 import fcntl
+import functools
 import hashlib
+import heapq
 import itertools
 import json
 import logging
@@ -66,9 +85,11 @@ import random
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,7 +104,9 @@ STATES = ("new", "claimed", "done", "failed")
 TMP_MAX_AGE = 3600.0  # seconds after which a tmp/ file is garbage
 EXPIRED_MAX_AGE = 3600.0  # seconds an owners/*.expired-* marker is kept
 _CHUNK = 512  # enqueue: records checked and published per hold of spool.lock
-_MAX_RECORD_BYTES = 1 << 20
+_MAX_FILE_BYTES = 64 << 20  # one record file: a record, or a chunk of at most _CHUNK
+_RECORD_CACHE = 16  # parsed record files kept (see _RecordFiles)
+_EXACT_COUNT = 10_000  # queued(): below this many waiting, count them exactly
 _ID_RE = re.compile(r"[0-9a-f]{40}")
 _EXPIRED = ".expired-"
 _FORMAT = 1
@@ -126,9 +149,10 @@ class ItemRecord:
     enqueued_at: float = 0.0
     sha256: str | None = None
     completed_at: float = 0.0
+    retried_at: float = 0.0  # when the last attempt failed (clock-step detection)
 
-    @property
-    def id(self) -> str:
+    @functools.cached_property
+    def id(self) -> str:  # computed once per record (a frozen dataclass may cache it)
         return item_id(self.relpath, self.size, self.mtime_ns)
 
 
@@ -148,9 +172,18 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _encode(rec: ItemRecord) -> bytes:
+def _pack(records: Iterable[ItemRecord]) -> bytes:
+    """The content of one record file: one record per line, the first tagged with a
+    random "file" token, so that a file is told apart from an earlier one that had the
+    same inode (the parse cache's key, see Spool._read_file)."""
+    token = secrets.token_hex(8)
+    return b"".join(_encode(rec, token if n == 0 else None) for n, rec in enumerate(records))
+
+
+def _encode(rec: ItemRecord, token: str | None = None) -> bytes:
     raw = os.fsencode(rec.relpath)
-    obj = {
+    obj: dict[str, Any] = {"file": token} if token else {}
+    obj |= {
         "format": _FORMAT,
         "id": rec.id,
         "relpath": raw.decode("utf-8", "backslashreplace"),  # for humans only
@@ -164,8 +197,10 @@ def _encode(rec: ItemRecord) -> bytes:
         "enqueued_at": rec.enqueued_at,
         "sha256": rec.sha256,
         "completed_at": rec.completed_at,
+        "retried_at": rec.retried_at,
     }
-    return (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    # one line per record: a record file holds one record or a chunk of them (one per line)
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -181,17 +216,14 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
     return value
 
 
-def _decode(data: bytes, expect_id: str) -> ItemRecord:
-    if len(data) > _MAX_RECORD_BYTES:
-        raise ValueError("record too large")
-    obj = json.loads(data.decode("utf-8"))
+def _decode_obj(obj: Any) -> ItemRecord:
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     raw = base64.b64decode(_get(obj, "relpath_b64", str), validate=True)
     number = (int, float)
     last_error = _get(obj, "last_error", (str, type(None)), None)
     sha = _get(obj, "sha256", (str, type(None)), None)
-    rec = ItemRecord(
+    return ItemRecord(
         relpath=os.fsdecode(raw),
         size=_get(obj, "size", int),
         mtime_ns=_get(obj, "mtime_ns", int),
@@ -202,9 +234,36 @@ def _decode(data: bytes, expect_id: str) -> ItemRecord:
         enqueued_at=float(_get(obj, "enqueued_at", number, 0.0)),
         sha256=sha,
         completed_at=float(_get(obj, "completed_at", number, 0.0)),
+        retried_at=float(_get(obj, "retried_at", number, 0.0)),
     )
-    if rec.id != expect_id:
-        raise ValueError(f"record is for item {rec.id}, not {expect_id}")
+
+
+def _decode_file(data: bytes) -> dict[str, ItemRecord]:
+    """The records of one record file, by item id: one JSON object (also the older
+    pretty-printed form), or a chunk of them, one per line."""
+    if len(data) > _MAX_FILE_BYTES:
+        raise ValueError("record file too large")
+    text = data.decode("utf-8")
+    try:
+        objs = [json.loads(text)]
+    except json.JSONDecodeError as e:
+        if not e.msg.startswith("Extra data"):
+            raise
+        objs = [json.loads(line) for line in text.splitlines() if line.strip()]
+    found: dict[str, ItemRecord] = {}
+    for obj in objs:
+        rec = _decode_obj(obj)
+        found[rec.id] = rec
+    if not found:
+        raise ValueError("no record")
+    return found
+
+
+def _decode(data: bytes, expect_id: str) -> ItemRecord:
+    """The record of item *expect_id* in a record file's content."""
+    rec = _decode_file(data).get(expect_id)
+    if rec is None:
+        raise ValueError(f"holds no record for item {expect_id}")
     return rec
 
 
@@ -218,6 +277,68 @@ def _check_record(rec: ItemRecord) -> None:
         raise ValueError(f"bad size for {p!r}: {rec.size!r}")
     if isinstance(rec.mtime_ns, bool) or not isinstance(rec.mtime_ns, int):
         raise ValueError(f"bad mtime_ns for {p!r}: {rec.mtime_ns!r}")
+
+
+class _RecordFiles:
+    """Parsed record files, the last few kept.
+
+    A record file is never changed in place (a change is a new file renamed over the old
+    name), and the entries of one enqueued or completed chunk are hard links to one file,
+    so a parse is cached by device, inode, size and first line (which holds the file's
+    random token, see _pack, so a new file on a reused inode is not mistaken for the old).
+    """
+
+    def __init__(self, keep: int = _RECORD_CACHE) -> None:
+        self.keep = keep
+        self._parsed: OrderedDict[tuple[int, int, int, bytes], dict[str, ItemRecord]] = (
+            OrderedDict())
+
+    def load(self, path: str) -> dict[str, ItemRecord]:
+        """The records of the file at path by id; OSError if unreadable (FileNotFoundError
+        if gone, ELOOP for a symbolic link), ValueError if not a valid record file."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("is a directory" if stat.S_ISDIR(st.st_mode)
+                                 else "not a regular file")
+            head = os.pread(fd, 4096, 0)
+            key = (st.st_dev, st.st_ino, st.st_size, head[: head.find(b"\n") + 1 or None])
+            records = self._parsed.get(key)
+            if records is not None:
+                self._parsed.move_to_end(key)
+                return records
+            if st.st_size > _MAX_FILE_BYTES:
+                raise ValueError("record file too large")
+            with open(fd, "rb", closefd=False) as f:
+                records = _decode_file(f.read(_MAX_FILE_BYTES + 1))
+        finally:
+            os.close(fd)
+        self._parsed[key] = records
+        while len(self._parsed) > self.keep:
+            self._parsed.popitem(last=False)
+        return records
+
+
+def read_records(directory: str | os.PathLike[str]) -> Iterator[ItemRecord]:
+    """The readable records in one state directory of a spool (e.g. done/), read only:
+    nothing is moved or created, unreadable records are skipped."""
+    d = os.fspath(directory)
+    try:
+        with os.scandir(d) as it:
+            entries = sorted((e.inode(), e.name) for e in it)  # a chunk's links together
+    except FileNotFoundError:
+        return
+    files = _RecordFiles(keep=2)
+    for _, name in entries:
+        item = name.partition("@")[0]
+        try:
+            rec = files.load(os.path.join(d, name)).get(item)
+        except (OSError, ValueError) as e:
+            log.debug("skipping record %s/%s: %s", d, name, e)
+            continue
+        if rec is not None:
+            yield rec
 
 
 # ---------------------------------------------------------------------------- owners
@@ -319,8 +440,15 @@ class Spool:
         self._opened = False
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
-        self._hints: dict[str, tuple[int, int]] = {}  # new/ name -> (inode, mtime_ns)
-        self._not_due: dict[str, tuple[int, float]] = {}  # new/ name -> (inode, not_before)
+        self._files = _RecordFiles()
+        # claim order: the oldest-due names of new/ from the last listing (see claim)
+        self._queue: list[tuple[int, int, str]] = []  # (mtime_ns, inode, name)
+        self._queue_pos = 0
+        self._queue_ino = -1  # the inode whose run of links in the queue is ordered
+        self._queue_partial = False  # new/ held more than the listing kept
+        self._listed: int | None = None  # entries in new/ at the last listing, kept current
+        # records found not yet due: name -> (inode, not_before, retried_at)
+        self._not_due: dict[str, tuple[int, float, float]] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -336,7 +464,14 @@ class Spool:
             for lock in (self._scan_lock_file, self._spool_lock_file):
                 os.close(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640))
             probe = self._write_tmp(b"probe\n")
-            os.unlink(probe)
+            try:
+                os.link(probe, probe + ".link")  # records are published as hard links
+                os.unlink(probe + ".link")
+            except OSError as e:
+                raise SpoolError(f"spool {self.path} is not usable: its filesystem does not "
+                                 f"support hard links ({e.strerror or e})") from e
+            finally:
+                os.unlink(probe)
         except OSError as e:
             raise SpoolError(f"spool {self.path} is not usable: {e}") from e
         self._opened = True
@@ -431,19 +566,31 @@ class Spool:
             os.close(fd)
 
     def _read(self, path: str, expect_id: str, state: str) -> ItemRecord | None:
-        """The record at path; None if it vanished or was corrupt (then quarantined)."""
+        """The record at path; None if it vanished or was corrupt (then quarantined).
+
+        A record file is never changed in place (a change is a new file renamed over the
+        old name), and the entries of one enqueued or completed chunk are hard links to one
+        file, so parsed files are cached by device, inode, size and first line (which holds
+        the file's random token, see _pack): reading the records of a batch parses each
+        chunk once.
+        """
+        records = self._read_file(path, state)
+        if records is None:
+            return None
+        rec = records.get(expect_id)
+        if rec is None:
+            self._quarantine(path, state, f"holds no record for item {expect_id}")
+        return rec
+
+    def _read_file(self, path: str, state: str) -> dict[str, ItemRecord] | None:
+        """All records of the file at path, by id (see _read)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(_MAX_RECORD_BYTES + 1)
+            return self._files.load(path)
         except FileNotFoundError:
             return None
-        except IsADirectoryError:
-            self._quarantine(path, state, "is a directory")
-            return None
-        try:
-            return _decode(data, expect_id)
-        except ValueError as e:  # includes JSON, UTF-8 and base64 errors
-            self._quarantine(path, state, str(e) or type(e).__name__)
+        except (OSError, ValueError) as e:  # ValueError includes JSON, UTF-8, base64 errors
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self._quarantine(path, state, why or type(e).__name__)
             return None
 
     def _quarantine(self, path: str, state: str, why: str) -> None:
@@ -629,6 +776,7 @@ class Spool:
                         os.unlink(self._owner_path(name))
             self._remove_stale_tmp(now)
         if moved:
+            self._requeued()
             _fsync_dir(self._new)
             _fsync_dir(self._claimed)
         return moved
@@ -679,28 +827,31 @@ class Spool:
         for start in range(0, len(todo), _CHUNK):
             added += self._enqueue_chunk(todo[start : start + _CHUNK])
         if added:
+            if self._listed is not None:
+                self._listed += added
             _fsync_dir(self._new)
             log.debug("spool %s: enqueued %d item(s)", self.path, added)
         return added
 
     def _enqueue_chunk(self, chunk: list[ItemRecord]) -> int:
-        # Cheap unlocked pre-check: no tmp files for items already known.
+        # Cheap unlocked pre-check: nothing written for items already known.
         claimed = self._claimed_ids()
         chunk = [r for r in chunk if r.id not in claimed and not self._exists_any(r.id)]
         if not chunk:
             return 0
-        # all records written, then one syncfs makes them durable before any is published
-        written = [(r, self._write_tmp(_encode(r), mtime=_due(r), sync=False)) for r in chunk]
-        self.flush()
+        # The chunk's records go into one file, made durable by one syncfs; each item is
+        # then published as a hard link to it, new/<id>: one file and one link per item
+        # instead of a file, an fsync and a rename, and no per-item block to free later.
+        tmp = self._write_tmp(_pack(chunk),
+                              mtime=min(_due(r) for r in chunk), sync=False)
         added = 0
         try:
+            self.flush()
             with self._spool_lock(exclusive=True):
                 # Exact check, in the order items flow: new, claimed, done, failed.
-                in_new = {
-                    r.id for r, _ in written if os.path.lexists(os.path.join(self._new, r.id))
-                }
+                in_new = {r.id for r in chunk if os.path.lexists(os.path.join(self._new, r.id))}
                 claimed = self._claimed_ids()
-                for rec, tmp in written:
+                for rec in chunk:
                     i = rec.id
                     if (
                         i in in_new
@@ -710,20 +861,18 @@ class Spool:
                     ):
                         continue
                     try:
-                        os.rename(tmp, os.path.join(self._new, i))
+                        os.link(tmp, os.path.join(self._new, i))
+                    except FileExistsError:
+                        continue
                     except FileNotFoundError:
                         log.warning(
-                            "spool %s: temporary record for %r vanished (clock "
-                            "step?); it will be enqueued on the next scan",
-                            self.path,
-                            rec.relpath,
-                        )
-                        continue
+                            "spool %s: temporary records vanished (clock step?); they "
+                            "will be enqueued on the next scan", self.path)
+                        break
                     added += 1
         finally:
-            for _, tmp in written:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return added
 
     def _exists_any(self, item: str) -> bool:
@@ -744,48 +893,49 @@ class Spool:
             raise ValueError("max_items must be at least 1")
         self._ensure_lease()
         now = self._clock()
-        hints: dict[str, tuple[int, int]] = {}
-        order: list[tuple[int, str, int]] = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(self._new) as it:
-            for entry in it:
-                name = entry.name
-                if not _ID_RE.fullmatch(name):
-                    continue
-                ino = entry.inode()
-                hint = self._hints.get(name)
-                if hint is None or hint[0] != ino:
-                    try:
-                        hint = (ino, entry.stat(follow_symlinks=False).st_mtime_ns)
-                    except FileNotFoundError:
-                        continue
-                hints[name] = hint
-                order.append((hint[1], name, ino))
-        self._hints = hints
-        order.sort()
-        not_due = {n: v for n, v in self._not_due.items() if n in hints and v[0] == hints[n][0]}
+        # names kept per listing: many batches' worth (a listing of a million costs ~0.5 s),
+        # at most ~64k of them (~13 MB), and never fewer than one batch
+        keep: int | None = max(max_items, min(16 * max_items, 65536), 4096)
         claims: list[Claim] = []
         total = 0
-        for _, name, ino in order:
-            cached = not_due.get(name)
-            if cached is not None and cached[1] > now:
+        listed = False
+        while True:
+            if self._queue_pos >= len(self._queue):
+                if listed:
+                    if claims or not self._queue_partial or keep is None:
+                        break
+                    keep = None  # nothing due among the oldest: look at every record once
+                self._list_new(keep)
+                listed = True
+                if not self._queue:
+                    break
+            _, ino, name = self._queue[self._queue_pos]
+            if ino != self._queue_ino:
+                self._order_chunk()
+                _, ino, name = self._queue[self._queue_pos]
+            self._queue_pos += 1
+            cached = self._not_due.get(name)
+            if cached is not None and cached[0] == ino and not _is_due(cached[1], cached[2], now):
                 continue
             src = os.path.join(self._new, name)
             rec = self._read(src, name, "new")
             if rec is None:
                 continue
-            if rec.not_before > now:
-                not_due[name] = (ino, rec.not_before)
+            if not _is_due(rec.not_before, rec.retried_at, now):
+                self._not_due[name] = (ino, rec.not_before, rec.retried_at)
                 continue
             if claims and total + rec.size > max_bytes:
+                self._queue_pos -= 1  # first in line for the next claim
                 break
             dst = os.path.join(self._claimed, f"{name}@{self.owner}")
             if not _rename_if_present(src, dst):
                 continue  # another sender won it
+            self._not_due.pop(name, None)
             # Re-read what we actually hold: it may have been retried in between.
             held = self._read(dst, name, "claimed")
             if held is None:
                 continue
-            if held.not_before > now:
+            if not _is_due(held.not_before, held.retried_at, now):
                 with self._spool_lock(exclusive=False):
                     _rename_if_present(dst, src)
                 continue
@@ -793,11 +943,73 @@ class Spool:
             total += held.size
             if len(claims) >= max_items or total >= max_bytes:
                 break
-        self._not_due = not_due
         if claims:
+            if self._listed is not None:
+                self._listed -= len(claims)
             _fsync_dir(self._claimed)
             _fsync_dir(self._new)
         return claims
+
+    def _list_new(self, keep: int | None) -> None:
+        """List new/ into the claim queue: the *keep* oldest-due names (all if None).
+
+        One scandir; file times come from the inode (the links of one enqueued chunk share
+        it, so one stat per chunk), and only *keep* names are held: a claim over a million
+        waiting records costs one listing and the memory of a few batches.  Items that come
+        back to new/ through this spool (release, retry, takeover) reset the queue.
+        """
+        mtimes: dict[int, int] = {}  # inode -> mtime_ns, for this listing
+        count = 0
+
+        def scan() -> Iterator[tuple[int, int, str]]:
+            nonlocal count
+            with contextlib.suppress(FileNotFoundError), os.scandir(self._new) as it:
+                for entry in it:
+                    name = entry.name
+                    if not _ID_RE.fullmatch(name):
+                        continue
+                    ino = entry.inode()
+                    mtime = mtimes.get(ino)
+                    if mtime is None:
+                        try:
+                            mtime = entry.stat(follow_symlinks=False).st_mtime_ns
+                        except FileNotFoundError:
+                            continue
+                        mtimes[ino] = mtime
+                    count += 1
+                    yield (mtime, ino, name)  # a chunk's links together: parsed once
+
+        self._queue = sorted(scan()) if keep is None else heapq.nsmallest(keep, scan())
+        self._queue_pos = 0
+        self._queue_ino = -1
+        self._queue_partial = keep is not None and count > keep
+        self._listed = count
+        self._not_due = {n: v for n, v in self._not_due.items()
+                         if os.path.lexists(os.path.join(self._new, n))}
+
+    def _order_chunk(self) -> None:
+        """The links of one chunk share its file's time: order them by their records' own
+        due times (the chunk is parsed once for the whole run, and cached for the reads)."""
+        pos = self._queue_pos
+        mtime, ino, name = self._queue[pos]
+        self._queue_ino = ino
+        end = pos + 1
+        while end < len(self._queue) and self._queue[end][:2] == (mtime, ino):
+            end += 1
+        if end - pos < 2:
+            return
+        records = self._read_file(os.path.join(self._new, name), "new") or {}
+        inf = float("inf")
+
+        def due(entry: tuple[int, int, str]) -> tuple[float, str]:
+            rec = records.get(entry[2])
+            return (inf if rec is None else _due(rec), entry[2])
+
+        self._queue[pos:end] = sorted(self._queue[pos:end], key=due)
+
+    def _requeued(self) -> None:
+        """Something of ours went back to new/: list it again at the next claim."""
+        self._queue_pos = len(self._queue)
 
     def flush(self) -> None:
         """Make everything written to the spool durable: one syncfs(2) of its filesystem."""
@@ -822,7 +1034,7 @@ class Spool:
             # until both renames are done.
             if not os.path.lexists(path):
                 return False
-            tmp = self._write_tmp(_encode(record), mtime=mtime, sync=durable)
+            tmp = self._write_tmp(_pack([record]), mtime=mtime, sync=durable)
             try:
                 os.rename(tmp, path)
             except FileNotFoundError as e:
@@ -834,25 +1046,65 @@ class Spool:
         return True
 
     def complete(self, claim: Claim, *, sha256: str, durable: bool = True) -> bool:
-        """claimed -> done/; False if the claim was lost (then leave the source alone).
+        """claimed -> done/; False if the claim was lost (then leave the source alone)."""
+        return self.complete_many([(claim, sha256)], durable=durable)[0]
 
-        durable=False skips the per-record fsyncs; the caller calls flush() once per
-        batch.  That is safe because a done record is bookkeeping, not the evidence a
-        deletion rests on (the target's verification is): a record lost in a crash only
-        makes the item be looked at again, and found delivered or its source gone.
+    def complete_many(self, verified: Sequence[tuple[Claim, str]], *,
+                      durable: bool = True) -> list[bool]:
+        """claimed -> done/ for each (claim, sha256); per claim, False if it was lost (then
+        leave its source alone).
+
+        The done records of up to _CHUNK claims are written to one file, made durable by
+        one syncfs, and each claim's entry is replaced by a hard link to it (a link renamed
+        over claimed/<id>@<owner>, then renamed to done/<id>: one copy at every instant, and
+        no block freed or written per item).  durable=False leaves the directory fsyncs to
+        the caller's flush() at the end of its batch.  That is safe because a done record
+        is bookkeeping, not the evidence a deletion rests on (the target's verification
+        is): a record lost in a crash only makes the item be looked at again, and found
+        delivered or its source gone.
         """
         self._require_open()
         now = self._clock()
-        rec = replace(claim.record, sha256=sha256, completed_at=now, not_before=0.0)
-        if not self._finish(claim, rec, self._done, mtime=now, durable=durable):
-            log.warning(
-                "spool %s: claim on %r was lost before completion; not completed",
-                self.path,
-                claim.record.relpath,
-            )
-            return False
-        claim.record = rec
-        return True
+        results = [False] * len(verified)
+        for start in range(0, len(verified), _CHUNK):
+            part = range(start, min(start + _CHUNK, len(verified)))
+            with self._spool_lock(exclusive=False):
+                # Under the shared lock no takeover can move our claims, so the check holds
+                # until the renames are done.
+                live = [(k, replace(verified[k][0].record, sha256=verified[k][1],
+                                    completed_at=now, not_before=0.0))
+                        for k in part if os.path.lexists(verified[k][0].path)]
+                if not live:
+                    continue
+                tmp = self._write_tmp(_pack(rec for _, rec in live), mtime=now,
+                                      sync=False)
+                try:
+                    self.flush()
+                    for k, rec in live:
+                        claim = verified[k][0]
+                        link = f"{tmp}.{k}"
+                        os.link(tmp, link)
+                        try:
+                            os.rename(link, claim.path)
+                        except FileNotFoundError as e:
+                            raise SpoolError(f"temporary record {link} vanished") from e
+                        os.rename(claim.path, os.path.join(self._done, rec.id))
+                        claim.record = rec
+                        results[k] = True
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+        if durable and any(results):
+            _fsync_dir(self._done)
+            _fsync_dir(self._claimed)
+        for k, ok in enumerate(results):
+            if not ok:
+                log.warning(
+                    "spool %s: claim on %r was lost before completion; not completed",
+                    self.path,
+                    verified[k][0].record.relpath,
+                )
+        return results
 
     def retry(
         self, claim: Claim, reason: str, *, retry_count: int, backoff: float, backoff_max: float
@@ -868,7 +1120,8 @@ class Spool:
         else:
             delay = min(backoff_max, backoff * 2.0 ** min(attempts - 1, 64))
             not_before = now + delay * self._rng.uniform(0.5, 1.0)
-            new = replace(rec, attempts=attempts, last_error=reason, not_before=not_before)
+            new = replace(rec, attempts=attempts, last_error=reason, not_before=not_before,
+                          retried_at=now)
             dest, mtime, result = self._new, not_before, "queued"
         if not self._finish(claim, new, dest, mtime=mtime):
             log.warning(
@@ -876,6 +1129,8 @@ class Spool:
             )
             return "queued"
         claim.record = new
+        if result == "queued":
+            self._requeued()
         return result
 
     def release(self, claim: Claim) -> None:
@@ -884,6 +1139,7 @@ class Spool:
         with self._spool_lock(exclusive=False):
             moved = _rename_if_present(str(claim.path), os.path.join(self._new, claim.record.id))
         if moved:
+            self._requeued()
             _fsync_dir(self._new)
 
     def drop(self, claim: Claim, reason: str) -> None:
@@ -905,9 +1161,29 @@ class Spool:
         return {state: len(_listdir(d)) for state, d in self._dirs.items()}
 
     def count(self, state: str) -> int:
-        """Number of records in one state (one directory listing)."""
+        """Number of records in one state (one directory listing, no list kept)."""
         self._require_open()
-        return len(_listdir(self._dirs[state]))
+        n = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._dirs[state]) as it:
+            for _ in it:
+                n += 1
+        return n
+
+    def queued(self) -> int:
+        """About how many records wait in new/, without listing a deep queue each time:
+        below _EXACT_COUNT an exact count; above, the last listing's count, less what we
+        claimed and plus what we enqueued since (another scanner's items show at the next
+        listing, i.e. within a few batches)."""
+        self._require_open()
+        if self._listed is None or self._listed < _EXACT_COUNT:
+            return self.count("new")
+        return max(0, self._listed)
+
+    def soonest_not_due(self) -> float | None:
+        """The earliest not_before among the records the last claim found not yet due."""
+        now = self._clock()
+        times = [nb for _, nb, retried in self._not_due.values() if not now < retried]
+        return min(times, default=None)
 
     def earliest_due(self) -> float | None:
         """When the soonest waiting record becomes claimable (epoch), from file times only.
@@ -917,9 +1193,14 @@ class Spool:
         """
         self._require_open()
         soonest: float | None = None
+        seen: set[int] = set()  # the links of one chunk share an inode: one stat for all
         try:
             with os.scandir(self._dirs["new"]) as it:
                 for entry in it:
+                    ino = entry.inode()
+                    if ino in seen:
+                        continue
+                    seen.add(ino)
                     try:
                         t = entry.stat(follow_symlinks=False).st_mtime
                     except FileNotFoundError:
@@ -935,7 +1216,12 @@ class Spool:
         if state not in self._dirs:
             raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
         d = self._dirs[state]
-        for name in sorted(_listdir(d)):
+        try:
+            with os.scandir(d) as it:
+                entries = sorted((e.inode(), e.name) for e in it)  # a chunk's links together
+        except FileNotFoundError:
+            return
+        for _, name in entries:
             item = name.partition("@")[0]
             rec = self._read(os.path.join(d, name), item, state)
             if rec is not None:
@@ -955,11 +1241,12 @@ class Spool:
                 if rec is None:
                     continue
                 rec = replace(rec, attempts=0, not_before=0.0)
-                tmp = self._write_tmp(_encode(rec), mtime=_due(rec))
+                tmp = self._write_tmp(_pack([rec]), mtime=_due(rec))
                 os.rename(tmp, path)  # update in place, then move: never two copies
                 os.rename(path, os.path.join(self._new, item))
                 n += 1
         if n:
+            self._requeued()
             _fsync_dir(self._new)
             _fsync_dir(self._failed)
         return n
@@ -1043,6 +1330,13 @@ class Spool:
 
 def _due(rec: ItemRecord) -> float:
     return max(rec.enqueued_at, rec.not_before)
+
+
+def _is_due(not_before: float, retried_at: float, now: float) -> bool:
+    """Whether a record may be claimed now.  Before the time of its last failed attempt
+    means the clock was stepped back since: its backoff is over (one early retry, never
+    a wait stretched by the size of the step)."""
+    return not_before <= now or now < retried_at
 
 
 def _float(text: str) -> float | None:

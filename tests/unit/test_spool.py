@@ -613,12 +613,20 @@ CORRUPT = {
 }
 
 
+def corrupt(path: Path, data: bytes) -> None:
+    """Put an unreadable record at path.  The spool never writes a record file in place
+    (and the entries of one chunk are links to one file), so a damaged record is a new
+    file under the old name."""
+    path.unlink()
+    path.write_bytes(data)
+
+
 @pytest.mark.parametrize("kind", sorted(CORRUPT))
 def test_corrupt_record_is_quarantined_with_a_warning(
     spool: Spool, root: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     spool.enqueue([rec("a"), rec("good", enqueued_at=1.0)])
-    (root / "new" / rec("a").id).write_bytes(CORRUPT[kind])
+    corrupt(root / "new" / rec("a").id, CORRUPT[kind])
     with caplog.at_level(logging.WARNING, "mstm.spool"):
         claims = spool.claim(max_items=10, max_bytes=BIG)
     assert [c.record.relpath for c in claims] == ["good"]
@@ -629,11 +637,57 @@ def test_corrupt_record_is_quarantined_with_a_warning(
     assert spool.enqueue([rec("a")]) == 1  # the scanner brings it back
 
 
+def test_a_damaged_chunk_quarantines_each_of_its_items_which_are_then_enqueued_again(
+    spool: Spool, root: Path
+) -> None:
+    spool.enqueue([rec("a"), rec("b"), rec("c")])
+    (first, *_) = os.listdir(root / "new")
+    with open(root / "new" / first, "r+b") as f:  # the one file all three links share
+        f.write(b"\xff\xfe")
+    assert spool.claim(max_items=10, max_bytes=BIG) == []
+    assert len(os.listdir(root / "corrupt")) == 3
+    assert spool.enqueue([rec("a"), rec("b"), rec("c")]) == 3
+    assert len(spool.claim(max_items=10, max_bytes=BIG)) == 3
+
+
+def test_an_enqueued_chunk_is_one_file_linked_once_per_item(spool: Spool, root: Path) -> None:
+    spool.enqueue([rec(f"f{i}") for i in range(100)])
+    inodes = {os.stat(root / "new" / n).st_ino for n in os.listdir(root / "new")}
+    assert len(inodes) == 1
+    assert os.listdir(root / "tmp") == []
+
+
+def test_a_completed_batch_shares_one_done_file_and_keeps_each_sha256(
+    spool: Spool, root: Path
+) -> None:
+    spool.enqueue([rec(f"f{i}") for i in range(50)])
+    claims = spool.claim(max_items=50, max_bytes=BIG)
+    assert spool.complete_many([(c, f"{i:064x}") for i, c in enumerate(claims)]) == [True] * 50
+    assert os.listdir(root / "claimed") == [] and os.listdir(root / "tmp") == []
+    inodes = {os.stat(root / "done" / n).st_ino for n in os.listdir(root / "done")}
+    assert len(inodes) == 1
+    got = {r.relpath: r.sha256 for r in spool.iter_records("done")}
+    assert got == {c.record.relpath: f"{i:064x}" for i, c in enumerate(claims)}
+
+
+def test_a_record_replaced_on_a_reused_inode_is_not_read_from_the_cache(
+    spool: Spool, root: Path
+) -> None:
+    spool.enqueue([rec("a")])
+    (c,) = spool.claim(max_items=1, max_bytes=BIG)
+    first = spool.iter_records("claimed")
+    assert [r.attempts for r in first] == [0]
+    for n in range(1, 6):  # each retry replaces the file; inode numbers get reused
+        assert spool.retry(c, "x", retry_count=99, backoff=0, backoff_max=0) == "queued"
+        (c,) = spool.claim(max_items=1, max_bytes=BIG)
+        assert c.record.attempts == n
+
+
 def test_corrupt_records_are_quarantined_when_listed(spool: Spool, root: Path) -> None:
     spool.enqueue([rec("a"), rec("b")])
     (c, _) = spool.claim(max_items=2, max_bytes=BIG)
     spool.complete(c, sha256="0" * 64)
-    (root / "done" / c.record.id).write_bytes(b"{")
+    corrupt(root / "done" / c.record.id, b"{")
     assert list(spool.iter_records("done")) == []
     assert len(list(spool.iter_records("claimed"))) == 1
     assert len(os.listdir(root / "corrupt")) == 1
@@ -910,3 +964,42 @@ def test_takeover_interrupted_after_the_owner_file_was_renamed_is_finished_later
     s = Spool(root, clock=clock).open()
     assert s.reclaim_expired() == 2
     assert s.counts()["new"] == 2
+
+
+# ---------------------------------------------------------------------------- deep queues
+
+
+def test_a_claim_from_a_deep_queue_keeps_only_a_few_batches_of_names(spool: Spool) -> None:
+    spool.enqueue(rec(f"f{i:05}", enqueued_at=1.0 + i) for i in range(6000))
+    claims = spool.claim(max_items=10, max_bytes=BIG)
+    assert [c.record.relpath for c in claims] == [f"f{i:05}" for i in range(10)]
+    assert len(spool._queue) <= 4096  # not 6,000 names held between claims
+    got = [c.record.relpath for _ in range(3) for c in spool.claim(max_items=10, max_bytes=BIG)]
+    assert got == [f"f{i:05}" for i in range(10, 40)]
+
+
+def test_items_queued_after_a_listing_are_claimed_after_the_older_ones(spool: Spool) -> None:
+    spool.enqueue(rec(f"old{i}", enqueued_at=1.0 + i) for i in range(20))
+    assert len(spool.claim(max_items=5, max_bytes=BIG)) == 5
+    spool.enqueue([rec("young", enqueued_at=100.0)])
+    got = [c.record.relpath for c in spool.claim(max_items=100, max_bytes=BIG)]
+    assert got == [f"old{i}" for i in range(5, 20)] + ["young"]
+
+
+def test_a_released_batch_is_claimed_again_before_younger_items(spool: Spool) -> None:
+    spool.enqueue(rec(f"f{i}", enqueued_at=1.0 + i) for i in range(20))
+    first = spool.claim(max_items=5, max_bytes=BIG)
+    for c in first:
+        spool.release(c)
+    got = [c.record.relpath for c in spool.claim(max_items=5, max_bytes=BIG)]
+    assert got == [f"f{i}" for i in range(5)]
+
+
+def test_a_retried_item_is_claimed_once_its_backoff_is_over(spool: Spool, clock: Clock) -> None:
+    spool.enqueue(rec(f"f{i}", enqueued_at=1.0 + i) for i in range(3))
+    (c, *_) = spool.claim(max_items=1, max_bytes=BIG)
+    assert spool.retry(c, "x", retry_count=3, backoff=10, backoff_max=10) == "queued"
+    assert [c.record.relpath for c in spool.claim(max_items=9, max_bytes=BIG)] == ["f1", "f2"]
+    assert spool.claim(max_items=9, max_bytes=BIG) == []
+    clock.t += 11
+    assert [c.record.relpath for c in spool.claim(max_items=9, max_bytes=BIG)] == ["f0"]
