@@ -67,6 +67,7 @@ from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, TargetUnavailabl
 from mstm.ledger import DONE, UNMAPPED, Entry, Ledger, LedgerError, now_iso
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
+from mstm.scan import is_paused
 from mstm.sender import json_path
 from mstm.transports.ssh import SshConnection, SshTarget, spawn
 
@@ -353,6 +354,7 @@ class CycleReport:
     reported: list[str] = field(default_factory=list)  # unmapped items reported this cycle
     started: float = field(default_factory=time.time)
     stopped: bool = False
+    paused: str | None = None  # why nothing (more) was fetched: the stop file's reason
 
     def count(self, action: str) -> int:
         return sum(1 for p in self.items if p.action == action)
@@ -374,6 +376,7 @@ class CycleReport:
             "bytes": sum(p.moved_bytes for p in self.items),
             "reported_unmapped": len(self.reported),
             "stopped": self.stopped,
+            "paused": self.paused,
             "seconds": round(time.time() - self.started, 3),
             "items": [p.to_json() for p in self.items],
         }, ensure_ascii=False)
@@ -407,6 +410,7 @@ class Puller:
         self._procs: set[subprocess.Popen[bytes]] = set()
         self._procs_lock = threading.Lock()
         self._last_error: str | None = None
+        self._paused_reason: str | None = None
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -454,10 +458,25 @@ class Puller:
             return report
         self._report_unmapped(report)
         todo = [p for p in report.items if p.action in (FETCH, REFETCH)]
-        if todo:
+        if todo and not self.paused():
             self._fetch_all(todo, report)
         report.stopped = self.stop_event.is_set()
+        report.paused = self._paused_reason
         return report
+
+    def paused(self) -> str | None:
+        """The reason no fetch may start now: the stop file in the stream's directory (an
+        operator's, or mstm-diskwatch's when the local disk runs low), said once."""
+        reason = is_paused(self.stream)
+        if reason != self._paused_reason:
+            if reason:
+                log.warning("%s: paused: %s", self.stream.name, reason,
+                            extra=event("paused", stream=self.stream.name, reason=reason))
+            elif self._paused_reason:
+                log.info("%s: resumed", self.stream.name,
+                         extra=event("resumed", stream=self.stream.name))
+            self._paused_reason = reason
+        return reason
 
     def _report_unmapped(self, report: CycleReport) -> None:
         fresh = [p for p in report.items
@@ -509,6 +528,9 @@ class Puller:
         name = p.item.name
         if self.stop_event.is_set():
             p.result = STOPPED
+            return
+        if self.paused():  # fetches already running finish; no new one starts
+            p.result, p.reason = STOPPED, self._paused_reason or "paused"
             return
         lock = ItemLock(self.lock_dir, p.item.raw)
         if not lock.acquire():
@@ -724,6 +746,8 @@ class Puller:
                      extra=event("resumed", stream=self.stream.name, peer=self.peer))
             self._last_error = None
         log_summary(report)
+        if report.paused:
+            return f"paused: {report.paused}"
         return (f"idle, last cycle {time.strftime('%H:%M:%S')}: "
                 f"{len(report.results(FETCHED))} fetched, {len(report.results(FAILED))} failed")
 
@@ -747,7 +771,8 @@ def log_summary(report: CycleReport) -> None:
              len(report.results(FETCHED)), len(failed), len(report.results(CHANGING)),
              len(report.results(BUSY)), report.count(UP_TO_DATE),
              report.count(UNMAPPED_ITEM), report.count(REFUSED), report.count(TOO_OLD),
-             "; stopped before the end" if report.stopped else "",
+             "; stopped before the end" if report.stopped
+             else f"; paused: {report.paused}" if report.paused else "",
              extra=fields(stream=report.stream))
 
 
