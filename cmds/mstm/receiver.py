@@ -9,21 +9,31 @@ files.  For each control file ``I/<batch>.<control_ext>`` without a receipt, eac
    the path refuses the item, it is never followed);
 2. moved into a private staging directory (a rename on the same file system, else a
    copy), so that nobody else can change it once checked;
-3. checked there: size, then the digest of exactly the bytes that will be published;
-4. flushed to disk and renamed to ``D/<path>`` without replacing anything
-   (``renameat2(RENAME_NOREPLACE)``): an existing identical file makes the item "ok"
-   (a re-delivery), a different one makes it "refused" unless ``[incoming] overwrite``;
-   parent directories are created and opened the same no-follow way.
+3. checked there: size, then the digest of exactly the bytes that will be published.
 
-Then the directories are flushed, and the receipt is written (temp name + rename).  A
-thank-you removes the batch's control file, receipt and directory, by names derived
+When every item of the control file has been checked, the good ones are flushed to disk
+together: one ``syncfs(2)`` of the staging directory's file system, instead of an
+``fsync`` per file (which is what is done for a single item, or where syncfs is not
+available or fails).  Then each is
+
+4. renamed to ``D/<path>`` without replacing anything (``renameat2(RENAME_NOREPLACE)``):
+   an existing identical file makes the item "ok" (a re-delivery), a different one makes
+   it "refused" unless ``[incoming] overwrite``; parent directories are created and
+   opened the same no-follow way.  Items are renamed grouped by directory.
+
+Then the renames are flushed: by one more syncfs when the items went into several
+directories, else by an fsync of the directory (of each directory once, where syncfs does
+not work).  Only then is the receipt written (temp name, fsync, rename, fsync of I): an
+item is "ok" in a receipt only when its data is on disk under its final name.
+
+A thank-you removes the batch's control file, receipt and directory, by names derived
 from the batch name only.
 
 Crash safety: every step is a rename or is repeated.  A receiver killed at any instant
 and restarted finds the control file without a receipt and processes it again: an item
-already staged is taken from staging, one already published counts as ok when the
-published file has the right size and digest.  So each item is published once, and
-never visible half-written under its final name.
+already staged is taken from staging (and checked again), one already published counts
+as ok when the published file has the right size and digest.  So each item is published
+once, and never visible half-written under its final name.
 
 Hostile input: control and thank-you files are size-limited and parsed strictly
 (:mod:`mstm.protocol`); one that fails is moved to ``I/.quarantine/`` with a warning.
@@ -47,7 +57,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +184,31 @@ _renameat2 = _load_renameat2()
 _RENAME_NOREPLACE = 1
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_syncfs_fn = _load_syncfs()
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2): flush the file system *fd* is on (every file's data and metadata), not
+    every file system like sync(2).  False if it is not available or failed."""
+    if _syncfs_fn is None:
+        return False
+    if _syncfs_fn(fd) == 0:
+        return True
+    log.debug("syncfs failed: %s; flushing file by file", os.strerror(ctypes.get_errno()))
+    return False
+
+
 def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
     """Rename that never replaces an existing *dst* (FileExistsError instead)."""
     if _renameat2 is not None:
@@ -208,18 +243,18 @@ def open_dir(parts: list[str], root_fd: int, *, create: bool = False,
     """
     fd = os.dup(root_fd)
     try:
-        attempts = 3 if create else 1
         for part in parts:
-            for attempt in range(attempts):
-                if create:
-                    with suppress(FileExistsError):
-                        os.mkdir(part, mode, dir_fd=fd)
-                try:
+            mkdirs = 3 if create else 0  # it may be removed between mkdir and open: again
+            while True:
+                try:  # mostly it exists: open first, make it only if missing
                     child = os.open(part, _O_DIR, dir_fd=fd)
                     break
-                except FileNotFoundError:  # removed between mkdir and open: again
-                    if attempt == attempts - 1:
+                except FileNotFoundError:
+                    if not mkdirs:
                         raise
+                mkdirs -= 1
+                with suppress(FileExistsError):
+                    os.mkdir(part, mode, dir_fd=fd)
             os.close(fd)
             fd = child
         return fd
@@ -236,10 +271,13 @@ def _closing(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
-def _digest(fd: int, algorithm: str, tick: Callable[[], None]) -> tuple[str, int]:
-    """Hex digest and length of everything readable from *fd* (from its start)."""
+def _digest(fd: int, algorithm: str, tick: Callable[[], None],
+            buf: bytearray | None = None) -> tuple[str, int]:
+    """Hex digest and length of everything readable from *fd* (from its start); *buf*:
+    a scratch buffer to read into (one is allocated if None)."""
     h = hashlib.new(algorithm, usedforsecurity=False)
-    buf = bytearray(BLOCK)
+    if buf is None:
+        buf = bytearray(BLOCK)
     view = memoryview(buf)
     total = 0
     os.lseek(fd, 0, os.SEEK_SET)
@@ -317,8 +355,20 @@ class _Job:
     source_fd: int | None  # directory the item paths are relative to (None: missing)
     source_refused: bool = False  # the batch directory is a symbolic link or not a directory
     stage_fd: int = -1
+    staged: set[str] = field(default_factory=set)  # in staging when the job started
     synced_dir: tuple[int, int] | None = None  # (dev, ino) of a directory still to fsync
     synced_fd: int = -1
+    defer_dirs: bool = False  # publishing: the renames are flushed by one syncfs after
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """An item verified in staging, not yet flushed to disk nor published."""
+
+    index: int  # in the control file
+    item: ControlItem
+    parts: list[str]
+    staged: str  # its name in the job's staging directory
 
 
 @dataclass(frozen=True)
@@ -346,6 +396,7 @@ class Receiver:
         self._reserved: list[tuple[str, ...]] = []
         self._broken: set[str] = set()  # names that could not even be quarantined
         self._last_expiry = 0.0
+        self._buf = bytearray(BLOCK)  # scratch for hashing
         self.total = Summary()
         for ext in (settings.control_ext, settings.receipt_ext, settings.thanks_ext):
             try:
@@ -522,8 +573,10 @@ class Receiver:
     def follow(self) -> None:
         """Answer control and thank-you files as they arrive, until stop()."""
         s = self.s
+        # a control file starts a pass at once: its sender waits for the receipt
         self._watcher = Watcher(s.incoming_dir, poll_interval=s.poll_interval,
-                                recursive=False, force_poll=self.force_poll)
+                                recursive=False, force_poll=self.force_poll,
+                                urgent_suffixes=("." + s.control_ext,))
         log.info("%s: receiving in %s, publishing in %s (%s)", s.stream, s.incoming_dir,
                  s.directory, self._watcher.backend)
         self.notifier.ready(f"{s.stream}: waiting for batches")
@@ -747,27 +800,20 @@ class Receiver:
                    source_fd=source_fd,
                    source_refused=source_fd is None and self._exists(batch) is not None)
         batch_summary = Summary()
-        results: list[tuple[str, Status]] = []
         try:
             job.stage_fd = open_dir([job.key], self._open_stage_root(), create=True,
                                     mode=0o700)
-            for item in control.items:
-                if self.stopping:
-                    log.info("%s: stopping; batch %s is answered after the restart",
-                             s.stream, batch)
-                    raise _Stop
-                result = self._item(job, item)
-                self.notifier.watchdog()
-                batch_summary.count(result.status, item.size)
-                results.append((item.relpath, result.status))
-            self._sync_dir(job, None)
+            results = self._receive_all(job, control.items)
         finally:
-            self._sync_dir(job, None, flush=False)
             if job.stage_fd >= 0:
                 os.close(job.stage_fd)
             if source_fd is not None:
                 os.close(source_fd)
-        receipt = protocol.Receipt(batch, tuple(results))
+        for item, result in zip(control.items, results, strict=True):
+            batch_summary.count(result.status, item.size)
+        receipt = protocol.Receipt(batch, tuple(
+            (item.relpath, result.status)
+            for item, result in zip(control.items, results, strict=True)))
         _write_atomic(self._i_fd, control.receipt, protocol.render_receipt(receipt))
         self._unstage(job.key)
         summary.batches += 1
@@ -779,9 +825,57 @@ class Receiver:
                 extra=fields(stream=s.stream, item=batch,
                              result="ok" if not batch_summary.failed else "partial"))
 
-    def _item(self, job: _Job, item: ControlItem) -> _Result:
+    def _receive_all(self, job: _Job, items: Sequence[ControlItem]) -> list[_Result]:
+        """Every item's result, in order; each "ok" one is on disk under its final name.
+
+        Three passes, so that the cost of flushing to disk is paid once per control file
+        rather than once per item: check every item in staging (stop() is honoured
+        between two of them: _Stop); flush the good ones to disk together; rename them
+        into D, grouped by directory, and flush the renames: one more syncfs if they went
+        into several directories, else an fsync of the directory (of each directory, where
+        syncfs does not work).  Nothing is published before everything has been checked
+        and flushed.  OSError: something could not be flushed; nothing is answered.
+        """
+        results: list[_Result | None] = [None] * len(items)
+        checked: list[_Checked] = []
+        try:
+            job.staged = set(os.listdir(job.stage_fd))  # staged before a crash
+            if job.staged:
+                log.info("%s: %s resumed: %d items already staged", self.s.stream,
+                         job.label, len(job.staged))
+            for index, item in enumerate(items):
+                if self.stopping:
+                    log.info("%s: stopping; %s is answered after the restart",
+                             self.s.stream, job.label)
+                    raise _Stop
+                got = self._check(job, index, item)
+                if isinstance(got, _Checked):
+                    checked.append(got)
+                else:
+                    results[index] = got
+                self.notifier.watchdog()
+            synced = self._make_durable(job, checked, results)
+            checked = [c for c in checked if results[c.index] is None]
+            checked.sort(key=lambda c: c.parts[:-1])  # each directory flushed once
+            job.defer_dirs = synced and len({tuple(c.parts[:-1]) for c in checked}) > 1
+            for c in checked:
+                results[c.index] = self._publish(job, c.item, c.parts, c.staged)
+                self.notifier.watchdog()
+            if job.defer_dirs and not _syncfs(job.stage_fd):
+                # the next pass finds them published and flushes each directory
+                raise OSError(errno.EIO, f"{job.label}: cannot flush the renames (syncfs)")
+            self._sync_dir(job, None)
+        finally:
+            self._sync_dir(job, None, flush=False)
+        done = [r for r in results if r is not None]
+        if len(done) != len(items):
+            raise AssertionError("an item without a result")
+        for item, result in zip(items, done, strict=True):
+            self._log_item(job, item, result)
+        return done
+
+    def _log_item(self, job: _Job, item: ControlItem, result: _Result) -> None:
         s = self.s
-        result = self._receive(job, item)
         if result.status is Status.OK:
             log.info("%s: published %s (%d bytes)%s", s.stream, show(item.relpath), item.size,
                      f" ({result.detail})" if result.detail else "",
@@ -793,24 +887,24 @@ class Receiver:
                         else result.status.value,
                         extra=fields(stream=s.stream, item=item.relpath, bytes=item.size,
                                      result=result.status.value, reason=result.detail or None))
-        return result
 
-    def _receive(self, job: _Job, item: ControlItem) -> _Result:
+    def _check(self, job: _Job, index: int, item: ControlItem) -> _Result | _Checked:
+        """Stage the item (unless it already is) and verify it there: _Checked if it is
+        good, not yet flushed nor published; else its final result."""
         parts = item.relpath.split("/")
         for reserved in self._reserved:
             if tuple(parts[: len(reserved)]) == reserved:
                 return _Result(Status.REFUSED, "would land in mstm's own area")
         staged = str(len(os.fsencode(item.relpath))) + "-" + hashlib.sha256(
             os.fsencode(item.relpath)).hexdigest()[:40]
-        try:
-            st = os.stat(staged, dir_fd=job.stage_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is None:
+        if staged not in job.staged:
             got = self._stage(job, item, parts, staged)
             if got is not None:
                 return got
-        return self._verify_and_publish(job, item, parts, staged)
+        bad = self._verify(job, item, staged)
+        if bad is not None:
+            return bad
+        return _Checked(index, item, parts, staged)
 
     def _stage(self, job: _Job, item: ControlItem, parts: list[str],
                staged: str) -> _Result | None:
@@ -885,19 +979,28 @@ class Receiver:
     def _missing(self, job: _Job, item: ControlItem, parts: list[str]) -> _Result:
         """Not in the incoming area: ok if already published with this content (a restart
         after a crash, or a re-delivery), else missing."""
-        if self._published_as(item, parts, job.algorithm):
+        if self._published_as(job, item, parts):
             return _Result(Status.OK, "already published")
         return _Result(Status.MISSING)
 
-    def _published_as(self, item: ControlItem, parts: list[str], algorithm: str) -> bool:
+    def _published_as(self, job: _Job, item: ControlItem, parts: list[str]) -> bool:
         try:
-            with _closing(open_dir(parts[:-1], self._d_fd)) as parent:
-                if self._same_content(parent, parts[-1], item, algorithm) is not True:
-                    return False
-                os.fsync(parent)  # its rename may not have been flushed before a crash
-                return True
+            parent = open_dir(parts[:-1], self._d_fd)
         except OSError:
             return False
+        try:
+            try:
+                if self._same_content(parent, parts[-1], item, job.algorithm) is not True:
+                    return False
+            except OSError:
+                return False
+            # its rename may not have been flushed before a crash: flushed with the others
+            # (OSError if a directory cannot be flushed: the batch is answered later)
+            self._sync_dir(job, parent)
+            return True
+        finally:
+            if job.synced_fd != parent:
+                os.close(parent)
 
     def _same_content(self, dir_fd: int, leaf: str, item: ControlItem,
                       algorithm: str) -> bool | None:
@@ -914,11 +1017,12 @@ class Receiver:
                 return None
             if st.st_size != item.size:
                 return False
-            digest, size = _digest(fd, algorithm, self.notifier.watchdog)
+            digest, size = _digest(fd, algorithm, self.notifier.watchdog, self._buf)
             return size == item.size and digest == item.digest
 
-    def _verify_and_publish(self, job: _Job, item: ControlItem, parts: list[str],
-                            staged: str) -> _Result:
+    def _verify(self, job: _Job, item: ControlItem, staged: str) -> _Result | None:
+        """Size and digest of the staged file (read, not flushed); None if it is good, else
+        the result, the staged file being removed.  No descriptor is kept."""
         try:
             fd = os.open(staged, _O_FILE, dir_fd=job.stage_fd)
         except OSError as err:
@@ -936,21 +1040,43 @@ class Receiver:
                 bad = _Result(Status.BAD_SIZE, f"{st.st_size} bytes, expected {item.size}")
             else:
                 try:
-                    digest, size = _digest(fd, job.algorithm, self.notifier.watchdog)
+                    digest, size = _digest(fd, job.algorithm, self.notifier.watchdog,
+                                           self._buf)
                     if size != item.size:
                         bad = _Result(Status.BAD_SIZE, f"read {size} bytes, expected"
                                       f" {item.size}")
                     elif digest != item.digest:
                         bad = _Result(Status.BAD_CHECKSUM,
                                       f"{job.algorithm} {digest}, expected {item.digest}")
-                    else:
-                        os.fsync(fd)
                 except OSError as err:
                     bad = _Result(Status.IO_ERROR, str(err))
             if bad is not None:
                 _remove_tree(staged, job.stage_fd)  # a directory, if one was swapped in
-                return bad
-        return self._publish(job, item, parts, staged)
+        return bad
+
+    def _make_durable(self, job: _Job, checked: list[_Checked],
+                      results: list[_Result | None]) -> bool:
+        """Flush the checked items' data to disk before any is published: one syncfs(2)
+        of the staging file system for them all (True), else (a single item, or syncfs
+        not available or failed) an fsync of each; an item that cannot be flushed gets
+        its result in *results* and its staged file is removed."""
+        if not checked:
+            return False
+        self.notifier.watchdog()
+        if len(checked) > 1 and _syncfs(job.stage_fd):
+            self.notifier.watchdog()
+            return True
+        for c in checked:
+            try:
+                fd = os.open(c.staged, _O_FILE, dir_fd=job.stage_fd)
+                with _closing(fd):
+                    os.fsync(fd)
+            except OSError as err:
+                with suppress(OSError):
+                    _remove_tree(c.staged, job.stage_fd)
+                results[c.index] = _Result(Status.IO_ERROR, str(err))
+            self.notifier.watchdog()
+        return False
 
     def _publish(self, job: _Job, item: ControlItem, parts: list[str], staged: str) -> _Result:
         for attempt in range(3):
@@ -994,7 +1120,6 @@ class Receiver:
                 else:
                     os.rename(staged, leaf, src_dir_fd=job.stage_fd, dst_dir_fd=parent)
                     detail = "replaced a different file"
-            self._sync_dir(job, parent)
         except FileNotFoundError as err:
             # the directory we opened was removed meanwhile (replaced by another)
             if not last and self._exists_in(job.stage_fd, staged):
@@ -1002,6 +1127,11 @@ class Receiver:
             return drop(_Result(Status.IO_ERROR, str(err)))
         except OSError as err:
             return drop(_Result(Status.IO_ERROR, str(err)))
+        else:
+            # a directory that cannot be flushed (this one or the one before) is no item's
+            # fault: OSError, and the batch is answered on a later pass
+            if not job.defer_dirs:
+                self._sync_dir(job, parent)
         finally:
             if job.synced_fd != parent:
                 os.close(parent)
@@ -1069,10 +1199,8 @@ class Receiver:
         try:
             job.stage_fd = open_dir([job.key], self._open_stage_root(), create=True,
                                     mode=0o700)
-            result = self._item(job, item)
-            self._sync_dir(job, None)
+            (result,) = self._receive_all(job, [item])
         finally:
-            self._sync_dir(job, None, flush=False)
             if job.stage_fd >= 0:
                 os.close(job.stage_fd)
         if result.status is not Status.OK:  # as MiStaMover did: the sender sends it again

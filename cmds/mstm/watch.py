@@ -11,7 +11,9 @@ moved in or out, deleted, and attribute changes; a new subdirectory gets its wat
 when its creation is seen.  Events arriving in a burst are coalesced: after the first,
 the watcher keeps reading until the directory has been quiet for
 :data:`COALESCE_SECONDS` (at most :data:`COALESCE_MAX_SECONDS`), so dropping 1,000 files
-at once is one wake-up.
+at once is one wake-up.  Names given as ``urgent_suffixes`` end the coalescing at once when
+a file with such a name is moved in or closed after writing (mstm-receive's control
+files: a sender is waiting for the answer).
 
 When inotify cannot be used (not available, too many inotify instances, or the tree
 has more directories than ``fs.inotify.max_user_watches``), the watcher polls every
@@ -81,7 +83,9 @@ class Watcher:
 
     ``backend`` is ``"inotify"`` or ``"poll"``.  With ``force_poll=True`` inotify is not
     tried (for tests, and for filesystems where inotify sees nothing, such as NFS
-    written from other hosts).
+    written from other hosts).  A file whose name ends with one of *urgent_suffixes*
+    moved in or closed after writing makes :meth:`wait` return without waiting for the
+    rest of the burst.
     """
 
     backend: str
@@ -93,10 +97,13 @@ class Watcher:
         poll_interval: float,
         recursive: bool = True,
         force_poll: bool = False,
+        urgent_suffixes: tuple[str, ...] = (),
     ) -> None:
         self.directory = Path(directory)
         self.poll_interval = float(poll_interval)
         self.recursive = recursive
+        self.urgent_suffixes = urgent_suffixes
+        self._urgent = False  # the events read so far include an urgent one
         self.backend = "poll"
         self._lock = threading.RLock()  # reentrant: wake() may run in a signal handler
         self._closed = False
@@ -262,10 +269,11 @@ class Watcher:
         if self._rpipe in ready:
             self._drain_pipe()
             return True
+        self._urgent = False
         self._handle(self._inotify.read(timeout=0))
         # coalesce the rest of a burst
         give_up = time.monotonic() + COALESCE_MAX_SECONDS
-        while self._inotify is not None and time.monotonic() < give_up:
+        while not self._urgent and self._inotify is not None and time.monotonic() < give_up:
             ready = self._poll_fds([self._inotify.fileno()], COALESCE_SECONDS)
             if not ready:
                 break
@@ -292,6 +300,10 @@ class Watcher:
             if wd == self._root_wd and mask & (IN_DELETE_SELF | IN_MOVE_SELF):
                 self._lose_root()
                 continue
+            if (self.urgent_suffixes and name and not mask & IN_ISDIR
+                    and mask & (IN_MOVED_TO | IN_CLOSE_WRITE)
+                    and name.endswith(self.urgent_suffixes)):
+                self._urgent = True
             parent = self._wds.get(wd)
             if parent is None or not name or not (mask & IN_ISDIR) or not self.recursive:
                 continue

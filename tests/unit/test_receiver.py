@@ -404,6 +404,180 @@ def test_across_file_systems_items_are_copied_then_renamed(tmp_path: Path) -> No
         shutil.rmtree(incoming, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- durability
+
+
+class Calls:
+    """Records, in order, the receiver's flushes, publications and receipts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, syncfs_works: bool = True,
+                 fail_fsync_of: str | None = None) -> None:
+        self.log: list[tuple[str, str]] = []
+        real_fsync, real_rename, real_write = os.fsync, rx.rename_noreplace, rx._write_atomic
+
+        def syncfs(fd: int) -> bool:
+            self.log.append(("syncfs", os.readlink(f"/proc/self/fd/{fd}")))
+            return syncfs_works and real_syncfs(fd)
+
+        def fsync(fd: int) -> None:
+            kind = "fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file"
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            self.log.append((kind, path))
+            if (fail_fsync_of is not None and kind == "fsync-file"
+                    and path.endswith("/" + self.staged_name(fail_fsync_of))):
+                raise OSError(errno.EIO, "injected", path)
+            real_fsync(fd)
+
+        def rename_noreplace(src: str, dst: str, **kw: int) -> None:
+            into = os.readlink(f"/proc/self/fd/{kw['dst_dir_fd']}")
+            self.log.append(("publish", os.path.join(into, dst)))
+            real_rename(src, dst, **kw)
+
+        def write_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o640) -> None:
+            self.log.append(("receipt", name))
+            real_write(dir_fd, name, data, mode)
+
+        real_syncfs = rx._syncfs
+        monkeypatch.setattr(rx, "_syncfs", syncfs)
+        monkeypatch.setattr(rx.os, "fsync", fsync)
+        monkeypatch.setattr(rx, "rename_noreplace", rename_noreplace)
+        monkeypatch.setattr(rx, "_write_atomic", write_atomic)
+
+    @staticmethod
+    def staged_name(relpath: str) -> str:
+        raw = os.fsencode(relpath)
+        return f"{len(raw)}-{hashlib.sha256(raw).hexdigest()[:40]}"
+
+    def kinds(self, kind: str) -> list[int]:
+        return [n for n, (k, _) in enumerate(self.log) if k == kind]
+
+    def first(self, kind: str) -> int:
+        return self.kinds(kind)[0]
+
+
+def test_a_batch_of_n_files_is_flushed_by_one_syncfs_then_published_then_answered(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"f{i:02d}": os.urandom(100 + i) for i in range(60)}
+    r = site.receiver()
+    batch = site.send(files)
+    calls = Calls(monkeypatch)
+    r.run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+    receipt = calls.first("receipt")
+    # one syncfs of the staging file system, no fsync of any item's data, then every
+    # item is published, then their one directory is flushed, then the receipt written
+    assert [k for k, _ in calls.log[:receipt]] == (
+        ["syncfs"] + ["publish"] * len(files) + ["fsync-dir"])
+    assert calls.log[0][1].endswith(f"{rx.STAGING}/{batch}")
+    assert calls.log[receipt - 1][1] == str(site.D)
+
+
+def test_items_published_into_several_directories_are_flushed_by_a_second_syncfs(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"{d}/f{i:02d}": os.urandom(100 + i) for i in range(30) for d in "abc"}
+    r = site.receiver()
+    batch = site.send(files)
+    calls = Calls(monkeypatch)
+    r.run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+    receipt = calls.first("receipt")
+    assert [k for k, _ in calls.log[:receipt]] == (
+        ["syncfs"] + ["publish"] * len(files) + ["syncfs"])
+
+
+def test_without_syncfs_each_item_then_each_directory_is_fsynced_once(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    # two directories, interleaved in the control file
+    files = {f"{d}/f{i:02d}": os.urandom(50) for i in range(10) for d in "ab"}
+    r = site.receiver()
+    batch = site.send(files)
+    calls = Calls(monkeypatch, syncfs_works=False)
+    r.run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+    receipt = calls.first("receipt")
+    publishes = calls.kinds("publish")
+    # every item's data is flushed before any is published
+    flushed = [n for n in calls.kinds("fsync-file") if n < receipt]
+    assert sorted(os.path.basename(calls.log[n][1]) for n in flushed) == sorted(
+        calls.staged_name(f) for f in files)
+    assert max(flushed) < publishes[0]
+    # each directory is flushed once, after its last item, before the receipt
+    dir_syncs = [(n, path) for n, (k, path) in enumerate(calls.log[:receipt])
+                 if k == "fsync-dir"]
+    assert sorted(path for _, path in dir_syncs) == [str(site.D / "a"), str(site.D / "b")]
+    for n, path in dir_syncs:
+        assert n > max(m for m in publishes if os.path.dirname(calls.log[m][1]) == path)
+
+
+def test_when_the_renames_cannot_be_flushed_no_receipt_is_written_until_they_are(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"{d}/f{i}": os.urandom(50) for i in range(5) for d in "ab"}
+    r = site.receiver()
+    batch = site.send(files)
+    real = rx._syncfs
+    calls: list[int] = []
+
+    def second_fails(fd: int) -> bool:
+        calls.append(fd)
+        return len(calls) != 2 and real(fd)
+
+    monkeypatch.setattr(rx, "_syncfs", second_fails)
+    r.run_once()
+    assert len(calls) == 2 and not (site.I / f"{batch}.{RCPT}").exists()
+    assert site.published() == files
+    r.run_once()  # finds them published, flushes their directories
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+
+
+def test_an_item_whose_data_cannot_be_flushed_is_an_io_error_and_not_published(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {"good": b"good data", "bad": b"unlucky data", "fine": b"more"}
+    r = site.receiver()
+    batch = site.send(files)
+    Calls(monkeypatch, syncfs_works=False, fail_fsync_of="bad")
+    r.run_once()
+    assert site.receipt(batch) == {"good": Status.OK, "bad": Status.IO_ERROR,
+                                   "fine": Status.OK}
+    assert site.published() == {"good": b"good data", "fine": b"more"}
+    assert site.incoming() == [batch, f"{batch}.{CTRL}", f"{batch}.{RCPT}"]
+
+
+def test_a_single_item_is_flushed_by_its_own_fsync_not_a_syncfs(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = site.receiver()
+    batch = site.send({"only": b"one"})
+    calls = Calls(monkeypatch)
+    r.run_once()
+    assert site.receipt(batch) == {"only": Status.OK}
+    assert calls.kinds("syncfs") == []
+    (flush,) = [n for n in calls.kinds("fsync-file") if n < calls.first("receipt")]
+    assert calls.log[flush][1].endswith(calls.staged_name("only"))
+    assert flush < calls.first("publish")
+
+
+def test_a_crash_after_the_syncfs_and_before_publishing_loses_nothing(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"d{i % 3}/f{i}": os.urandom(200) for i in range(12)}
+    r = site.receiver()
+    batch = site.send(files)
+
+    def crash(fd: int) -> bool:
+        raise KeyboardInterrupt  # stands for SIGKILL once the data is checked
+
+    monkeypatch.setattr(rx, "_syncfs", crash)
+    with pytest.raises(KeyboardInterrupt):
+        r.run_once()
+    r.close()
+    monkeypatch.undo()
+    assert site.published() == {} and not (site.I / f"{batch}.{RCPT}").exists()
+    site.receiver().run_once()
+    assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert site.published() == files
+
+
 # --------------------------------------------------------------------------- named attacks
 
 
@@ -842,25 +1016,60 @@ def test_follow_answers_each_batch_as_it_arrives_and_stops_promptly(
     assert not t.is_alive() and time.monotonic() - t0 < 2
 
 
-def test_stop_finishes_the_current_item_and_leaves_the_batch_for_the_restart(
+def test_stop_during_the_checks_publishes_nothing_and_leaves_the_batch_for_the_restart(
         site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     files = {f"f{i}": os.urandom(10) for i in range(5)}
     r = site.receiver()
     batch = site.send(files)
-    real = r._item
+    real = r._check
 
-    def item_then_stop(job: object, item: ControlItem) -> object:
-        result = real(job, item)  # type: ignore[arg-type]
+    def check_then_stop(job: object, index: int, item: ControlItem) -> object:
+        result = real(job, index, item)  # type: ignore[arg-type]
         r.stop()
         return result
 
-    monkeypatch.setattr(r, "_item", item_then_stop)
+    monkeypatch.setattr(r, "_check", check_then_stop)
     r.run_once()
-    assert len(site.published()) == 1 and not (site.I / f"{batch}.{RCPT}").exists()
+    # the first item was checked in staging; nothing is published before all are
+    assert site.published() == {} and not (site.I / f"{batch}.{RCPT}").exists()
     r.close()
     site.receiver().run_once()
     assert site.receipt(batch) == dict.fromkeys(files, Status.OK)
     assert site.published() == files
+
+
+def test_a_control_file_is_answered_at_once_even_in_a_burst_of_other_events(
+        site: Site) -> None:
+    """The watcher coalesces a burst of events for up to a second; a control file's
+    arrival ends that wait (its sender is waiting for the receipt)."""
+    r = site.receiver()
+    t = follow_in_thread(r)
+    quiet = threading.Event()
+
+    def noise() -> None:  # a file created and removed in I every 10 ms
+        n = 0
+        while not quiet.is_set():
+            path = site.I / f"noise-{n % 4}"
+            path.write_bytes(b"x")
+            path.unlink()
+            n += 1
+            time.sleep(0.01)
+
+    noisy = threading.Thread(target=noise, daemon=True)
+    noisy.start()
+    try:
+        latencies = []
+        for n in range(5):
+            time.sleep(0.137 * n)  # land at different moments of a coalescing wait
+            batch = site.send({f"f{n}": b"x"})
+            latencies.append(wait_for(lambda b=batch: (site.I / f"{b}.{RCPT}").exists()))
+    finally:
+        quiet.set()
+        noisy.join(5)
+        r.stop()
+        t.join(5)
+    # without the early end, a control waits 0.5 s on average for the burst to stop
+    assert sorted(latencies)[3] < 0.3, latencies
 
 
 # --------------------------------------------------------------------------- the command
