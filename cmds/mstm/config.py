@@ -441,7 +441,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                "globs of names never sent (dot-files are always ignored)"),
         "ready_marker": Key(Marker(), None,
                             "an item is ready only once this file exists (empty: no marker)"),
-        "follow_symlinks": Key(Bool(), "false", "follow symbolic links found in directory"),
+        "follow_symlinks": Key(Bool(), "false",
+                               "a symbolic link to a regular file is an item, sent and "
+                               "verified as that file (transfer_unit = file only); links to "
+                               "directories, dangling links and loops are skipped; move mode "
+                               "deletes only the link"),
         "poll_interval": Key(Seconds(positive=True), "$(global:general_poll_interval)",
                              "how often to rescan (default: [global] general_poll_interval)"),
         "direction": Key(Choice(("push", "pull")), "push",
@@ -505,6 +509,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "overwrite": Key(Bool(), "false",
                          "replace a published file whose content differs (else: refused)"),
         "max_control_bytes": Key(Size(), "8M", "larger control files are quarantined unread"),
+        "abandoned_batch_seconds": Key(Seconds(), "86400",
+                                       "a batch directory without a control file, receipt or"
+                                       " thank-you, in which nothing changed for this long,"
+                                       " is removed (a sender died mid-transfer; 0: never)"),
     },
     "rsync_ssh": {
         "cmd": Key(Word(), "rsync", "the rsync program"),
@@ -734,6 +742,7 @@ class IncomingConfig:
     receipt_file_extension: str = "mstm-rcpt"
     overwrite: bool = False
     max_control_bytes: int = 8 << 20
+    abandoned_batch_seconds: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -1416,6 +1425,7 @@ def _build_incoming(v: _View) -> IncomingConfig:
         receipt_file_extension=exts["receipt_file_extension"],
         overwrite=v.get(s, "overwrite", bool),
         max_control_bytes=v.get(s, "max_control_bytes", int),
+        abandoned_batch_seconds=v.get(s, "abandoned_batch_seconds", float),
     )
 
 

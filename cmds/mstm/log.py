@@ -31,6 +31,7 @@ MESSAGE_IDS: dict[str, str] = {
     "lease_taken_over": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000b",
     "skipped": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000c",
     "unmapped": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000d",
+    "abandoned_batch_removed": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000e",
 }
 
 _FIELD_NAMES = {"stream", "item", "bytes", "peer", "result", "attempt", "reason"}

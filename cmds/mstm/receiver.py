@@ -29,6 +29,18 @@ item is "ok" in a receipt only when its data is on disk under its final name.
 A thank-you removes the batch's control file, receipt and directory, by names derived
 from the batch name only.
 
+Abandoned batches: a sender killed (or cut off) while it pushes a batch leaves
+``I/<batch>/`` without a control file, and never sends into it again (a re-send is a new
+batch).  Such a directory -- named like a batch, with no control file, receipt or
+thank-you, not the stop file, and in which no entry at any depth has changed (the later
+of mtime and ctime) for ``[incoming] abandoned_batch_seconds`` -- is removed: renamed
+aside to ``I/.mstm-abandoned-<batch>-<random>`` (so that the batch name is gone at one
+instant), looked at again there, then removed with ``shutil.rmtree`` relative to I's
+descriptor (which never follows a symbolic link).  A control file that appears meanwhile,
+or a change in the tree, puts it back.  The incoming area is looked at for them at
+start-up and then at most every tenth of that time, with a bounded number of entries
+examined per look.
+
 Crash safety: every step is a rename or is repeated.  A receiver killed at any instant
 and restarted finds the control file without a receipt and processes it again: an item
 already staged is taken from staging (and checked again), one already published counts
@@ -46,6 +58,7 @@ see the MiStaMover section of :mod:`mstm.protocol`.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import fcntl
@@ -61,6 +74,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mstm import protocol
 from mstm.config import StreamConfig
@@ -87,6 +101,13 @@ MSM_DATA_GRACE = 30.0
 STALE_SECONDS = 60.0
 RESCAN_SECONDS = 60.0  # with inotify: look anyway this often
 EXPIRY_CHECK_SECONDS = 60.0
+# Abandoned batch directories are renamed to this prefix (+ batch + random) before removal.
+ABANDONED_PREFIX = ".mstm-abandoned-"
+# Entries examined per look for abandoned batches (the first directory looked at is
+# always examined to its end, so that every one is eventually decided), and the depth
+# beyond which a directory is left alone (each level holds a descriptor).
+ABANDONED_BUDGET = 100_000
+ABANDONED_MAX_DEPTH = 256
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -112,6 +133,8 @@ class Settings:
     overwrite: bool = False
     max_control_bytes: int = 8 << 20
     poll_interval: float = 3.0
+    stop_file: str = ".stop"
+    abandoned_batch_seconds: float = 86400.0  # 0: abandoned batch directories stay
 
     @classmethod
     def from_config(cls, cfg: StreamConfig) -> Settings:
@@ -126,6 +149,8 @@ class Settings:
             overwrite=inc.overwrite,
             max_control_bytes=inc.max_control_bytes,
             poll_interval=cfg.poll_interval,
+            stop_file=inc.stop_file,
+            abandoned_batch_seconds=inc.abandoned_batch_seconds,
         )
 
 
@@ -138,6 +163,7 @@ class Summary:
     thanked: int = 0
     quarantined: int = 0
     deferred: int = 0
+    abandoned: int = 0  # abandoned batch directories removed
     statuses: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: Summary) -> None:
@@ -321,6 +347,135 @@ def _remove_tree(name: str, dir_fd: int) -> None:
             os.unlink(name, dir_fd=dir_fd)
 
 
+def _changed_at(st: os.stat_result, now: float, *, ctime: bool = True) -> float:
+    """When an entry last changed: the later of its mtime and ctime (rsync --times
+    back-dates mtimes; ctime still says when the file was written).  An mtime in the
+    future (a clock ahead somewhere) is no change: its ctime says when it was set."""
+    changed = st.st_ctime if ctime else 0.0
+    if st.st_mtime <= now:
+        changed = max(changed, st.st_mtime)
+    return changed
+
+
+@dataclass
+class _Survey:
+    """What _survey found in a directory tree."""
+
+    # old: nothing changed since the time asked; fresh: something did (or vanished, or
+    # was replaced); gone: no such directory; foreign: a mount point, too deep or not
+    # readable; unfinished: out of budget, or stop was asked
+    verdict: Literal["old", "fresh", "gone", "foreign", "unfinished"]
+    newest: float = 0.0  # the latest change among the entries examined
+    bytes: int = 0  # sizes of the regular files
+    entries: int = 0  # examined, the directory itself included
+    detail: str = ""
+
+
+def _survey(parent_fd: int, name: str, *, dev: int, mount: str | None, since: float,
+            now: float, budget: int | None, tick: Callable[[], bool],
+            root_ctime: bool = True) -> _Survey:
+    """Examine the tree parent_fd/name: has any entry, the directory itself included,
+    changed after *since* (see _changed_at; *now*: the wall-clock time)?
+
+    Every directory is opened with O_NOFOLLOW relative to its parent's descriptor and
+    checked to be the one just examined, so a symbolic link is never followed and nothing
+    outside the tree is looked at; an entry on another device than *dev*, or a directory
+    on another mount than *mount* (see _mount_id; a bind mount), ends the look
+    ("foreign"): what is mounted there is never ours to remove.  It stops at the first
+    entry changed after *since* ("fresh"; one that vanishes or is replaced meanwhile
+    counts as changed now), after *budget* entries or when *tick* (called every 1000
+    entries) returns False ("unfinished").  *root_ctime*: count the directory's own
+    ctime (not after we renamed it: that changed it).  At most ABANDONED_MAX_DEPTH
+    directories are held open.
+    """
+    try:
+        root = os.open(name, _O_DIR, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return _Survey("gone")
+    except OSError as err:
+        if err.errno in _REFUSING:
+            return _Survey("gone")  # not a directory (any more)
+        return _Survey("foreign", detail=err.strerror or str(err))
+    found = _Survey("old")
+    fds = [root]
+    try:
+        st = os.fstat(root)
+        found.entries = 1
+        found.newest = _changed_at(st, now, ctime=root_ctime)
+        if st.st_dev != dev or (mount is not None and _mount_id(root) != mount):
+            found.verdict, found.detail = "foreign", "a mount point"
+            return found
+        if found.newest > since:
+            found.verdict = "fresh"
+            return found
+        listings = [iter(os.listdir(root))]
+        while listings:
+            entry = next(listings[-1], None)
+            if entry is None:
+                os.close(fds.pop())
+                listings.pop()
+                continue
+            found.entries += 1
+            if found.entries % 1000 == 0 and not tick():
+                found.verdict = "unfinished"
+                return found
+            if budget is not None and found.entries > budget:
+                found.verdict = "unfinished"
+                return found
+            try:
+                est = os.stat(entry, dir_fd=fds[-1], follow_symlinks=False)
+            except FileNotFoundError:
+                found.verdict, found.newest = "fresh", now
+                return found
+            found.newest = max(found.newest, _changed_at(est, now))
+            if found.newest > since:
+                found.verdict = "fresh"
+                return found
+            if est.st_dev != dev:
+                found.verdict, found.detail = "foreign", "a mount point inside"
+                return found
+            if stat.S_ISREG(est.st_mode):
+                found.bytes += est.st_size
+            elif stat.S_ISDIR(est.st_mode):
+                if len(fds) >= ABANDONED_MAX_DEPTH:
+                    found.verdict = "foreign"
+                    found.detail = f"deeper than {ABANDONED_MAX_DEPTH} levels"
+                    return found
+                try:
+                    child = os.open(entry, _O_DIR, dir_fd=fds[-1])
+                except OSError as err:
+                    if err.errno not in (errno.ENOENT, *_REFUSING):
+                        raise
+                    found.verdict, found.newest = "fresh", now  # replaced meanwhile
+                    return found
+                fds.append(child)
+                cst = os.fstat(child)
+                if (cst.st_dev, cst.st_ino) != (est.st_dev, est.st_ino):
+                    found.verdict, found.newest = "fresh", now
+                    return found
+                if mount is not None and _mount_id(child) != mount:
+                    found.verdict, found.detail = "foreign", "a mount point inside"
+                    return found
+                listings.append(iter(os.listdir(child)))
+        return found
+    except OSError as err:
+        found.verdict, found.detail = "foreign", err.strerror or str(err)
+        return found
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def _mount_id(fd: int) -> str | None:
     """The mount a descriptor is on (Linux /proc), None if unknown."""
     try:
@@ -396,6 +551,13 @@ class Receiver:
         self._reserved: list[tuple[str, ...]] = []
         self._broken: set[str] = set()  # names that could not even be quarantined
         self._last_expiry = 0.0
+        # abandoned batch directories: when to look next (time.monotonic(); 0: at the
+        # first pass), where the last look stopped, names already warned about
+        self._next_abandoned = 0.0
+        self._abandoned_from = ""
+        self._abandoned_pending = False
+        self._abandoned_warned: set[str] = set()
+        self._clock: Callable[[], float] = time.time  # wall clock, for file times
         self._buf = bytearray(BLOCK)  # scratch for hashing
         self.total = Summary()
         for ext in (settings.control_ext, settings.receipt_ext, settings.thanks_ext):
@@ -524,6 +686,7 @@ class Receiver:
                     if stat.S_ISREG(os.stat(name, dir_fd=self._i_fd,
                                             follow_symlinks=False).st_mode):
                         os.unlink(name, dir_fd=self._i_fd)
+        self._remove_set_aside(names)
         pending = {self._stage_key(n) for n in names if n.endswith("." + self.s.control_ext)}
         if not self._exists_in(self._stage_parent, STAGING):
             return
@@ -623,10 +786,23 @@ class Receiver:
             self._last_expiry = now
             self._broken.clear()  # try those again once a minute
             self._expire(self._listdir())
+        if s.abandoned_batch_seconds > 0 and not self.stopping:
+            if now >= self._next_abandoned:
+                # None: nothing to look at again before the usual interval
+                wait = self._look_for_abandoned(summary)
+                self._abandoned_pending = wait is not None
+                self._next_abandoned = time.monotonic() + (
+                    wait if wait is not None else self._abandoned_interval())
+            elif not self._abandoned_pending and self._abandoned_candidates(names):
+                self._abandoned_pending = True  # one came since the last look
+            if self._abandoned_pending:  # wake up for it (follow)
+                wait = max(0.0, self._next_abandoned - time.monotonic())
+                due = wait if due is None else min(due, wait)
         self.total.merge(summary)
         self.total.batches += summary.batches
         self.total.thanked += summary.thanked
         self.total.quarantined += summary.quarantined
+        self.total.abandoned += summary.abandoned
         return due
 
     def _guard(self, name: str, summary: Summary,
@@ -1281,6 +1457,176 @@ class Receiver:
                         os.unlink(name, dir_fd=self._i_fd)
                     log.info("%s: MiStaMover receipt %s never acknowledged; removed",
                              s.stream, show(name))
+
+
+    # ------------------------------------------------------------------ abandoned batches
+
+    def _abandoned_interval(self) -> float:
+        return self.s.abandoned_batch_seconds / 10
+
+    def _tick_alive(self) -> bool:
+        self.notifier.watchdog()
+        return not self.stopping
+
+    def _tick(self) -> bool:
+        self.notifier.watchdog()
+        return True
+
+    def _warn_once(self, name: str, msg: str, *args: object) -> None:
+        if name not in self._abandoned_warned:
+            self._abandoned_warned.add(name)
+            log.warning(msg, self.s.stream, *args)
+
+    def _look_for_abandoned(self, summary: Summary) -> float | None:
+        """Remove the abandoned batch directories of I (see the module's docstring).
+
+        Candidates are found from I's listing alone: a directory named like a batch, not
+        the stop file, and no name in I that starts with "<batch>." or ".<batch>." (its
+        control file, receipt, thank-you, their temporary names, a MiStaMover control
+        file).  One whose own mtime and ctime are recent is passed over without a look
+        inside; the others are examined to the bottom, ABANDONED_BUDGET entries in all
+        (but the first to its end); the next look goes on where this one stopped.
+        Returns in how many seconds to look again (something may be abandoned by then, or
+        this look was cut short), None if nothing calls for it.
+        """
+        s = self.s
+        limit = s.abandoned_batch_seconds
+        interval = self._abandoned_interval()
+        names = self._listdir()
+        present = set(names)
+        self._abandoned_warned &= present
+        self._remove_set_aside(names)
+        candidates = self._abandoned_candidates(names)
+        start = bisect.bisect_left(candidates, self._abandoned_from)
+        self._abandoned_from = ""
+        try:
+            i_dev = os.fstat(self._i_fd).st_dev
+        except OSError:
+            return None
+        i_mount = _mount_id(self._i_fd)
+        now = self._clock()
+        since = now - limit
+        budget = ABANDONED_BUDGET
+        first = True
+        wake: float | None = None  # (wall clock) when one may have become abandoned
+        for name in candidates[start:] + candidates[:start]:
+            if self.stopping:
+                self._abandoned_from = name
+                return interval
+            try:
+                st = os.stat(name, dir_fd=self._i_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            changed = _changed_at(st, now)
+            if changed > since and st.st_dev == i_dev:  # cheap: it changed itself lately
+                wake = changed + limit if wake is None else min(wake, changed + limit)
+                continue
+            if not first and budget <= 0:
+                self._abandoned_from = name
+                return interval
+            found = _survey(self._i_fd, name, dev=i_dev, mount=i_mount, since=since, now=now,
+                            budget=None if first else budget, tick=self._tick_alive)
+            first = False
+            budget -= found.entries
+            if found.verdict == "fresh":
+                due = found.newest + limit
+                wake = due if wake is None else min(wake, due)
+            elif found.verdict == "unfinished":
+                self._abandoned_from = name
+                return interval
+            elif found.verdict == "foreign":
+                self._warn_once(name, "%s: %s looks like an abandoned batch directory but is"
+                                " left alone: %s", show(name), found.detail)
+            elif found.verdict == "old":
+                self._remove_abandoned(name, found, i_dev, i_mount, summary)
+        if wake is None:
+            return None
+        return max(interval, wake - self._clock())
+
+    def _abandoned_candidates(self, names: list[str]) -> list[str]:
+        """The names in I's listing *names* that may be abandoned batch directories (by
+        their names alone), sorted."""
+        referenced = {n.lstrip(".").split(".", 1)[0] for n in names
+                      if "." in n.lstrip(".")}
+        return sorted(n for n in names if protocol.BATCH_RE.match(n)
+                      and n != self.s.stop_file and n not in referenced)
+
+    def _handshake_present(self, batch: str) -> bool:
+        """Does a control file, receipt or thank-you of *batch* exist now (or a MiStaMover
+        control file for an item of that name)?"""
+        s = self.s
+        names = [f"{batch}.{ext}" for ext in (s.control_ext, s.receipt_ext, s.thanks_ext)]
+        names.append(protocol.mistamover_control_name(batch, control_ext=s.control_ext))
+        for name in names:
+            try:
+                os.stat(name, dir_fd=self._i_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass
+            return True
+        return False
+
+    def _remove_abandoned(self, batch: str, found: _Survey, i_dev: int, i_mount: str | None,
+                          summary: Summary) -> None:
+        """Remove I/<batch>, found unchanged since found.newest: rename it aside (the
+        batch name is gone at once), look again (a change since, or a control file
+        meanwhile, and it is put back), then rmtree relative to I's descriptor."""
+        s = self.s
+        if self._handshake_present(batch):
+            return
+        aside = f"{ABANDONED_PREFIX}{batch}-{secrets.token_hex(4)}"
+        try:
+            rename_noreplace(batch, aside, src_dir_fd=self._i_fd, dst_dir_fd=self._i_fd)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            self._warn_once(batch, "%s: cannot remove abandoned batch %s: %s", batch,
+                            err.strerror or err)
+            return
+        again = _survey(self._i_fd, aside, dev=i_dev, mount=i_mount, since=found.newest,
+                        now=self._clock(), budget=None, tick=self._tick, root_ctime=False)
+        if again.verdict == "gone":  # not ours to remove any more
+            return
+        if again.verdict != "old" or self._handshake_present(batch):
+            try:
+                rename_noreplace(aside, batch, src_dir_fd=self._i_fd, dst_dir_fd=self._i_fd)
+            except OSError as err:
+                # the name was taken again meanwhile: what we set aside goes (a control
+                # file for it is answered "missing", and its items are sent again)
+                log.warning("%s: batch %s changed while being removed and cannot be put"
+                            " back: %s", s.stream, batch, err.strerror or err)
+            else:
+                log.info("%s: batch %s changed while being removed; left in place",
+                         s.stream, batch)
+                return
+        try:
+            shutil.rmtree(aside, dir_fd=self._i_fd)  # fd-based: never follows a link
+        except (OSError, RecursionError) as err:
+            self._warn_once(aside, "%s: cannot remove abandoned batch %s (set aside as %s):"
+                            " %s; tried again later", batch, aside, err)
+            return
+        with suppress(OSError):
+            os.fsync(self._i_fd)
+        age = self._clock() - found.newest
+        summary.abandoned += 1
+        log.warning("%s: batch %s abandoned (no control file, nothing in it changed for %s);"
+                    " removed its directory: %d bytes in %d entries", s.stream, batch,
+                    _duration(age), again.bytes, again.entries,
+                    extra=event("abandoned_batch_removed", stream=s.stream, item=batch,
+                                bytes=again.bytes, reason=f"unchanged for {age:.0f} s"))
+
+    def _remove_set_aside(self, names: list[str]) -> None:
+        """Batch directories set aside for removal, left by a crash or a failed rmtree."""
+        for name in names:
+            if name.startswith(ABANDONED_PREFIX):
+                try:
+                    _remove_tree(name, self._i_fd)
+                except (OSError, RecursionError) as err:
+                    self._warn_once(name, "%s: cannot remove %s: %s; tried again later",
+                                    show(name), err)
 
 
 class _Refused(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.integration
 class Receiver:
     """A receiving stream on the 'target host' (this machine, another config)."""
 
-    def __init__(self, root: Path, directory: Path, name: str = "inbound") -> None:
+    def __init__(self, root: Path, directory: Path, name: str = "inbound",
+                 incoming: dict[str, str] | None = None) -> None:
         self.root = root
         self.name = name
         self.directory = directory
@@ -32,7 +34,8 @@ class Receiver:
             f"[global]\ndata_stream_list = {name}\nspool_base_dir = {root / 'spool'}\n"
             f"runtime_dir = {root / 'run'}\ngeneral_poll_interval = 0.5\n")
         (root / "etc" / f"{name}.ini").write_text(
-            f"[data_stream]\ndirectory = {directory}\n")
+            f"[data_stream]\ndirectory = {directory}\n" + "".join(
+                f"[incoming]\n{k} = {v}\n" for k, v in (incoming or {}).items()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "receive.log"
 
@@ -202,3 +205,65 @@ def test_a_three_hop_chain_moves_500_files_each_hop_verified(tmp_path: Path,
     assert len(final) == 500
     assert hop_a.files(hop_a.source) == {}
     assert {k for k in hop_b.files(hop_b.source) if not k.startswith(b".mstm-incoming")} == set()
+
+
+def test_a_batch_left_by_a_sender_killed_mid_rsync_is_removed_and_later_deliveries_work(
+        tmp_path: Path, stream: StreamEnv) -> None:
+    """A sender killed during the rsync leaves its batch directory (a partial file in it)
+    and no control file; it never sends into that directory again.  The receiver removes
+    it once nothing in it changed for abandoned_batch_seconds, and the item goes in a
+    new batch."""
+    rx = Receiver(tmp_path / "rx", stream.target,
+                  incoming={"abandoned_batch_seconds": "2"}).start()
+    stream.configure(outgoing={"target_uses_arrival_monitor": "true",
+                               "receipt_file_poll_interval": "0.5",
+                               "receipt_file_poll_count": "40", "bwlimit": "2048"})
+    # 20 s at 2 MiB/s, below the streaming threshold; rsync's receiver writes in 256 KiB
+    # blocks, so the partial file changes many times a second while the sender lives
+    data = os.urandom(40 << 20)
+    stream.put("big.dat", data)
+    try:
+        errlog = stream.root / "killed-sender.err"
+        with open(errlog, "wb") as err:
+            sender = stream.popen("mstm-send", "--once", stdout=subprocess.DEVNULL,
+                                  stderr=err, start_new_session=True)
+
+        def partial_batches() -> list[Path]:
+            if not rx.incoming.exists():
+                return []
+            return [d for d in rx.incoming.iterdir() if d.is_dir() and not
+                    d.name.startswith(".") and any(f.is_file() and f.stat().st_size
+                                                   for f in d.rglob("*"))]
+
+        deadline = time.monotonic() + 30
+        while not partial_batches():
+            assert time.monotonic() < deadline and sender.poll() is None, \
+                errlog.read_text() + rx.log.read_text()
+            time.sleep(0.05)
+        os.killpg(sender.pid, signal.SIGKILL)  # mstm-send, its rsync and its ssh
+        sender.wait(timeout=10)
+        (batch_dir,) = partial_batches()
+        assert not any(p.name.startswith(batch_dir.name + ".") for p in rx.incoming.iterdir())
+
+        deadline = time.monotonic() + 20
+        while batch_dir.exists():
+            assert time.monotonic() < deadline, rx.log.read_text()
+            time.sleep(0.1)
+        assert protocol_leftovers(rx) == []
+        log = rx.log.read_text()
+        assert f"batch {batch_dir.name} abandoned" in log and "Traceback" not in log
+
+        # the item is still queued (its claim's owner is dead) and goes in a new batch
+        stream.configure(outgoing={"bwlimit": "0"})
+        r = stream.run("mstm-send", "--once", "--json")
+        assert r.returncode == 0, r.stderr + rx.log.read_text()
+        assert json.loads(r.stdout)["delivered"] == 1
+        assert (stream.target / "big.dat").read_bytes() == data
+        assert not (stream.source / "big.dat").exists()
+        deadline = time.monotonic() + 10
+        while protocol_leftovers(rx) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert protocol_leftovers(rx) == []
+        assert rx.log.read_text().count(" abandoned (") == 1
+    finally:
+        rx.stop()

@@ -9,6 +9,7 @@ read, written or deleted.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import hashlib
 import json
@@ -977,6 +978,347 @@ def test_answered_batches_without_a_thank_you_expire_after_a_week(site: Site) ->
     r.run_once()
     assert site.incoming() == []
     assert site.published() == {"a": b"1"}
+
+
+# --------------------------------------------------------------------------- abandoned batches
+#
+# A sender killed mid-rsync leaves I/<batch>/ with no control file.  The tests fake the
+# receiver's wall clock (r._clock) and back-date mtimes with os.utime: ctime cannot be
+# set, so "old" means the clock moved on, not that the files were back-dated.
+
+LIMIT = 3600.0
+
+
+def abandoned_site(site: Site, limit: float = LIMIT, **kw: object) -> Site:
+    site.settings = dataclasses.replace(site.settings, abandoned_batch_seconds=limit,
+                                        **kw)  # type: ignore[arg-type]
+    return site
+
+
+def partial_batch(site: Site, batch: str, files: dict[str, bytes] | None = None) -> Path:
+    """What a sender killed during the rsync leaves: data, a partial file, no control."""
+    files = files if files is not None else {
+        "obs/a.nc": b"a" * 1000, "obs/deep/b.nc": b"b" * 500,
+        ".mstm-partial/c.nc": b"c" * 300, "obs/.d.nc.Xy12Ab": b"d" * 200}
+    site.put(batch, files)
+    return site.I / batch
+
+
+def backdate(path: Path, seconds: float) -> None:
+    """Every entry's mtime (and atime) *seconds* ago, as rsync --times would set them."""
+    old = time.time() - seconds
+    for dirpath, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.utime(os.path.join(dirpath, name), (old, old), follow_symlinks=False)
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+def later(r: Receiver, seconds: float) -> None:
+    """The receiver's clock, *seconds* from now; and its next look is due at once."""
+    r._clock = lambda: time.time() + seconds
+    r._next_abandoned = 0.0
+
+
+def removals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [rec for rec in caplog.records
+            if getattr(rec, "mstm_event", None) == "abandoned_batch_removed"]
+
+
+def test_an_abandoned_batch_directory_older_than_the_limit_is_removed_and_logged_once(
+        site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    batch = p.new_batch_id()
+    partial_batch(site, batch)
+    backdate(site.I / batch, 2 * LIMIT)
+    later(r, LIMIT + 100)
+    with caplog.at_level(logging.INFO, logger="mstm"):
+        summary = r.run_once()
+        later(r, LIMIT + 200)
+        r.run_once()
+    assert summary.abandoned == 1 and r.total.abandoned == 1
+    assert site.incoming() == []  # nothing set aside is left either
+    (rec,) = removals(caplog)  # once
+    assert rec.levelno == logging.WARNING
+    assert rec.mstm_fields == {  # type: ignore[attr-defined]
+        "stream": "t", "item": batch, "bytes": 2000, "result": "abandoned_batch_removed",
+        "reason": "unchanged for 3700 s"}  # by the receiver's clock
+    msg = rec.getMessage()
+    assert batch in msg and "changed for 62 min" in msg and "2000 bytes" in msg
+
+
+def test_a_batch_directory_changed_within_the_limit_stays(site: Site) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    backdate(site.I / "b1", 2 * LIMIT)
+    later(r, LIMIT + 100)
+    # one file deep down was written 10 s ago (by the receiver's clock)
+    recent = time.time() + LIMIT + 90
+    os.utime(site.I / "b1" / "obs" / "deep" / "b.nc", (recent, recent))
+    assert r.run_once().abandoned == 0
+    assert site.incoming() == ["b1"]
+
+
+def test_a_batch_whose_files_have_old_mtimes_but_were_written_lately_stays(
+        site: Site) -> None:
+    """rsync --times gives each file its source's mtime: only ctime tells when it came."""
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    backdate(site.I / "b1", 30 * 86400)  # mtimes a month old; ctimes now
+    later(r, LIMIT - 100)
+    assert r.run_once().abandoned == 0
+    assert site.incoming() == ["b1"]
+
+
+def test_an_mtime_in_the_future_does_not_keep_a_batch_forever(site: Site) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    future = time.time() + 10 * LIMIT  # a source host's clock far ahead (rsync --times)
+    os.utime(site.I / "b1" / "obs" / "a.nc", (future, future))
+    later(r, LIMIT + 100)
+    assert r.run_once().abandoned == 1
+    assert site.incoming() == []
+
+
+@pytest.mark.parametrize("name", [f"b1.{CTRL}", f"b1.{RCPT}", f"b1.{THANKS}",
+                                  f".b1.{CTRL}.tmp.4242", f".b1.{CTRL}"])
+def test_a_batch_directory_with_a_control_file_receipt_or_thank_you_stays(
+        site: Site, name: str) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    (site.I / name).write_bytes(b"")
+    backdate(site.I, 2 * LIMIT)
+    later(r, LIMIT + 100)
+    assert r._look_for_abandoned(rx.Summary()) is None
+    assert sorted(site.incoming()) == sorted(["b1", name])
+
+
+def test_an_old_batch_directory_whose_control_file_arrives_is_answered_not_removed(
+        site: Site) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    items = site.put("b1", {"x": b"late"})
+    later(r, LIMIT + 100)
+    site.control("b1", items)
+    assert r.run_once().abandoned == 0
+    assert site.receipt("b1") == {"x": Status.OK}
+    assert site.published() == {"x": b"late"}
+    assert (site.I / "b1").is_dir()  # until the thank-you
+
+
+def test_entries_not_named_like_a_batch_directory_stay(tmp_path: Path) -> None:
+    site = abandoned_site(Site(tmp_path), stop_file="STOP")
+    try:
+        site.I.mkdir()
+        names = ["with.dot", "-dash", "_under", "sp ace", "x" * 65, "ünï", ".hidden",
+                 ".quarantine", ".mstm-partial", "STOP"]
+        for name in names:
+            (site.I / name).mkdir()
+            (site.I / name / "f").write_bytes(b"data")
+        (site.I / "b2").write_bytes(b"a MiStaMover data file, not a directory")
+        r = site.receiver()
+        later(r, LIMIT + 100)
+        assert r.run_once().abandoned == 0
+        assert sorted(site.incoming()) == sorted([*names, "b2"])
+    finally:
+        site.close()
+
+
+def test_a_symlink_inside_an_abandoned_batch_pointing_outside_removes_nothing_outside(
+        site: Site) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    (site.I / "b1" / "out").symlink_to(site.outside)
+    (site.I / "b1" / "obs" / "secret").symlink_to(site.outside / "secret")
+    (site.I / "b1" / "obs" / "up").symlink_to("../../..")
+    (site.I / "b2").symlink_to(site.outside)  # a batch "directory" that is a link
+    site.baseline()
+    watch = Watch(site.outside)
+    later(r, LIMIT + 100)
+    assert r.run_once().abandoned == 1
+    assert site.incoming() == ["b2"]
+    assert watch.events() == []  # nothing outside was even opened
+    assert (site.outside / "secret").read_bytes() == b"secret"
+    # (and the fixture checks that nothing outside I and D changed)
+
+
+def test_zero_disables_the_removal_of_abandoned_batches(site: Site) -> None:
+    abandoned_site(site, 0)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    backdate(site.I / "b1", 400 * 86400)
+    later(r, 365 * 86400)
+    assert r.run_once().abandoned == 0
+    assert site.incoming() == ["b1"]
+
+
+def test_a_control_file_appearing_while_a_batch_is_removed_keeps_the_batch(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The racing sender: its control file lands after the first look; the batch is
+    renamed aside, looked at again, and put back."""
+    abandoned_site(site)
+    r = site.receiver()
+    items = site.put("b1", {"x": b"racing"})
+    later(r, LIMIT + 100)
+    real = rx._survey
+
+    def survey_then_control(*args: object, **kw: object) -> rx._Survey:
+        result = real(*args, **kw)  # type: ignore[arg-type]
+        if str(args[1]).startswith(rx.ABANDONED_PREFIX):  # the look again, set aside
+            site.control("b1", items)
+        return result
+
+    monkeypatch.setattr(rx, "_survey", survey_then_control)
+    assert r._look_for_abandoned(rx.Summary()) is None
+    assert site.incoming() == ["b1", f"b1.{CTRL}"]
+    monkeypatch.undo()
+    r.run_once()
+    assert site.receipt("b1") == {"x": Status.OK}
+
+
+def test_a_write_into_a_batch_while_it_is_being_removed_keeps_the_batch(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    later(r, LIMIT + 100)
+    real = rx._survey
+
+    def survey_after_a_write(parent_fd: int, name: str, **kw: object) -> rx._Survey:
+        if name.startswith(rx.ABANDONED_PREFIX):  # a sender that held the directory open
+            time.sleep(0.02)  # past the file system's timestamp granularity
+            (site.I / name / "obs" / "deep" / "more").write_bytes(b"more")
+        return real(parent_fd, name, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rx, "_survey", survey_after_a_write)
+    assert r.run_once().abandoned == 0
+    assert site.incoming() == ["b1"]
+    assert (site.I / "b1" / "obs" / "deep" / "more").read_bytes() == b"more"
+
+
+def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried(
+        site: Site, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    batch = site.send({"ok": b"1"})  # a good batch goes through meanwhile
+
+    def fail(*args: object, **kw: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(rx.shutil, "rmtree", fail)
+    with caplog.at_level(logging.INFO, logger="mstm"):
+        for _ in range(3):
+            later(r, LIMIT + 100)
+            assert r.run_once().abandoned == 0
+    warnings = [rec for rec in caplog.records if "cannot remove" in rec.getMessage()]
+    assert len(warnings) == 1 and "Permission denied" in warnings[0].getMessage()
+    assert site.receipt(batch) == {"ok": Status.OK}
+    monkeypatch.undo()
+    later(r, LIMIT + 100)
+    r.run_once()
+    assert not any(n.startswith(rx.ABANDONED_PREFIX) or n == "b1" for n in site.incoming())
+
+
+def test_a_batch_directory_set_aside_before_a_crash_is_removed_at_start(site: Site) -> None:
+    site.I.mkdir()
+    aside = site.I / f"{rx.ABANDONED_PREFIX}b1-0123abcd"
+    (aside / "d").mkdir(parents=True)
+    (aside / "d" / "f").write_bytes(b"x")
+    (aside / "out").symlink_to(site.outside)
+    site.baseline()
+    abandoned_site(site, 0)  # even when no longer enabled
+    site.receiver()
+    assert site.incoming() == []
+
+
+def test_a_mount_point_inside_a_batch_directory_is_never_removed(
+        site: Site, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    partial_batch(site, "b1")
+    mounted = site.I / "b1" / "obs" / "deep"
+    real = rx._mount_id
+    mounted_ino = mounted.stat().st_ino
+    monkeypatch.setattr(rx, "_mount_id", lambda fd: "elsewhere" if os.fstat(fd).st_ino
+                        == mounted_ino else real(fd))
+    with caplog.at_level(logging.INFO, logger="mstm"):
+        for _ in range(2):
+            later(r, LIMIT + 100)
+            assert r.run_once().abandoned == 0
+    assert site.incoming() == ["b1"]
+    assert [rec.getMessage() for rec in caplog.records
+            if "left alone" in rec.getMessage()] == [
+        "t: b1 looks like an abandoned batch directory but is left alone: a mount point"
+        " inside"]
+
+
+def test_looks_for_abandoned_batches_at_start_then_at_most_every_tenth_of_the_limit(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    looks = []
+    real = r._look_for_abandoned
+    monkeypatch.setattr(r, "_look_for_abandoned",
+                        lambda summary: looks.append(1) or real(summary))
+    for _ in range(20):
+        r.run_once()
+    assert len(looks) == 1
+    assert r._next_abandoned - time.monotonic() == pytest.approx(LIMIT / 10, abs=5)
+
+
+def test_a_look_examines_a_bounded_number_of_entries_and_the_next_one_goes_on(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    abandoned_site(site)
+    monkeypatch.setattr(rx, "ABANDONED_BUDGET", 10)
+    r = site.receiver()
+    for batch in ("b1", "b2", "b3", "b4"):
+        site.put(batch, {f"f{i}": b"x" for i in range(7)})  # 8 entries each
+    examined: list[str] = []
+    real = rx._survey
+
+    def counting(parent_fd: int, name: str, **kw: object) -> rx._Survey:
+        result = real(parent_fd, name, **kw)  # type: ignore[arg-type]
+        examined.append(f"{name}:{result.verdict}")
+        return result
+
+    monkeypatch.setattr(rx, "_survey", counting)
+    gone = []
+    for _ in range(4):
+        later(r, LIMIT + 100)
+        gone.append(r.run_once().abandoned)
+    # each look: the first directory to its end, then what is left of 10 entries
+    assert gone == [1, 1, 1, 1]
+    assert [e for e in examined if not e.startswith(".")] == [
+        "b1:old", "b2:unfinished", "b2:old", "b3:unfinished", "b3:old", "b4:unfinished",
+        "b4:old"]
+    assert site.incoming() == []
+
+
+def test_follow_removes_an_abandoned_batch_when_it_is_due_without_any_other_event(
+        site: Site) -> None:
+    abandoned_site(site, 0.6)
+    r = site.receiver()
+    t = follow_in_thread(r)
+    try:
+        partial_batch(site, "b1")
+        t0 = time.monotonic()
+        wait_for(lambda: not (site.I / "b1").exists(), timeout=10)
+        assert 0.5 < time.monotonic() - t0 < 3
+        batch = site.send({"after": b"1"})  # and deliveries go on
+        wait_for(lambda: (site.I / f"{batch}.{RCPT}").exists())
+        assert site.receipt(batch) == {"after": Status.OK}
+    finally:
+        r.stop()
+        t.join(5)
+
 
 
 # --------------------------------------------------------------------------- --follow
