@@ -28,6 +28,14 @@ recursion, and treats everything that vanishes or changes while it looks (rsync 
 files, a producer renaming things) as normal: it is skipped, or for a directory unit
 the unit counts as still changing.  Only an unusable stream directory raises
 (:class:`StreamDirectoryError`).
+
+Symbolic links: with ``follow_symlinks`` off (the default) a link is never an item; it
+is skipped with a reason and left alone.  With it on (``transfer_unit = file``), a link
+to a regular file is an item whose version (size, mtime) is that of the file it points
+to: that content is sent, hashed and verified, and in move mode only the link is deleted
+(:mod:`mstm.finish`).  A link to a directory, a dangling link, a loop, a link to a FIFO
+or device is skipped with a reason.  Inside a directory unit nothing is ever followed:
+links there belong to the unit and travel as links (see each transport).
 """
 
 from __future__ import annotations
@@ -121,9 +129,14 @@ class _Rules:
         return self._marker_re is not None and self._marker_re.fullmatch(relpath) is not None
 
     def marker_for(self, relpath: str) -> str | None:
-        if not self.marker:
-            return None
-        return self.marker.replace("{name}", relpath)
+        return marker_for(self.marker, relpath)
+
+
+def marker_for(template: str | None, relpath: str) -> str | None:
+    """The ready marker of item *relpath* (relative to the stream directory), or None."""
+    if not template:
+        return None
+    return template.replace("{name}", relpath)
 
 
 def _quiet_since_ns(st: os.stat_result, now_ns: int) -> int:
@@ -147,6 +160,73 @@ def _special_reason(mode: int) -> str:
     if stat.S_ISCHR(mode):
         return "character device"
     return f"unsupported file type (mode {mode:o})"
+
+
+def open_regular(path: bytes, *, follow_symlinks: bool) -> int:
+    """A read-only fd of the regular file at *path*, for sending or hashing an item.
+
+    A symbolic link as the last component is read through only with *follow_symlinks*
+    (else OSError ELOOP).  Anything but a regular file (a directory, FIFO, device,
+    socket; a link to one) is refused with OSError before it is opened, so nothing
+    blocks and no device is touched; a file swapped for another between that check and
+    the open is refused too.  Every OSError names *path* (transports tell a local
+    error from a broken connection by that).
+    """
+    shown = os.fsdecode(path)
+    st = os.stat(path, follow_symlinks=follow_symlinks)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "a symbolic link (follow_symlinks is off)", shown)
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else _special_reason(st.st_mode)
+        raise OSError(errno.EINVAL, f"not a regular file: {what}", shown)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            raise OSError(errno.EAGAIN, "replaced while it was being opened", shown)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_parent(directory: Path, relpath: str) -> tuple[int, str]:
+    """An fd of the directory that holds item *relpath*, and the item's last name.
+
+    The stream *directory* itself may be reached through a symbolic link, as in
+    :func:`scan`; no component below it is followed (OSError ELOOP or ENOTDIR), so
+    whatever is done with the fd stays inside the stream directory.  ValueError for a
+    path that is not relative and normalised.  The caller closes the fd.
+    """
+    *parents, name = relpath.split("/")
+    if any(p in ("", ".", "..") for p in (*parents, name)):
+        raise ValueError(f"not a normalised relative path: {relpath!r}")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in parents:
+        try:
+            below = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = below
+    return fd, name
+
+
+def regular_files(top: bytes) -> list[bytes]:
+    """The regular files below directory *top* (paths under it), sorted; no symbolic link
+    is followed or listed."""
+    stack = [top]
+    found: list[bytes] = []
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    found.append(e.path)
+    return sorted(found)
 
 
 def _join(rel: str, name: str) -> str:

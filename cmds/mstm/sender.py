@@ -24,17 +24,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mstm import protocol
+from mstm import finish, protocol
 from mstm import scan as scanning
 from mstm.backoff import DestinationBackoff
 from mstm.config import StreamConfig
@@ -61,39 +60,40 @@ class LocalDigest:
     changed: str | None = None  # why the source cannot be trusted, if it changed meanwhile
 
 
-def _hash_file(path: bytes) -> tuple[int, int, str, bool]:
-    """(size, mtime_ns, sha256, stable) of one file, read in large blocks."""
-    before = os.stat(path, follow_symlinks=False)
+def _hash_file(path: bytes, *, follow_symlinks: bool = False) -> tuple[int, int, str, bool]:
+    """(size, mtime_ns, sha256, stable) of one regular file, read in large blocks.
+
+    A symbolic link is read through only with *follow_symlinks* (then size and mtime are
+    those of the file it points to, as the scanner recorded them); anything but a regular
+    file raises OSError (see :func:`mstm.scan.open_regular`).  *stable*: the file read is
+    still the one at *path*, with the same size and times, after the read.
+    """
+    fd = scanning.open_regular(path, follow_symlinks=follow_symlinks)
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0) as f:
+        before = os.fstat(fd)
         while chunk := f.read(HASH_BLOCK):
             h.update(chunk)
-    after = os.stat(path, follow_symlinks=False)
-    stable = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
-        after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+    after = os.stat(path, follow_symlinks=follow_symlinks)
+    stable = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns,
+              before.st_ctime_ns) == (after.st_dev, after.st_ino, after.st_size,
+                                      after.st_mtime_ns, after.st_ctime_ns)
     return after.st_size, after.st_mtime_ns, h.hexdigest(), stable
 
 
-def _walk_files(root: bytes) -> Iterator[bytes]:
-    """Regular files below a directory item (relative to *root*'s parent), sorted."""
-    stack = [root]
-    found: list[bytes] = []
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    found.append(e.path)
-    yield from sorted(found)
+def local_digest(source_dir: Path, record: ItemRecord, *, follow_symlinks: bool = True
+                 ) -> LocalDigest:
+    """Size and sha256 of what the source holds for *record*, as the transport reads it.
 
-
-def local_digest(source_dir: Path, record: ItemRecord) -> LocalDigest:
+    *follow_symlinks*: a file item that is a symbolic link is read through it (the
+    stream's ``follow_symlinks``: links are only ever queued when it is on, and the
+    sender's re-check before a batch compares the version with that same setting).
+    Inside a directory item nothing is followed: only its regular files are hashed.
+    """
     base = os.fsencode(source_dir)
     path = os.path.join(base, os.fsencode(record.relpath))
     if not record.is_dir:
-        size, mtime_ns, digest, stable = _hash_file(path)
+        size, mtime_ns, digest, stable = _hash_file(path, follow_symlinks=follow_symlinks)
         changed = None
         if not stable or (size, mtime_ns) != (record.size, record.mtime_ns):
             changed = "source changed while it was being sent"
@@ -104,7 +104,7 @@ def local_digest(source_dir: Path, record: ItemRecord) -> LocalDigest:
     manifest = hashlib.sha256()
     total = 0
     changed = None
-    for fpath in _walk_files(path):
+    for fpath in scanning.regular_files(path):
         rel = os.fsdecode(os.path.relpath(fpath, base))
         size, mtime_ns, digest, stable = _hash_file(fpath)
         if not stable:
@@ -270,16 +270,12 @@ class Sender:
         try:
             with self.spool.scan_lock():
                 report = scanning.scan(self.stream)
+                # verified earlier, but a crash cut the deletion short: finish it
+                ready = finish.finish_deletions(self.stream, self.spool.path, report.ready,
+                                                level=self.per_item_level)
                 records = []
-                for c in report.ready:
-                    rid = item_id(c.relpath, c.size, c.mtime_ns)
-                    done = self.spool.path / "done" / rid
-                    if self.out.transfer_mode == "move" and done.exists():
-                        # verified earlier; the deletion did not happen (crash): finish it
-                        self._delete_source(c.relpath, {c.relpath: (c.size, c.mtime_ns)}, c.is_dir,
-                                            whole=(c.size, c.mtime_ns))
-                        continue
-                    if self.spool.known(rid):
+                for c in ready:
+                    if self.spool.known(item_id(c.relpath, c.size, c.mtime_ns)):
                         continue
                     records.append(ItemRecord(relpath=c.relpath, size=c.size,
                                               mtime_ns=c.mtime_ns, is_dir=c.is_dir,
@@ -383,6 +379,10 @@ class Sender:
             except FileNotFoundError:
                 self._skip(c, "source vanished before it was sent")
                 continue
+            except OSError as err:  # a link that became a loop, a directory now a file, ...
+                self._skip(c, f"source cannot be read: {err.strerror or err}; it will be "
+                              f"queued again if it becomes readable")
+                continue
             if not r.is_dir and (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
                 self._skip(c, "source changed since it was scanned; it will be queued again")
                 continue
@@ -406,7 +406,9 @@ class Sender:
         batch_dir = f"{self.out.target_incoming_dir}/{batch}" if handshake else None
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
             futures: dict[str, Future[LocalDigest]] = {
-                c.record.id: pool.submit(local_digest, source, c.record) for c in live}
+                c.record.id: pool.submit(local_digest, source, c.record,
+                                         follow_symlinks=self.stream.follow_symlinks)
+                for c in live}
             result = self.transport.send(
                 items, progress=self.progress.batch_progress if self.progress else None,
                 should_stop=self.should_stop, tick=self.tick, dest=batch_dir)
@@ -436,11 +438,15 @@ class Sender:
         except TargetUnavailable as err:
             self._target_failed(live, err.message)
             return
+        verified: list[tuple[Claim, LocalDigest]] = []
         for c in live:
             problem = problems.get(c.record.id)
             if problem and result.error:
                 problem = f"{problem} ({result.error})"
-            self._settle(c, digests[c.record.id], problem, publish=not handshake)
+            digest = self._settle(c, digests[c.record.id], problem, publish=not handshake)
+            if digest is not None:
+                verified.append((c, digest))
+        self._commit(verified)
         self.spool.flush()  # the batch's records, durable in one go
         self.notifier.status(self.status_line())
 
@@ -517,37 +523,52 @@ class Sender:
         return problems
 
     def _settle(self, claim: Claim, digest: LocalDigest | str, problem: str | None, *,
-                publish: bool) -> None:
+                publish: bool) -> LocalDigest | None:
+        """Retry or skip an item that did not verify; its digest if it is to be committed."""
         r = claim.record
         if isinstance(digest, str):
             self._retry(claim, digest)
-            return
+            return None
         if digest.changed:
             self._skip(claim, digest.changed + "; it will be queued again")
-            return
+            return None
         if problem:
             self._retry(claim, problem)
-            return
+            return None
         if r.is_dir and publish:
             errors = self.transport.publish([Item(r.relpath, r.size, True)])
             if errors:
                 self._retry(claim, errors[r.relpath])
-                return
-        if not self.spool.complete(claim, sha256=digest.sha256, durable=False):
-            log.warning("%s: lost the lease on %s to another sender; not deleting it",
-                        self.stream.name, show(r.relpath),
-                        extra=event("lease_taken_over", stream=self.stream.name, item=r.relpath))
-            return
-        self.last_delivery = time.time()
-        self.summary.delivered.append({**json_path(r.relpath), "bytes": digest.size,
-                                       "sha256": digest.sha256})
-        self.summary.bytes += digest.size
-        log.log(self.per_item_level, "%s: delivered %s (%d bytes, sha256 %s)", self.stream.name,
-                show(r.relpath), digest.size, digest.sha256[:16],
-                extra=event("delivered", stream=self.stream.name, item=r.relpath,
-                            bytes=digest.size, peer=self.peer))
-        if self.out.transfer_mode == "move":
-            self._delete_source(r.relpath, digest.versions, r.is_dir, whole=None)
+                return None
+        return digest
+
+    def _commit(self, verified: list[tuple[Claim, LocalDigest]]) -> None:
+        """claimed/ -> done/ for the whole batch at once; then, in move mode, the sources
+        of the items committed, each only if it still is the verified version."""
+        committed = self.spool.complete_many([(c, d.sha256) for c, d in verified],
+                                             durable=False)
+        deletions: list[tuple[str, dict[str, tuple[int, int]], bool]] = []
+        for (claim, digest), ok in zip(verified, committed, strict=True):
+            r = claim.record
+            if not ok:
+                log.warning("%s: lost the lease on %s to another sender; not deleting it",
+                            self.stream.name, show(r.relpath),
+                            extra=event("lease_taken_over", stream=self.stream.name,
+                                        item=r.relpath))
+                continue
+            self.last_delivery = time.time()
+            self.summary.delivered.append({**json_path(r.relpath), "bytes": digest.size,
+                                           "sha256": digest.sha256})
+            self.summary.bytes += digest.size
+            if log.isEnabledFor(self.per_item_level):
+                log.log(self.per_item_level, "%s: delivered %s (%d bytes, sha256 %s)",
+                        self.stream.name, show(r.relpath), digest.size, digest.sha256[:16],
+                        extra=event("delivered", stream=self.stream.name, item=r.relpath,
+                                    bytes=digest.size, peer=self.peer))
+            if self.out.transfer_mode == "move":
+                deletions.append((r.relpath, digest.versions, r.is_dir))
+        for relpath, versions, is_dir in deletions:
+            self._delete_source(relpath, versions, is_dir, whole=None)
 
     def _skip(self, claim: Claim, reason: str) -> None:
         self.spool.drop(claim, reason)
@@ -577,53 +598,13 @@ class Sender:
 
     def _delete_source(self, relpath: str, versions: dict[str, tuple[int, int]], is_dir: bool,
                        *, whole: tuple[int, int] | None) -> None:
-        """Unlink what was verified, and only that: a file changed since is kept."""
-        base = os.fsencode(self.stream.directory)
-        path = os.path.join(base, os.fsencode(relpath))
-        try:
-            if not is_dir:
-                st = os.stat(path, follow_symlinks=False)
-                if (st.st_size, st.st_mtime_ns) != versions[relpath]:
-                    log.warning("%s: %s changed after delivery; kept", self.stream.name,
-                                show(relpath))
-                    return
-                os.unlink(path)
-                self._remove_marker(relpath)
-            else:
-                if whole is None:
-                    now_files = {os.fsdecode(os.path.relpath(p, base)): os.stat(p)
-                                 for p in _walk_files(path)}
-                    if {k: (s.st_size, s.st_mtime_ns) for k, s in now_files.items()} != versions:
-                        log.warning("%s: %s changed after delivery; kept", self.stream.name,
-                                    show(relpath))
-                        return
-                shutil.rmtree(path)
-                self._remove_marker(relpath)
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            log.error("%s: cannot delete delivered source %s: %s", self.stream.name,
-                      show(relpath), err.strerror,
-                      extra=fields(stream=self.stream.name, item=relpath))
-            return
-        log.log(self.per_item_level, "%s: deleted source %s (verified at target)",
-                self.stream.name, show(relpath),
-                extra=event("source_deleted", stream=self.stream.name, item=relpath))
-
-    def _remove_marker(self, relpath: str) -> None:
-        marker = self.stream.ready_marker
-        if not marker:
-            return
-        head, tail = os.path.split(relpath)
-        mpath = self.stream.directory / head / marker.format(name=tail)
-        try:
-            os.unlink(os.fsencode(mpath))
-        except OSError:
-            pass
+        """Unlink what was verified, and only that: see :func:`mstm.finish.delete_source`."""
+        finish.delete_source(self.stream, relpath, versions, is_dir, whole=whole,
+                             level=self.per_item_level)
 
     # -- status ---------------------------------------------------------------
     def status_line(self) -> str:
-        queued = self.spool.count("new")  # done/ can be huge: never listed per wake-up
+        queued = self.spool.queued()  # a deep new/ or done/ is never listed per wake-up
         if self._paused_reason:
             return f"paused: {self._paused_reason}; {queued} queued"
         if self.backoff.step:
@@ -644,8 +625,10 @@ class Sender:
         now = time.time()
         if soonest > now:
             return soonest - now
-        # the hint says due, yet nothing was claimable: the records' not_before decides
-        exact = min((r.not_before for r in self.spool.iter_records("new")), default=None)
+        # The hint says due, yet nothing was claimable: the last claim read the records
+        # that are not due yet and knows their not_before (never read the whole queue
+        # here: with a million waiting that takes minutes, and a shutdown would wait).
+        exact = self.spool.soonest_not_due()
         return None if exact is None else max(0.05, exact - now)
 
     def run_once(self) -> Summary:

@@ -316,6 +316,24 @@ def test_an_item_changed_remotely_after_it_was_done_is_fetched_again(rig: PullRi
     assert rig.ledger()[names[0]].signature == rig.remote_signatures()[names[0]]
 
 
+def test_a_stop_file_in_the_destination_pauses_fetching_until_it_is_removed(
+        rig: PullRig) -> None:
+    """mstm-diskwatch pauses a stream with a stop file in its directory; for a pull
+    stream that is the local destination, the disk that fills."""
+    names = rig.make_items(3)
+    stop = rig.dest / ".stop"
+    stop.write_text("local disk low (mstm-diskwatch)\n")
+
+    paused = rig.run_json("--execute")
+
+    assert paused["fetched"] == 0 and "local disk low" in paused["paused"]
+    assert rig.ledger() == {} or all(e.state != "done" for e in rig.ledger().values())
+    stop.unlink()
+    resumed = rig.run_json("--execute")
+    assert resumed["fetched"] == 3 and resumed["paused"] is None
+    assert_fetched(rig, names)
+
+
 def test_a_local_file_of_equal_size_and_time_but_other_bytes_is_corrected_by_checksum(
         rig: PullRig) -> None:
     (name,) = rig.make_items(1)
@@ -515,3 +533,10 @@ def test_follow_fetches_new_items_every_cycle_and_stops_cleanly_on_sigterm(
     follower.send_signal(signal.SIGTERM)
     assert follower.wait(15) == 0
     assert_fetched(rig, [*names, "10002c"])
+
+
+def test_mstm_scan_refuses_a_pull_stream_with_a_usage_error(rig: PullRig) -> None:
+    r = rig.env.run("mstm-scan", "--once")
+    assert r.returncode == 2
+    assert "is a pull stream" in r.stderr and "Traceback" not in r.stderr
+    assert not (rig.env.spool / "new").exists() or os.listdir(rig.env.spool / "new") == []

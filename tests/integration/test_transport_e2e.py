@@ -396,3 +396,79 @@ def test_the_arrival_monitor_operations_work_over_every_transport(env: Any) -> N
         assert t.stop_file_present()
     finally:
         t.close()
+
+
+# -- rsync_native: durability at the daemon (--fsync) ------------------------------------
+def _fsync_daemon(root: Path, *, refuse: bool = False, trace: Path | None = None) -> Any:
+    """An rsync daemon, optionally under strace (logging its fsync calls) or refusing
+    --fsync the way a daemon older than 3.2.4 does (exit 4, "--fsync" in the message)."""
+    need("rsync")
+
+    class Daemon(RsyncDaemon):
+        def argv(self) -> list[str]:
+            argv = super().argv()
+            if trace is not None:
+                argv = [need("strace"), "-f", "-qq", "-e", "trace=fsync,rename,renameat,renameat2",
+                        "-o", str(trace), *argv]
+            return argv
+
+    daemon = Daemon(root / "rsyncd")
+    if refuse:
+        daemon.conf.write_text(daemon.conf.read_text() + "refuse options = fsync\n")
+    daemon.start()
+    return daemon
+
+
+def _native_stream(root: Path, daemon: Any) -> Any:
+    target = Target("rsync_native", daemon.path / "incoming", {
+        "outgoing": {"target_host": "127.0.0.1", "target_port": str(daemon.port),
+                     "target_dir": "/incoming"},
+        "rsync_native": {"module": daemon.module, "username": daemon.user,
+                         "password_file": str(daemon.password_file)}}, daemon)
+    return make_stream(root / "stream", target)
+
+
+def test_rsync_native_has_the_daemon_fsync_each_file_before_its_rename(tmp_path: Path) -> None:
+    from mstm.transports.rsync_native import supports_fsync
+
+    if not supports_fsync("rsync"):
+        pytest.skip("the local rsync has no --fsync (< 3.2.4)")
+    trace = tmp_path / "daemon.strace"
+    daemon = _fsync_daemon(tmp_path, trace=trace)
+    try:
+        env = _native_stream(tmp_path, daemon)
+        env.put("a.dat", b"a" * 5000)
+        env.put("b c.dat", b"b" * 7000)
+        r = env.run("mstm-send", "--once", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert summary(r)["delivered"] == 2
+    finally:
+        daemon.cleanup()
+    calls = trace.read_text().splitlines()
+    fsyncs = [i for i, c in enumerate(calls) if " fsync(" in c and "= 0" in c]
+    renames = [i for i, c in enumerate(calls) if "rename" in c and ".dat" in c]
+    assert len(fsyncs) >= 2 and len(renames) == 2, calls
+    assert fsyncs[0] < renames[0] and fsyncs[1] < renames[1]
+
+
+def test_rsync_native_sends_without_fsync_to_a_daemon_that_refuses_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mstm.transports.base import Item
+
+    daemon = _fsync_daemon(tmp_path, refuse=True)
+    try:
+        env = _native_stream(tmp_path, daemon)
+        env.put("a.dat", b"a" * 5000)
+        t = make_transport_for(env)
+        t.open()
+        with caplog.at_level("WARNING", logger="mstm.rsync_native"):
+            r = t.send([Item("a.dat", 5000)])
+            again = t.send([Item("a.dat", 5000, force=True)])
+        t.close()
+        assert r.exit_code == 0 and r.files == 1, r.error
+        assert again.exit_code == 0
+        assert (env.target / "a.dat").read_bytes() == b"a" * 5000
+        assert [m for m in caplog.messages if "refuses --fsync" in m] and len(
+            [m for m in caplog.messages if "refuses --fsync" in m]) == 1
+    finally:
+        daemon.cleanup()

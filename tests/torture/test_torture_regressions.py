@@ -185,15 +185,14 @@ def test_a_full_disk_is_a_temporary_failure_not_an_internal_error(
     assert "No space left on device" in err and "internal error" not in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 3: with follow_symlinks = true a symlinked file is never delivered by rsync_ssh: "
-    "the scanner queues the size/mtime of the file the link points to, the sender's "
-    "_hash_file lstat()s the link itself and drops the item as 'changed while it was "
-    "being sent' on every run, and rsync (--links) copies the symlink itself to the "
-    "target under its final name; the fix spans sender.py (_hash_file, _delete_source) "
-    "and rsync_ssh.py (--copy-links when following), see docs/torture.md"))
 def test_follow_symlinks_delivers_the_file_a_symlink_points_to(sshd: LoopbackSshd,
                                                                tmp_path: Path) -> None:
+    """Bug 3: with follow_symlinks = true a symlinked file was never delivered by
+    rsync_ssh: the scanner queued the size/mtime of the file the link points to, the
+    sender's _hash_file lstat()ed the link itself and dropped the item as "changed while
+    it was being sent" on every run, and rsync (--links) had already copied the symlink
+    itself to the target under its final name.  Now the file it points to is sent
+    (--copy-links), hashed and verified, and in move mode only the link goes."""
     env = StreamEnv.create(tmp_path / "s", sshd)
     env.configure(data_stream={"follow_symlinks": "true"}, outgoing={"retry_count": "1"})
     outside = tmp_path / "outside.dat"
@@ -208,6 +207,7 @@ def test_follow_symlinks_delivers_the_file_a_symlink_points_to(sshd: LoopbackSsh
     assert summary["delivered"] == 1, r.stderr
     assert at_target.read_bytes() == outside.read_bytes()
     assert outside.read_bytes() == b"pointed-to" * 100  # never the pointed-to file deleted
+    assert not os.path.lexists(env.source / "link.dat")  # move mode: the link went
 
 
 def _deletion_cut_short(sshd: LoopbackSshd, *, split: bool) -> StreamEnv:
@@ -245,20 +245,16 @@ def test_a_deletion_cut_short_by_a_crash_is_finished_by_the_next_scan(
     assert not (env.source / "verified.dat").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 4: with mstm-scan feeding mstm-send --no-scan, a source whose deletion was cut "
-    "short by a crash (done/ record + source) is never deleted: only mstm-send's own scan "
-    "finishes such deletions, mstm-scan skips the item as known; see docs/torture.md"))
 def test_a_deletion_cut_short_by_a_crash_is_finished_also_with_a_separate_scanner(
         sshd: LoopbackSshd) -> None:
+    """Bug 4: with mstm-scan feeding mstm-send --no-scan, a source whose deletion was cut
+    short by a crash (done/ record + source) was never deleted: only mstm-send's own scan
+    finished such deletions, mstm-scan skipped the item as known.  Both now share
+    mstm.finish.finish_deletions."""
     env = _deletion_cut_short(sshd, split=True)
     assert not (env.source / "verified.dat").exists(), "the verified source stays forever"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 5: a backward step of the system clock stretches a retried item's backoff by "
-    "the size of the step (not_before is absolute wall-clock time): after a step back "
-    "of one hour, an item due in 1 s waits an hour; nothing is lost; see docs/torture.md"))
 def test_a_backward_clock_step_does_not_stretch_an_items_backoff(tmp_path: Path) -> None:
     from mstm.spool import ItemRecord, Spool
 

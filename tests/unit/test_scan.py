@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -18,7 +19,16 @@ from typing import Any
 import pytest
 
 from mstm.errors import EXIT_CONFIG
-from mstm.scan import Candidate, ScanReport, StreamDirectoryError, is_paused, scan
+from mstm.scan import (
+    Candidate,
+    ScanReport,
+    StreamDirectoryError,
+    is_paused,
+    marker_for,
+    open_parent,
+    open_regular,
+    scan,
+)
 
 LATER = 3600.0  # seconds: "now" far enough in the future that everything has settled
 
@@ -434,6 +444,115 @@ def test_followed_symlink_to_a_file_held_open_for_writing_waits(tmp_path: Path) 
         open_files=lambda _: {(st.st_dev, st.st_ino)},
     )
     assert report.ready == [] and report.waiting == 1
+
+
+def test_followed_symlink_loop_and_link_to_a_fifo_are_skipped_without_hanging(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "loop-a").symlink_to("loop-b")
+    (tmp_path / "loop-b").symlink_to("loop-a")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to("pipe")
+    write(tmp_path / "ok.dat")
+    report = scan_in_thread(stream(tmp_path, follow_symlinks=True), now=later())
+    assert ready_names(report) == ["ok.dat"]
+    skipped = dict(report.skipped)
+    assert "Too many levels of symbolic links" in skipped["loop-a"]
+    assert "Too many levels of symbolic links" in skipped["loop-b"]
+    assert skipped["to-pipe"] == "symbolic link to a FIFO (named pipe)"
+
+
+def test_in_a_directory_unit_links_are_never_items_even_when_followed(tmp_path: Path) -> None:
+    write(tmp_path / "run1" / "a")
+    (tmp_path / "run1" / "inside").symlink_to(tmp_path / "outside.dat")
+    write(tmp_path / "outside.dat", b"12345")
+    (tmp_path / "to-run1").symlink_to("run1")
+    (tmp_path / "to-file").symlink_to("outside.dat")
+    report = scan_in_thread(stream(tmp_path, transfer_unit="dir", follow_symlinks=True),
+                            now=later())
+    assert ready_names(report) == ["run1"]
+    assert report.ready[0].size == 1  # the link inside is not followed nor counted
+    skipped = dict(report.skipped)
+    assert skipped["to-run1"] == "symbolic link to a directory (never followed)"
+    assert skipped["to-file"] == "symbolic link, not a directory (transfer_unit = dir)"
+
+
+# -- opening items for sending and deleting ---------------------------------------------
+
+
+def test_open_regular_reads_through_a_link_only_when_following(tmp_path: Path) -> None:
+    write(tmp_path / "real.dat", b"content")
+    (tmp_path / "link").symlink_to("real.dat")
+    fd = open_regular(os.fsencode(tmp_path / "link"), follow_symlinks=True)
+    try:
+        assert os.read(fd, 100) == b"content"
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as err:
+        open_regular(os.fsencode(tmp_path / "link"), follow_symlinks=False)
+    assert err.value.errno == errno.ELOOP and os.fsdecode(err.value.filename) == str(
+        tmp_path / "link")
+
+
+def test_open_regular_refuses_fifos_devices_directories_and_dangling_links_without_hanging(
+    tmp_path: Path,
+) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to("pipe")
+    (tmp_path / "to-null").symlink_to("/dev/null")
+    (tmp_path / "to-dir").symlink_to(tmp_path)
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "loop").symlink_to("loop")
+
+    def refused(name: str) -> OSError:
+        result: list[BaseException] = []
+
+        def attempt() -> None:
+            try:
+                os.close(open_regular(os.fsencode(tmp_path / name), follow_symlinks=True))
+            except BaseException as e:  # handed to the test
+                result.append(e)
+
+        t = threading.Thread(target=attempt, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"opening {name} hung"
+        assert len(result) == 1 and isinstance(result[0], OSError), name
+        assert os.fsdecode(result[0].filename) == str(tmp_path / name)  # a local error
+        return result[0]
+
+    assert "FIFO" in str(refused("pipe")) and "FIFO" in str(refused("to-pipe"))
+    assert "character device" in str(refused("to-null"))
+    assert "a directory" in str(refused("to-dir"))
+    assert refused("dangling").errno == errno.ENOENT
+    assert refused("loop").errno == errno.ELOOP
+
+
+def test_open_parent_reaches_the_stream_directory_through_a_link_but_nothing_below(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "real"
+    write(real / "sub" / "a.dat")
+    (tmp_path / "stream").symlink_to(real)  # the configured directory may be a link
+    fd, name = open_parent(tmp_path / "stream", "sub/a.dat")
+    try:
+        assert name == "a.dat" and os.stat(name, dir_fd=fd).st_size == 1
+    finally:
+        os.close(fd)
+    write(tmp_path / "elsewhere" / "a.dat")
+    (real / "swapped").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError) as err:
+        open_parent(tmp_path / "stream", "swapped/a.dat")
+    assert err.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    for bad in ("../x", "a//b", "./a", "", "a/"):
+        with pytest.raises(ValueError):
+            open_parent(tmp_path / "stream", bad)
+
+
+def test_the_ready_marker_is_named_relative_to_the_stream_directory() -> None:
+    assert marker_for("{name}.done", "a/b.dat") == "a/b.dat.done"
+    assert marker_for("{name}/COMPLETE", "run1") == "run1/COMPLETE"
+    assert marker_for(None, "a/b.dat") is None
 
 
 # -- things changing under the scan ---------------------------------------------------

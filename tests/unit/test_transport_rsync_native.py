@@ -69,3 +69,31 @@ def test_target_dir_is_a_path_inside_the_module(tmp_path: Path) -> None:
     assert t.url(t.target_dir) == "rsync://mstm@archive.example.org:8730/data/in/proj1"
     top = RsyncNative(host="::1", module="m", target_dir="/", source_dir=tmp_path)
     assert top.url(top.target_dir) == "rsync://[::1]:873/m"
+
+
+def test_fsync_is_asked_for_when_the_local_rsync_knows_it(tmp_path: Path) -> None:
+    from mstm.transports import rsync_native
+
+    fake = tmp_path / "old-rsync"
+    fake.write_text("#!/bin/sh\necho '--fuzzy, -y   find similar file for basis'\n")
+    fake.chmod(0o755)
+    rsync_native._FSYNC_SUPPORT.clear()
+    old = make(tmp_path, rsync_cmd=str(fake))
+    assert "--fsync" not in old.rsync_argv("in", force=False, delay=False)
+    new = tmp_path / "new-rsync"
+    new.write_text("#!/bin/sh\necho ' --fsync                  fsync every written file'\n")
+    new.chmod(0o755)
+    assert "--fsync" in make(tmp_path, rsync_cmd=str(new)).rsync_argv("in", force=False,
+                                                                         delay=False)
+    fake.write_text("#!/bin/sh\necho --fsync\n")  # asked once per program, then cached
+    assert "--fsync" not in make(tmp_path, rsync_cmd=str(fake)).rsync_argv(
+        "in", force=False, delay=False)
+
+
+def test_a_daemon_refusing_fsync_is_recognised() -> None:
+    from mstm.transports.rsync_native import _refuses_fsync
+
+    assert _refuses_fsync(b"rsync: The server is configured to refuse --fsync\n"
+                          b"rsync error: requested action not supported (code 4)\n")
+    assert _refuses_fsync(b"rsync: on remote machine: --fsync: unknown option\n")
+    assert not _refuses_fsync(b"rsync: write failed on \"x\": No space left on device (28)\n")

@@ -13,11 +13,11 @@ from types import FrameType
 
 import click
 
-from mstm import config
+from mstm import config, finish
 from mstm import scan as scanning
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
-from mstm.errors import EXIT_OK
-from mstm.log import event, show
+from mstm.errors import EXIT_OK, EXIT_USAGE, die
+from mstm.log import event, show, under_journal
 from mstm.notify import Notifier
 from mstm.spool import ItemRecord, Spool, SpoolBusy, item_id
 
@@ -42,7 +42,8 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
 
     Ready means: not a dot-file nor matching ignore_patterns; unchanged (mtime and
     ctime) for settle_seconds; not open for writing by any process on this host; and its
-    ready_marker present, if one is configured.
+    ready_marker present, if one is configured.  In move mode, a ready item that was
+    already verified at the target (a sender died before deleting it) is deleted now.
     """
 
     def body() -> int:
@@ -50,10 +51,14 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
         if check:
             click.echo(f"{cfg.stream_file}: ok")
             return EXIT_OK
+        if cfg.direction == "pull":
+            die(f"{stream} is a pull stream ({cfg.stream_file}): mstm-send lists and fetches "
+                f"its remote items itself; there is nothing local to scan", code=EXIT_USAGE)
         printing = print_nl or print0
         spool = None if printing else Spool(cfg.spool_dir,
                                             lease_seconds=cfg.outgoing.lease_seconds).open()
         printed: set[str] = set()
+        per_item = logging.INFO if under_journal() else logging.DEBUG
         stop = threading.Event()
         out = sys.stdout.buffer
 
@@ -71,9 +76,12 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
                 out.flush()
                 return report
             assert spool is not None
+            # verified earlier, but a crash cut the deletion short: finish it, as
+            # mstm-send's own scan does (else --no-scan senders would never do it)
+            ready = finish.finish_deletions(cfg, spool.path, report.ready, level=per_item)
             records = [ItemRecord(relpath=c.relpath, size=c.size, mtime_ns=c.mtime_ns,
                                   is_dir=c.is_dir, enqueued_at=time.time())
-                       for c in report.ready
+                       for c in ready
                        if not spool.known(item_id(c.relpath, c.size, c.mtime_ns))]
             added = spool.enqueue(records)
             if added:

@@ -10,8 +10,15 @@ from mstm.transports.base import Transport
 
 
 def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> Transport:
-    """The transport a stream's configuration names, ready to open()."""
+    """The transport a stream's configuration names, ready to open().
+
+    ``follow_symlinks`` reaches every transport as "a file item that is a symbolic link
+    is sent as the file it points to" -- only for ``transfer_unit = file``: the scanner
+    queues links only then, and inside a directory unit nothing is ever followed (links
+    there travel as links, see each transport).
+    """
     out = stream.outgoing
+    follow = stream.follow_symlinks and stream.transfer_unit == "file"
     if out.transfer_protocol == "rsync_ssh":
         from mstm.transports.rsync_ssh import RsyncSsh
         from mstm.transports.ssh import SshConnection, SshTarget
@@ -28,7 +35,7 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
                         rsync_cmd=rs.cmd, stall_seconds=out.stall_seconds, bwlimit=out.bwlimit,
                         stop_file=out.stop_file,
                         stop_dirs=[out.target_incoming_dir] if out.target_uses_arrival_monitor
-                        else [out.target_dir])
+                        else [out.target_dir], follow_symlinks=follow)
     # where a target's stop file is looked for
     stop_dirs = [out.target_incoming_dir if out.target_uses_arrival_monitor else out.target_dir]
     if out.transfer_protocol == "local":
@@ -36,7 +43,8 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
 
         return Local(source_dir=stream.directory, target_dir=out.target_dir,
                      stall_seconds=out.stall_seconds, connect_timeout=out.connect_timeout,
-                     bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs)
+                     bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs,
+                     follow_symlinks=follow)
     if out.transfer_protocol == "rsync_native":
         from mstm.transports.rsync_native import RsyncNative
 
@@ -46,7 +54,7 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
                            username=rn.username, password_file=rn.password_file,
                            rsync_cmd=rn.cmd, connect_timeout=out.connect_timeout,
                            stall_seconds=out.stall_seconds, bwlimit=out.bwlimit,
-                           stop_file=out.stop_file, stop_dirs=stop_dirs)
+                           stop_file=out.stop_file, stop_dirs=stop_dirs, follow_symlinks=follow)
     if out.transfer_protocol == "sftp":
         from mstm.transports.sftp import Sftp
 
@@ -56,7 +64,8 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
                     source_dir=stream.directory, target_dir=out.target_dir,
                     connect_timeout=out.connect_timeout, stall_seconds=out.stall_seconds,
                     bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs,
-                    remote_checksum=sf.remote_checksum, verify_readback=sf.verify_readback)
+                    remote_checksum=sf.remote_checksum, verify_readback=sf.verify_readback,
+                    follow_symlinks=follow)
     if out.transfer_protocol in ("ftp", "ftps"):
         from mstm.transports.ftp import Ftp
 
@@ -66,6 +75,6 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
                    passive=fc.passive, source_dir=stream.directory, target_dir=out.target_dir,
                    connect_timeout=out.connect_timeout, stall_seconds=out.stall_seconds,
                    bwlimit=out.bwlimit, stop_file=out.stop_file, stop_dirs=stop_dirs,
-                   verify_readback=fc.verify_readback)
+                   verify_readback=fc.verify_readback, follow_symlinks=follow)
     raise ConfigError(f"transfer_protocol {out.transfer_protocol!r} is not implemented yet",
                       file=str(stream.stream_file), section="outgoing", key="transfer_protocol")

@@ -22,7 +22,12 @@ What it guarantees:
   verified, and renamed by `publish` to `<target_dir>/<name>.zip`: the target holds
   `<name>.zip`, not a directory (unpacking it is for whoever reads it, e.g. mstm-receive).
   When the sender sends into a batch directory of its own (the arrival monitor's
-  `dest`), directories go as plain trees instead (`MKD` and one `STOR` per file).
+  `dest`), directories go as plain trees instead (`MKD` and one `STOR` per file; FTP
+  cannot make a symbolic link, so links inside them are left out there).  Links inside
+  directory items are never followed.
+* **Symbolic links as file items** (`follow_symlinks = true`): the file a link points to
+  is sent (and so verified); otherwise a source that is a link is refused (the scanner
+  never queues one then).  Only regular files are ever opened.
 * **Verification** (`inspect`): the size from `SIZE`; with `[ftp] verify_readback`
   (the default) the file is read back (`RETR`) and its sha256 computed here, which
   proves the bytes the server now serves under the final name (FTP has no standard
@@ -55,8 +60,10 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from mstm.errors import TargetUnavailable
+from mstm.scan import open_regular
 from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
     STAGING,
@@ -101,7 +108,7 @@ class Ftp:
                  ca_file: Path | None = None, passive: bool = True, source_dir: Path,
                  target_dir: str, connect_timeout: float = 15.0, stall_seconds: float = 120.0,
                  bwlimit: int = 0, stop_file: str = ".stop", stop_dirs: Sequence[str] = (),
-                 verify_readback: bool = True) -> None:
+                 verify_readback: bool = True, follow_symlinks: bool = False) -> None:
         self.name = "ftps" if tls else "ftp"
         self.host = host
         self.port = port
@@ -118,6 +125,7 @@ class Ftp:
         self.stop_file = stop_file
         self.stop_dirs = [d.rstrip("/") or "/" for d in stop_dirs] or [self.target]
         self.verify_readback = verify_readback
+        self.follow_symlinks = follow_symlinks  # file items: a link goes as its file
         self._ftp: ftplib.FTP | None = None
         self._data: socket.socket | None = None  # the data connection in use, if any
         self._dirs: set[str] = set()
@@ -279,7 +287,14 @@ class Ftp:
                    force: bool, staged: bool = False) -> None:
         remote = _ftp_name(remote)
         src = os.path.join(os.fsencode(self.source), os.fsencode(relpath))
-        st = os.stat(src)
+        # a file of a directory item (staged) is never read through a link
+        with open(open_regular(src, follow_symlinks=self.follow_symlinks and not staged),
+                  "rb") as f:
+            self._send_open_file(ftp, f, remote, mon, force=force, staged=staged)
+
+    def _send_open_file(self, ftp: ftplib.FTP, f: BinaryIO, remote: str, mon: Monitor, *,
+                        force: bool, staged: bool) -> None:
+        st = os.fstat(f.fileno())
         parent, base = posixpath.split(remote)
         self._makedirs(ftp, parent)
         tmp = remote if staged else posixpath.join(parent, f".{base}.mstm-part")
@@ -289,13 +304,12 @@ class Ftp:
                 size = ftp.size(tmp)
                 if size is not None and 0 < size < st.st_size:
                     offset = size
-        with open(src, "rb") as f:
-            f.seek(offset)
-            if offset:
-                log.debug("resuming %s at %d bytes", remote, offset)
-            step = chunk_size(self.bwlimit, _CHUNK)
-            self._upload(ftp, f"APPE {tmp}" if offset else f"STOR {tmp}",
-                         iter(lambda: f.read(step), b""), mon)
+        f.seek(offset)
+        if offset:
+            log.debug("resuming %s at %d bytes", remote, offset)
+        step = chunk_size(self.bwlimit, _CHUNK)
+        self._upload(ftp, f"APPE {tmp}" if offset else f"STOR {tmp}",
+                     iter(lambda: f.read(step), b""), mon)
         with contextlib.suppress(ftplib.error_perm, ftplib.error_reply):
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime))
             ftp.sendcmd(f"MFMT {stamp} {tmp}")  # keep the mtime where the server can

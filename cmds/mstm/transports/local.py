@@ -10,6 +10,11 @@ What it guarantees:
 * **Directory items** (`transfer_unit = dir`) are copied into
   `<target_dir>/.mstm-staging/<name>` and renamed into place by `publish` after they
   were verified; a directory already there is replaced (moved aside, then removed).
+  Symbolic links inside them are copied as links, never followed.
+* **Symbolic links as file items** (`follow_symlinks = true`): the file a link points to
+  is copied (and so verified); otherwise a source that is a link is refused (the
+  scanner never queues one then).  Only regular files are ever opened: a FIFO or device
+  is refused, never read.
 * **Verification** (`inspect`): size from `stat` and sha256 computed by reading the
   file under its final name (or in the staging area) after the copy was `fsync`'d.  The
   page cache is dropped for the file first (`posix_fadvise(DONTNEED)`), so on a network
@@ -42,6 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mstm.errors import TargetUnavailable
+from mstm.scan import open_regular
 from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
     STAGING,
@@ -76,8 +82,10 @@ class Local:
 
     def __init__(self, *, source_dir: Path, target_dir: str, stall_seconds: float = 120.0,
                  connect_timeout: float = 15.0, bwlimit: int = 0,
-                 stop_file: str = ".stop", stop_dirs: Sequence[str] = ()) -> None:
+                 stop_file: str = ".stop", stop_dirs: Sequence[str] = (),
+                 follow_symlinks: bool = False) -> None:
         self.source = os.fsencode(source_dir)
+        self.follow_symlinks = follow_symlinks  # file items: a link goes as its file
         self.target = os.fsencode(target_dir.rstrip("/") or "/")
         self.stall_seconds = stall_seconds
         self.connect_timeout = connect_timeout
@@ -159,21 +167,22 @@ class Local:
 
     def _copy_file(self, src: bytes, dst: bytes, mon: Monitor, cut: threading.Event, *,
                    force: bool, staged: bool) -> None:
-        st = os.stat(src)
-        if not force:
-            with contextlib.suppress(OSError):
-                t = os.stat(dst, follow_symlinks=False)
-                if stat.S_ISREG(t.st_mode) and (t.st_size, t.st_mtime_ns) == (
-                        st.st_size, st.st_mtime_ns):
-                    return
-        parent = os.path.dirname(dst)
-        os.makedirs(parent, exist_ok=True)
-        # inside the staging area nothing is visible: write under the final name there
-        tmp = dst if staged else os.fsencode(part_name(os.fsdecode(dst)))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        # a file of a directory item (staged) is never read through a link
+        fin = open_regular(src, follow_symlinks=self.follow_symlinks and not staged)
         try:
+            st = os.fstat(fin)
+            if not force:
+                with contextlib.suppress(OSError):
+                    t = os.stat(dst, follow_symlinks=False)
+                    if stat.S_ISREG(t.st_mode) and (t.st_size, t.st_mtime_ns) == (
+                            st.st_size, st.st_mtime_ns):
+                        return
+            parent = os.path.dirname(dst)
+            os.makedirs(parent, exist_ok=True)
+            # inside the staging area nothing is visible: write under the final name there
+            tmp = dst if staged else os.fsencode(part_name(os.fsdecode(dst)))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 self._pump(fin, fout, mon, cut)

@@ -28,6 +28,16 @@ What it guarantees:
   (a mismatch).  So the proof is "the target holds a file with the same 128-bit
   checksum as the source whose sha256 is X", not a sha256 computed on the target; an
   rsync daemon cannot be asked for one.
+* **Durability**: rsync does not fsync by default, and the daemon's checksum in
+  `inspect` may be computed from its page cache, so a match would prove nothing about
+  what a crash of the target leaves -- and the sender deletes a source (move mode) on a
+  match.  Hence every transfer runs with `--fsync` (rsync >= 3.2.4, here and at the
+  daemon): the daemon's receiver fsyncs each file before renaming it into place.  The
+  local rsync is asked once (`rsync --help`); a daemon that refuses the option (older,
+  or `refuse options = fsync`) is remembered and sent to without it.  Either way a
+  warning is logged once that durability at the target is not guaranteed.  (The
+  renames themselves are not fsynced: after a crash a file could be back under rsync's
+  temporary name, its data intact, never lost.)
 * **bwlimit** is rsync's `--bwlimit`; **connect_timeout** is `--contimeout`;
   **stall_seconds** is `--timeout` (no data for that long ends the run with exit 30);
   a connection-level exit (5, 10, 12, 30, 35, or a signal) marks the transport dead so
@@ -60,6 +70,29 @@ CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
 _TAG = b"mstm-xfer:"
 _ESCAPE = re.compile(rb"\\#([0-7]{3})")
 _HASH_BLOCK = 1 << 20
+# rsync program -> does it know --fsync (3.2.4+)?  Asked once per program.
+_FSYNC_SUPPORT: dict[str, bool] = {}
+_WARNED: set[str] = set()
+
+
+def supports_fsync(rsync_cmd: str) -> bool:
+    """Does this rsync program know `--fsync`?  (Its --help, asked once.)"""
+    known = _FSYNC_SUPPORT.get(rsync_cmd)
+    if known is None:
+        try:
+            r = subprocess.run([rsync_cmd, "--help"], capture_output=True, timeout=30,
+                               check=False)
+            known = b"--fsync" in r.stdout
+        except (OSError, subprocess.SubprocessError):
+            known = False
+        _FSYNC_SUPPORT[rsync_cmd] = known
+    return known
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
 
 
 def unescape(name: bytes) -> bytes:
@@ -104,7 +137,7 @@ class RsyncNative:
                  password_file: Path | None = None, rsync_cmd: str = "rsync",
                  connect_timeout: float = 15.0, stall_seconds: float = 120.0,
                  bwlimit: int = 0, stop_file: str = ".stop",
-                 stop_dirs: Sequence[str] = ()) -> None:
+                 stop_dirs: Sequence[str] = (), follow_symlinks: bool = False) -> None:
         self.host = host
         self.port = port
         self.module = module
@@ -118,8 +151,14 @@ class RsyncNative:
         self.bwlimit = bwlimit
         self.stop_file = stop_file
         self.stop_dirs = [self._inside(d) for d in stop_dirs] or [self.target_dir]
+        # file items that are symbolic links go as the files they point to (rsync_argv)
+        self.follow_symlinks = follow_symlinks
         self._alive = False
         self._env: dict[str, str] | None = None
+        self._fsync = supports_fsync(rsync_cmd)
+        if not self._fsync:
+            _warn_once(f"local {rsync_cmd}", "%s has no --fsync (rsync < 3.2.4): durability "
+                       "of files at rsync_native targets is not guaranteed", rsync_cmd)
 
     @staticmethod
     def _inside(path: str) -> str:
@@ -186,15 +225,21 @@ class RsyncNative:
 
     # -- transfer ---------------------------------------------------------------
     def rsync_argv(self, dest: str, *, force: bool, delay: bool) -> list[str]:
+        # as rsync_ssh's: with follow_symlinks the file items' links go as the files they
+        # point to, nothing recursed into; directory items (delay) keep their links
+        links = (["--copy-links", "--no-dirs"] if self.follow_symlinks and not delay
+                 else ["--recursive", "--links"])
         argv = [
             *self._base_argv(),
-            "--recursive", "--links", "--perms", "--times",
+            *links, "--perms", "--times",
             "--from0", "--files-from=-", "--mkpath",
             f"--partial-dir={PARTIAL}",
             PROGRESS_FORMAT,
         ]
         if delay:
             argv.append("--delay-updates")
+        if self._fsync:
+            argv.append("--fsync")
         if force:
             argv.append("--ignore-times")
         if self.bwlimit:
@@ -234,6 +279,13 @@ class RsyncNative:
         names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
         run = run_rsync(argv, names, env=self.env(), progress=progress,
                         should_stop=should_stop, tick=tick, done=done)
+        if self._fsync and run.exit_code in (1, 4) and _refuses_fsync(run.stderr_tail):
+            # an rsync daemon older than 3.2.4: send without, and say so once
+            self._fsync = False
+            _warn_once(f"daemon {self.peer}", "%s refuses --fsync (rsync < 3.2.4): "
+                       "durability of files at this target is not guaranteed", self.peer)
+            return self._transfer(items, dest, delay=delay, progress=progress,
+                                  should_stop=should_stop, tick=tick, done=done)
         code, error = run.exit_code, run.stderr_tail
         if code:
             log.debug("rsync exited %s: %s", code, error.decode("utf-8", "replace"))
@@ -258,8 +310,10 @@ class RsyncNative:
         if not present:
             return {}
         before = {p: _version(self.source_dir, p) for p in present}
+        # (a followed link is compared as the file it points to, as it was sent)
+        follow = ["--copy-links", "--no-dirs"] if self.follow_symlinks else ["--recursive"]
         check = self._run([*self._base_argv(), "--dry-run", "--checksum", "-ii",
-                           "--recursive", "--from0", "--files-from=-",
+                           *follow, "--from0", "--files-from=-",
                            f"--out-format={_TAG.decode()}%i %n", "--",
                            f"{self.source_dir}/", self.url(self.target_dir) + "/"],
                           input=b"".join(os.fsencode(p) + b"\0" for p in present))
@@ -341,6 +395,13 @@ def _sha256(source: Path, relpath: str, before: tuple[int, int, int]) -> str | N
     except OSError:
         return None
     return h.hexdigest() if _version(source, relpath) == before else None
+
+
+def _refuses_fsync(stderr: bytes) -> bool:
+    """Did the daemon reject --fsync: an unknown option (rsync < 3.2.4), or one its
+    configuration refuses (`refuse options`)?  Both end the run with exit 4 (or 1)."""
+    return any(b"--fsync" in line and (b"unknown option" in line or b"refuse" in line)
+               for line in stderr.splitlines())
 
 
 def _summarise(error: bytes, code: int | None) -> str:

@@ -24,6 +24,10 @@ What it guarantees:
   host* may lose what its page cache held; mstm verifies what the server then serves.
 * **Directory items** are written into `<target_dir>/.mstm-staging/<name>` and renamed
   into place by `publish` after verification (a directory already there is replaced).
+  Symbolic links inside them are recreated as links (SFTP `symlink`), never followed.
+* **Symbolic links as file items** (`follow_symlinks = true`): the file a link points to
+  is sent (and so verified); otherwise a source that is a link is refused (the scanner
+  never queues one then).  Only regular files are ever opened.
 * **Verification** (`inspect`), strongest first: with `[sftp] remote_checksum` (the
   default), size (`stat`) and sha256 computed *on the target* by `sha256sum` from the
   file under its final name, over an exec channel of the same connection; when the
@@ -55,11 +59,12 @@ import stat
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import paramiko
 
 from mstm.errors import TargetUnavailable
+from mstm.scan import open_regular
 from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
     STAGING,
@@ -97,7 +102,7 @@ class Sftp:
                  source_dir: Path, target_dir: str, connect_timeout: float = 15.0,
                  stall_seconds: float = 120.0, bwlimit: int = 0, stop_file: str = ".stop",
                  stop_dirs: Sequence[str] = (), remote_checksum: bool = True,
-                 verify_readback: bool = True) -> None:
+                 verify_readback: bool = True, follow_symlinks: bool = False) -> None:
         self.host = host
         self.port = port
         self.username = username or getpass.getuser()
@@ -112,6 +117,7 @@ class Sftp:
         self.stop_dirs = [_b(d) for d in stop_dirs] or [self.target]
         self.remote_checksum = remote_checksum
         self.verify_readback = verify_readback
+        self.follow_symlinks = follow_symlinks  # file items: a link goes as its file
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._dirs: set[bytes] = set()
@@ -232,7 +238,14 @@ class Sftp:
 
     def _send_file(self, sftp: paramiko.SFTPClient, src: bytes, dst: bytes, mon: Monitor,
                    *, force: bool, staged: bool) -> None:
-        st = os.stat(src)
+        # a file of a directory item (staged) is never read through a link
+        with open(open_regular(src, follow_symlinks=self.follow_symlinks and not staged),
+                  "rb") as fin:
+            self._send_open_file(sftp, fin, dst, mon, force=force, staged=staged)
+
+    def _send_open_file(self, sftp: paramiko.SFTPClient, fin: BinaryIO, dst: bytes,
+                        mon: Monitor, *, force: bool, staged: bool) -> None:
+        st = os.fstat(fin.fileno())
         if not force:
             with contextlib.suppress(OSError):
                 t = sftp.lstat(dst)
@@ -248,20 +261,19 @@ class Sftp:
                 partial = sftp.lstat(tmp)
                 if stat.S_ISREG(partial.st_mode or 0) and 0 < (partial.st_size or 0) < st.st_size:
                     offset = partial.st_size or 0
-        with open(src, "rb") as fin:
-            if offset:
-                log.debug("resuming %s at %d bytes", os.fsdecode(dst), offset)
-                remote = sftp.open(tmp, "r+b")
-                remote.seek(offset)
-                fin.seek(offset)
-            else:
-                remote = sftp.open(tmp, "wb")
-            with remote:
-                remote.set_pipelined(True)
-                size = chunk_size(self.bwlimit, _CHUNK)
-                while data := fin.read(size):
-                    remote.write(data)
-                    mon.advance(len(data))
+        if offset:
+            log.debug("resuming %s at %d bytes", os.fsdecode(dst), offset)
+            remote = sftp.open(tmp, "r+b")
+            remote.seek(offset)
+            fin.seek(offset)
+        else:
+            remote = sftp.open(tmp, "wb")
+        with remote:
+            remote.set_pipelined(True)
+            size = chunk_size(self.bwlimit, _CHUNK)
+            while data := fin.read(size):
+                remote.write(data)
+                mon.advance(len(data))
         sftp.chmod(tmp, stat.S_IMODE(st.st_mode))
         sftp.utime(tmp, (st.st_atime, st.st_mtime))
         if tmp != dst:

@@ -1,0 +1,448 @@
+"""One large file over the ssh connection's stdin, hashed and flushed while it arrives.
+
+rsync_ssh sends files of `STREAM_MIN` bytes or more this way instead of through rsync:
+one `python3` at the target (started over the stream's ControlMaster connection, its
+program on the command line, never a file name there) reads a small binary header from
+stdin -- the target directory and the item's relative path travel as data, so any name
+works -- and answers the offset it can resume from.  Then the file's bytes follow.  The
+target writes them to a hidden temporary name beside the final one
+(`.<name>.mstm-stream`), hashes them (sha256) and starts their writeback as they come
+(sync_file_range every 8 MiB, so the closing fdatasync is short), sets mode and mtime
+as rsync's `--perms --times` would, fdatasyncs, renames the file into place and fsyncs
+the directory.  Only then does it answer `DONE <sha256> <size> <mtime_ns> <inode>`.
+So nothing is ever visible under the final name before it is complete and durable,
+and the digest of what was written comes back without reading the file again.
+
+Resume: an interrupted transfer leaves the temporary file (flushed) with the source's
+size and mtime in an extended attribute (`user.mstm.version`).  The next attempt for
+the same version resumes at its length -- after re-reading and hashing the bytes
+already there (nothing a partial file claims is trusted); an item sent again after a
+failed verification (`force`) starts from zero.  Without user xattrs at the target
+there is no resume, only restarts.
+
+The sender's side pushes the file with sendfile(2) (no copy through Python), in chunks
+paced by `bwlimit`; `run_watched` cuts a transfer that makes no progress (no chunk
+written, no word from the target) for `stall_seconds`, and stops it when asked.  The
+target's answers are untrusted: `parse_done` accepts exactly one well-formed line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import shlex
+import stat
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO
+
+from mstm.transports.common import Monitor
+from mstm.transports.ssh import SshConnection, spawn
+
+log = logging.getLogger("mstm.stream")
+
+STREAM_MIN = 64 << 20  # files this large (or larger) are streamed
+MAGIC = b"MSTM-STREAM-1"
+TEMP_SUFFIX = b".mstm-stream"
+CHUNK = 1 << 20
+
+# The target's side.  Python 3.4+ (no f-strings), names as bytes throughout.  Exit 0
+# after DONE; 1 after ERROR (an item problem: the caller may fall back to rsync); 2 when
+# the data ended early (the sender went away: the partial file is kept, flushed).
+RECEIVER_PY = r"""
+import ctypes, fcntl, hashlib, os, stat, sys, threading
+try:
+    import queue
+except ImportError:
+    sys.exit(3)
+out = sys.stdout.buffer
+CHUNK, STEP, XATTR = 1 << 20, 8 << 20, "user.mstm.version"
+
+def say(*words):
+    out.write(b" ".join(words) + b"\n")
+    out.flush()
+
+def fail(why):
+    say(b"ERROR", why.encode("utf-8", "replace").replace(b"\n", b" "))
+    sys.exit(1)
+
+# stdin unbuffered throughout (os.read): nothing read ahead of the data can be lost
+def readn(n):
+    data = b""
+    while len(data) < n:
+        more = os.read(0, n - len(data))
+        if not more:
+            sys.exit(2)
+        data += more
+    return data
+
+line = b""
+while not line.endswith(b"\n") and len(line) < 256:
+    line += readn(1)
+head = line.split()
+if len(head) != 7 or head[0] != b"MSTM-STREAM-1" or not all(w.isdigit() for w in head[1:]):
+    fail("bad header")
+ldest, lrel, size, mode, mtime_ns, force = [int(w) for w in head[1:]]
+dest, rel = readn(ldest), readn(lrel)
+parts = rel.split(b"/")
+if not dest.startswith(b"/") or rel.startswith(b"/") or b"\0" in dest + rel or \
+        any(p in (b"", b".", b"..") for p in parts):
+    fail("refused name")
+try:
+    os.makedirs(dest, exist_ok=True)
+    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    for p in parts[:-1]:
+        try:
+            os.mkdir(p, 0o777, dir_fd=dfd)
+        except FileExistsError:
+            pass
+        nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+        os.close(dfd)
+        dfd = nfd
+except OSError as e:
+    fail("cannot make the directory: %s" % e.strerror)
+base = parts[-1]
+if len(base) > 200:
+    base_tmp = base[:150] + hashlib.sha256(base).hexdigest()[:16].encode()
+else:
+    base_tmp = base
+tmp = b"." + base_tmp + b".mstm-stream"
+try:
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dfd)
+except OSError as e:
+    fail("cannot create the temporary file: %s" % e.strerror)
+if not stat.S_ISREG(os.fstat(fd).st_mode):
+    fail("the temporary name is not a regular file")
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    fail("another transfer of this file is running")
+version = ("%d %d" % (size, mtime_ns)).encode()
+h = hashlib.sha256()
+have = 0
+if not force:
+    try:
+        if os.getxattr(fd, XATTR) == version:
+            have = min(os.fstat(fd).st_size, size)
+    except OSError:
+        have = 0
+# never trust what a partial file claims: re-read what is there
+buf = bytearray(CHUNK)
+view = memoryview(buf)
+got = 0
+while got < have:
+    k = os.readv(fd, [view[:min(CHUNK, have - got)]])
+    if not k:
+        break
+    h.update(view[:k])
+    got += k
+    if got % (64 << 20) == 0:
+        say(b"AT", str(got).encode())  # still alive: re-reading a large partial file
+have = got
+try:
+    os.ftruncate(fd, have)
+    os.lseek(fd, have, os.SEEK_SET)
+except OSError as e:
+    fail("cannot prepare the temporary file: %s" % e.strerror)
+try:
+    os.setxattr(fd, XATTR, version)
+except OSError:
+    pass  # no user xattrs here: an interruption means starting again
+try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    sfr = libc.sync_file_range
+    sfr.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+except (OSError, AttributeError):
+    sfr = None
+try:
+    fcntl.fcntl(0, 1031, CHUNK)  # F_SETPIPE_SZ: fewer, larger reads from sshd
+except (OSError, ValueError):
+    pass
+say(b"OFFSET", str(have).encode())
+
+q = queue.Queue(8)
+err = []
+def writer():
+    pos, flushed, said = have, have, have
+    while True:
+        data = q.get()
+        if data is None:
+            return
+        if err:
+            continue
+        try:
+            mv = memoryview(data)
+            while mv:
+                mv = mv[os.write(fd, mv):]
+            h.update(data)
+            pos += len(data)
+            if pos - flushed >= STEP:
+                # start writeback of the new range; wait for the one before it, so at
+                # most ~2 steps are dirty and the final fdatasync is short
+                if sfr is not None:
+                    sfr(fd, flushed, pos - flushed, 2)
+                    if flushed - have >= STEP:
+                        sfr(fd, flushed - STEP, STEP, 1 | 2 | 4)
+                else:
+                    os.fdatasync(fd)
+                flushed = pos
+            if pos - said >= 64 << 20:
+                say(b"AT", str(pos).encode())
+                said = pos
+        except OSError as e:
+            err.append(e)
+t = threading.Thread(target=writer)
+t.start()
+left = size - have
+while left > 0:
+    data = os.read(0, min(CHUNK, left))
+    if not data:
+        break
+    left -= len(data)
+    q.put(data)
+q.put(None)
+t.join()
+if err:
+    try:
+        os.unlink(tmp, dir_fd=dfd)  # a full disk should not stay full of a partial file
+    except OSError:
+        pass
+    fail("cannot write: %s" % err[0].strerror)
+if left:
+    os.fdatasync(fd)  # keep what came, for the next attempt
+    sys.exit(2)
+try:
+    os.fdatasync(fd)
+    os.fchmod(fd, mode & 0o7777)
+    os.utime(fd, ns=(mtime_ns, mtime_ns))
+    try:
+        os.removexattr(fd, XATTR)
+    except OSError:
+        pass
+    os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.fsync(dfd)
+    st = os.fstat(fd)
+except OSError as e:
+    fail("cannot finish: %s" % e.strerror)
+say(b"DONE", h.hexdigest().encode(), str(st.st_size).encode(), str(st.st_mtime_ns).encode(),
+    str(st.st_ino).encode())
+"""
+
+_DONE = re.compile(rb"DONE ([0-9a-f]{64}) ([0-9]{1,20}) ([0-9]{1,25}) ([0-9]{1,20})")
+_OFFSET = re.compile(rb"OFFSET ([0-9]{1,20})")
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What the target reported for a file it received and renamed into place."""
+
+    sha256: str
+    size: int
+    mtime_ns: int
+    ino: int
+    offset: int  # bytes kept from an earlier, interrupted attempt
+
+
+class StreamItemError(Exception):
+    """This item could not be streamed (the target said why); rsync may still send it."""
+
+
+class StreamUnavailable(StreamItemError):
+    """The target cannot stream at all (no python3 there): use rsync from now on."""
+
+
+class StreamBroken(Exception):
+    """The connection broke or the sender went away mid-file (resumable)."""
+
+
+def parse_done(line: bytes) -> tuple[str, int, int, int] | None:
+    m = _DONE.fullmatch(line.rstrip(b"\n"))
+    if not m:
+        return None
+    return m.group(1).decode(), int(m.group(2)), int(m.group(3)), int(m.group(4))
+
+
+def header(dest: str, relpath: str, *, size: int, mode: int, mtime_ns: int,
+           force: bool) -> bytes:
+    d, r = os.fsencode(dest), os.fsencode(relpath)
+    return b" ".join([MAGIC, *(str(n).encode() for n in (
+        len(d), len(r), size, mode, mtime_ns, int(force)))]) + b"\n" + d + r
+
+
+class Stream:
+    """One file's transfer; `abort()` (from another thread) kills it."""
+
+    def __init__(self, conn: SshConnection) -> None:
+        self.conn = conn
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lines: list[bytes] = []
+        self._err: list[bytes] = []
+        self._cond = threading.Condition()
+        self._eof = False
+
+    def abort(self) -> None:
+        p = self.proc
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(OSError):
+                p.kill()
+
+    def send(self, source: bytes, *, dest: str, relpath: str, force: bool,
+             monitor: Monitor, chunk: int = CHUNK, follow_symlinks: bool = False) -> Streamed:
+        """Send *source* to *dest*/*relpath* at the target; raises StreamItemError
+        (target's refusal), StreamBroken (connection), or Cancelled (stop asked)."""
+        flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+        try:
+            fd = os.open(source, flags)
+        except OSError as err:
+            raise StreamItemError(f"cannot open the source: {err.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StreamItemError("the source is not a regular file")
+            return self._send(fd, st, dest=dest, relpath=relpath, force=force,
+                              monitor=monitor, chunk=chunk)
+        finally:
+            os.close(fd)
+
+    def _send(self, fd: int, st: os.stat_result, *, dest: str, relpath: str, force: bool,
+              monitor: Monitor, chunk: int) -> Streamed:
+        if not self.conn.alive():
+            raise StreamBroken(f"ssh connection to {self.conn.target.host} is closed")
+        argv = [*self.conn.argv(), self.conn.target.host, "--",
+                shlex.join(["python3", "-I", "-c", RECEIVER_PY])]
+        proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+        self.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        readers = [threading.Thread(target=self._read_out, args=(proc.stdout, monitor),
+                                    daemon=True),
+                   threading.Thread(target=self._read_err, args=(proc.stderr,), daemon=True)]
+        for t in readers:
+            t.start()
+        try:
+            try:
+                proc.stdin.write(header(dest, relpath, size=st.st_size,
+                                        mode=stat.S_IMODE(st.st_mode),
+                                        mtime_ns=st.st_mtime_ns, force=force))
+                proc.stdin.flush()
+            except OSError:
+                pass  # the answer (or its absence) says why
+            first = self._next_line(monitor, skip_progress=True)
+            m = _OFFSET.fullmatch(first or b"")
+            if m is None or int(m.group(1)) > st.st_size:
+                self._finish(proc, readers)
+                raise self._refusal(first, proc)
+            offset = int(m.group(1))
+            monitor.advance(0)
+            self._pump(fd, proc.stdin, offset, st.st_size, monitor, chunk)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            answer = self._next_line(monitor, skip_progress=True)
+            self._finish(proc, readers)
+        except BaseException:
+            self.abort()
+            self._finish(proc, readers)
+            raise
+        done = parse_done(answer or b"")
+        if done is None:
+            raise self._refusal(answer, proc)
+        digest, size, mtime_ns, ino = done
+        if size != st.st_size:
+            raise StreamItemError(f"the target reports {size} bytes, {st.st_size} were sent")
+        return Streamed(sha256=digest, size=size, mtime_ns=mtime_ns, ino=ino, offset=offset)
+
+    def _pump(self, fd: int, pipe: IO[bytes], offset: int, size: int, monitor: Monitor,
+              chunk: int) -> None:
+        out = pipe.fileno()
+        pos = offset
+        use_sendfile = True
+        while pos < size:
+            n = min(chunk, size - pos)
+            try:
+                if use_sendfile:
+                    try:
+                        sent = os.sendfile(out, fd, pos, n)
+                    except OSError as err:
+                        if err.errno not in (errno.EINVAL, errno.ENOSYS):
+                            raise
+                        use_sendfile = False
+                        continue
+                else:
+                    data = os.pread(fd, n, pos)
+                    sent = os.write(out, data) if data else 0
+            except BrokenPipeError:
+                raise StreamBroken("the connection closed during the transfer") from None
+            except OSError as err:
+                if err.errno == errno.EPIPE:
+                    raise StreamBroken("the connection closed during the transfer") from None
+                raise StreamItemError(f"cannot read the source: {err.strerror}") from None
+            if sent == 0:
+                raise StreamItemError("the source shrank while it was sent")
+            pos += sent
+            monitor.advance(sent)
+            if monitor.progress:
+                monitor.progress(monitor.files, monitor.bytes)
+
+    def _read_out(self, pipe: IO[bytes], monitor: Monitor) -> None:
+        for line in pipe:
+            with self._cond:
+                self._lines.append(line[:512])
+                monitor.last = time.monotonic()  # the target is alive (flushing, say)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _read_err(self, pipe: IO[bytes]) -> None:
+        for line in pipe:
+            self._err.append(line[:512])
+            del self._err[:-10]
+
+    def _next_line(self, monitor: Monitor, *, skip_progress: bool = False) -> bytes | None:
+        """The target's next answer (progress lines "AT n" skipped if asked); None at
+        the end of its output."""
+        with self._cond:
+            while True:
+                while self._lines:
+                    line = self._lines.pop(0).rstrip(b"\n")
+                    if skip_progress and line.startswith(b"AT "):
+                        continue
+                    return line
+                if self._eof:
+                    return None
+                self._cond.wait(timeout=0.5)
+                if monitor.cancel:
+                    monitor.alive_now()  # raises Cancelled
+
+    def _finish(self, proc: subprocess.Popen[bytes], readers: list[threading.Thread]) -> None:
+        with contextlib.suppress(OSError):
+            if proc.stdin:
+                proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for t in readers:
+            t.join(timeout=5)
+
+    def _refusal(self, line: bytes | None, proc: subprocess.Popen[bytes]) -> Exception:
+        err = b"".join(self._err).decode("utf-8", "replace").strip()
+        code = proc.returncode
+        if line and line.startswith(b"ERROR "):
+            return StreamItemError(line[6:].decode("utf-8", "replace"))
+        if code == 255:
+            return StreamBroken(f"ssh: {err.splitlines()[-1] if err else 'connection lost'}")
+        if code in (126, 127) or ("python3" in err and "not found" in err):
+            return StreamUnavailable("python3 is not available at the target")
+        if code == 2 or code is None or code < 0:
+            return StreamBroken("the transfer was interrupted")
+        return StreamItemError(f"unexpected answer from the target (exit {code}): "
+                               f"{(line or b'').decode('utf-8', 'replace')[:100]!r} "
+                               f"{err[-200:]}")
