@@ -1003,3 +1003,20 @@ def test_a_retried_item_is_claimed_once_its_backoff_is_over(spool: Spool, clock:
     assert spool.claim(max_items=9, max_bytes=BIG) == []
     clock.t += 11
     assert [c.record.relpath for c in spool.claim(max_items=9, max_bytes=BIG)] == ["f0"]
+
+
+def test_a_spool_written_by_the_previous_version_is_read_and_completed(
+    spool: Spool, root: Path
+) -> None:
+    """Before chunk files, each record was its own pretty-printed JSON file."""
+    r = rec("old.dat", enqueued_at=5.0)
+    obj = {"format": 1, "id": r.id, "relpath": "old.dat", "relpath_b64": "b2xkLmRhdA==",
+           "size": r.size, "mtime_ns": r.mtime_ns, "is_dir": False, "attempts": 0,
+           "not_before": 0.0, "last_error": None, "enqueued_at": 5.0, "sha256": None,
+           "completed_at": 0.0}
+    (root / "new" / r.id).write_text(json.dumps(obj, indent=1) + "\n")
+    (c,) = spool.claim(max_items=5, max_bytes=BIG)
+    assert c.record == r
+    assert spool.complete(c, sha256="ab" * 32)
+    (done,) = spool.iter_records("done")
+    assert done.relpath == "old.dat" and done.sha256 == "ab" * 32
