@@ -47,13 +47,14 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mstm.errors import EXIT_CONFIG, EXIT_TEMPFAIL, MstmError
 from mstm.openfiles import open_for_writing
+from mstm.spool import ItemRecord, Spool
 
 log = logging.getLogger("mstm.scan")
 
@@ -550,3 +551,17 @@ def is_paused(stream: Any) -> str | None:
         if text:
             reason += f": {text}"
     return reason
+
+
+def enqueue_ready(stream: Any, spool: Spool, ready: Iterable[Candidate]) -> int:
+    """Queue the ready items of *stream* that its spool does not know; how many were new.
+
+    In move mode an item whose id is in ``done/`` while its source is still here is
+    queued again (see mstm.finish): it is a new file sharing path, size and mtime with
+    one delivered before, or one whose deletion failed, and is sent and verified again,
+    never deleted unsent.  In mirror mode ``done/`` means "this version is at the target".
+    """
+    now = time.time()
+    records = [ItemRecord(relpath=c.relpath, size=c.size, mtime_ns=c.mtime_ns,
+                          is_dir=c.is_dir, enqueued_at=now) for c in ready]
+    return spool.enqueue(records, again_if_done=stream.outgoing.transfer_mode == "move")

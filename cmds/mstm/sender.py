@@ -8,10 +8,12 @@ The order of a delivery, and why nothing is lost at any instant:
    source's sha256 (stat before and after: a file that changed while being hashed is
    not trusted);
 4. the target reports size and sha256 of each file under its final name;
-5. only an exact match is committed (rename claimed/ -> done/), and only after that
-   commit, in move mode, is the source unlinked, and only if it still is the verified
-   version.  A crash between 5's rename and the unlink leaves a done record and the
-   source: the next scan sees that pair and finishes the deletion.
+5. in move mode, for an exact match only, the source is unlinked if it still is the
+   verified version; then the batch's exact matches are committed (rename claimed/ ->
+   done/).  A crash between the unlink and the commit leaves a claim whose source is
+   gone: taken over, found vanished, dropped (the target holds the verified copy).  So
+   a done record never stands for a deletion still to do, and a source found with a
+   done record is a new file, sent again (see mstm.finish).
 
 Connection failures release the batch untouched (no attempt counted) and back the
 whole destination off; item failures (mismatch, missing) count an attempt and the item
@@ -40,7 +42,7 @@ from mstm.config import StreamConfig
 from mstm.errors import TargetUnavailable
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
-from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy, item_id
+from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy
 from mstm.transports.base import Item, RemoteFile, Transport, exchange
 
 log = logging.getLogger("mstm.send")
@@ -270,17 +272,7 @@ class Sender:
         try:
             with self.spool.scan_lock():
                 report = scanning.scan(self.stream)
-                # verified earlier, but a crash cut the deletion short: finish it
-                ready = finish.finish_deletions(self.stream, self.spool.path, report.ready,
-                                                level=self.per_item_level)
-                records = []
-                for c in ready:
-                    if self.spool.known(item_id(c.relpath, c.size, c.mtime_ns)):
-                        continue
-                    records.append(ItemRecord(relpath=c.relpath, size=c.size,
-                                              mtime_ns=c.mtime_ns, is_dir=c.is_dir,
-                                              enqueued_at=time.time()))
-                added = self.spool.enqueue(records)
+                added = scanning.enqueue_ready(self.stream, self.spool, report.ready)
                 if added:
                     log.info("%s: %d new item(s) queued", self.stream.name, added,
                              extra=event("enqueued", stream=self.stream.name))
@@ -543,15 +535,32 @@ class Sender:
         return digest
 
     def _commit(self, verified: list[tuple[Claim, LocalDigest]]) -> None:
-        """claimed/ -> done/ for the whole batch at once; then, in move mode, the sources
-        of the items committed, each only if it still is the verified version."""
+        """In move mode first delete the verified sources, then commit the batch
+        (claimed/ -> done/) at once.
+
+        Deleting before committing means a done record never stands for a deletion still
+        to do: a crash in between leaves claims whose sources are gone (taken over, found
+        vanished, dropped; the target holds the verified copies).  A source that cannot
+        be deleted is not committed but retried, so it ends in failed/ with the reason
+        instead of being sent again on every scan.
+        """
+        if self.out.transfer_mode == "move":
+            kept: list[tuple[Claim, LocalDigest]] = []
+            for claim, digest in verified:
+                r = claim.record
+                gone = self._delete_source(r.relpath, digest.versions, r.is_dir)
+                if gone.error:
+                    self._retry(claim, f"delivered, but the source cannot be deleted: "
+                                       f"{gone.error}")
+                else:
+                    kept.append((claim, digest))
+            verified = kept
         committed = self.spool.complete_many([(c, d.sha256) for c, d in verified],
                                              durable=False)
-        deletions: list[tuple[str, dict[str, tuple[int, int]], bool]] = []
         for (claim, digest), ok in zip(verified, committed, strict=True):
             r = claim.record
             if not ok:
-                log.warning("%s: lost the lease on %s to another sender; not deleting it",
+                log.warning("%s: lost the lease on %s to another sender before its commit",
                             self.stream.name, show(r.relpath),
                             extra=event("lease_taken_over", stream=self.stream.name,
                                         item=r.relpath))
@@ -565,10 +574,6 @@ class Sender:
                         self.stream.name, show(r.relpath), digest.size, digest.sha256[:16],
                         extra=event("delivered", stream=self.stream.name, item=r.relpath,
                                     bytes=digest.size, peer=self.peer))
-            if self.out.transfer_mode == "move":
-                deletions.append((r.relpath, digest.versions, r.is_dir))
-        for relpath, versions, is_dir in deletions:
-            self._delete_source(relpath, versions, is_dir, whole=None)
 
     def _skip(self, claim: Claim, reason: str) -> None:
         self.spool.drop(claim, reason)
@@ -596,11 +601,11 @@ class Sender:
                         extra=event("retried", stream=self.stream.name,
                                     item=claim.record.relpath, reason=reason, attempt=attempt))
 
-    def _delete_source(self, relpath: str, versions: dict[str, tuple[int, int]], is_dir: bool,
-                       *, whole: tuple[int, int] | None) -> None:
+    def _delete_source(self, relpath: str, versions: dict[str, tuple[int, int]],
+                       is_dir: bool) -> finish.Deletion:
         """Unlink what was verified, and only that: see :func:`mstm.finish.delete_source`."""
-        finish.delete_source(self.stream, relpath, versions, is_dir, whole=whole,
-                             level=self.per_item_level)
+        return finish.delete_source(self.stream, relpath, versions, is_dir,
+                                    level=self.per_item_level)
 
     # -- status ---------------------------------------------------------------
     def status_line(self) -> str:

@@ -15,7 +15,7 @@ Layout of a spool directory (one per stream)::
     spool.lock             flock: makes enqueue's duplicate check exact (see below)
 
 Records and files: a record is one line of JSON.  ``enqueue`` writes the records of a
-chunk (up to 512 items) to one file in ``tmp/``, makes it durable with one syncfs(2), and
+chunk (up to 512 items) to one file in ``tmp/``, makes it durable with one fsync(2), and
 publishes each item as a hard link to that file, ``new/<id>``; ``complete_many`` does the
 same with the done records of a batch.  So an item costs a link and a few renames, not a
 file, an fsync and a freed block of its own, and a chunk's file is parsed once for all its
@@ -26,7 +26,7 @@ for any unreadable record, enqueued again by the next scan if its source still e
 
 Guarantees:
 
-* Every record file is durable (syncfs or fsync) before a name for it is published by
+* Every record file is fsync'd before a name for it is published by
   link or rename, and the directory is fsync'd before the call returns (``complete_many``
   with durable=False leaves that to the caller's ``flush``).  A crash at any instant
   leaves every item in exactly one of new/, claimed/, done/, failed/ (or, if it crashed
@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import fcntl
 import functools
 import hashlib
@@ -118,14 +117,6 @@ class SpoolError(Exception):
 
 class SpoolBusy(SpoolError):
     """Another process holds the lock (scan.lock)."""
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(fd: int) -> int:
-    """syncfs(2): flush one filesystem (the spool's), not every filesystem like sync(2)."""
-    return int(_libc.syncfs(fd))
 
 
 def item_id(relpath: str, size: int, mtime_ns: int) -> str:
@@ -533,7 +524,7 @@ class Spool:
 
     def _write_tmp(self, data: bytes, mtime: float | None = None, *, sync: bool = True) -> str:
         """Write data to a new tmp/ file, set its mtime, fsync it (unless the caller
-        makes it durable another way, e.g. one syncfs for a whole chunk); its path."""
+        makes it durable another way); its path."""
         name = f"{int(self._clock() * 1e9)}.{self.owner}.{next(self._seq)}"
         path = os.path.join(self._tmp, name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
@@ -812,8 +803,14 @@ class Spool:
     def _claimed_ids(self) -> set[str]:
         return {name.partition("@")[0] for name in _listdir(self._claimed)}
 
-    def enqueue(self, records: Iterable[ItemRecord]) -> int:
-        """Queue the records whose item is not known yet; return how many were new."""
+    def enqueue(self, records: Iterable[ItemRecord], *, again_if_done: bool = False) -> int:
+        """Queue the records whose item is not known yet; return how many were new.
+
+        again_if_done: an item in done/ is queued again (its done record removed first).
+        Move mode asks for that: its sender deletes a source before it commits, so a
+        source still there with a done record is a new file that shares path, size and
+        mtime with one delivered before (or its deletion failed), and must be sent again.
+        """
         self._require_open()
         now = self._clock()
         batch: dict[str, ItemRecord] = {}
@@ -825,7 +822,7 @@ class Spool:
         todo = list(batch.values())
         added = 0
         for start in range(0, len(todo), _CHUNK):
-            added += self._enqueue_chunk(todo[start : start + _CHUNK])
+            added += self._enqueue_chunk(todo[start : start + _CHUNK], again_if_done)
         if added:
             if self._listed is not None:
                 self._listed += added
@@ -833,33 +830,40 @@ class Spool:
             log.debug("spool %s: enqueued %d item(s)", self.path, added)
         return added
 
-    def _enqueue_chunk(self, chunk: list[ItemRecord]) -> int:
+    def _enqueue_chunk(self, chunk: list[ItemRecord], again_if_done: bool) -> int:
         # Cheap unlocked pre-check: nothing written for items already known.
         claimed = self._claimed_ids()
-        chunk = [r for r in chunk if r.id not in claimed and not self._exists_any(r.id)]
+        skip = (self._new, self._failed) if again_if_done else (self._new, self._done,
+                                                                  self._failed)
+        chunk = [r for r in chunk if r.id not in claimed
+                 and not any(os.path.lexists(os.path.join(d, r.id)) for d in skip)]
         if not chunk:
             return 0
-        # The chunk's records go into one file, made durable by one syncfs; each item is
+        # The chunk's records go into one file, made durable by one fsync; each item is
         # then published as a hard link to it, new/<id>: one file and one link per item
         # instead of a file, an fsync and a rename, and no per-item block to free later.
-        tmp = self._write_tmp(_pack(chunk),
-                              mtime=min(_due(r) for r in chunk), sync=False)
+        tmp = self._write_tmp(_pack(chunk), mtime=min(_due(r) for r in chunk))
         added = 0
         try:
-            self.flush()
             with self._spool_lock(exclusive=True):
                 # Exact check, in the order items flow: new, claimed, done, failed.
                 in_new = {r.id for r in chunk if os.path.lexists(os.path.join(self._new, r.id))}
                 claimed = self._claimed_ids()
                 for rec in chunk:
                     i = rec.id
+                    done = os.path.join(self._done, i)
                     if (
                         i in in_new
                         or i in claimed
-                        or os.path.lexists(os.path.join(self._done, i))
+                        or (not again_if_done and os.path.lexists(done))
                         or os.path.lexists(os.path.join(self._failed, i))
                     ):
                         continue
+                    if again_if_done:
+                        # one name at a time: a crash here leaves the item in neither
+                        # state, and the next scan queues it (its source is still there)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(done)
                     try:
                         os.link(tmp, os.path.join(self._new, i))
                     except FileExistsError:
@@ -874,11 +878,6 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return added
-
-    def _exists_any(self, item: str) -> bool:
-        return any(
-            os.path.lexists(os.path.join(d, item)) for d in (self._new, self._done, self._failed)
-        )
 
     # ------------------------------------------------------------------ claiming
 
@@ -1012,14 +1011,11 @@ class Spool:
         self._queue_pos = len(self._queue)
 
     def flush(self) -> None:
-        """Make everything written to the spool durable: one syncfs(2) of its filesystem."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if _syncfs(fd) != 0:
-                os.fsync(fd)
-                os.sync()
-        finally:
-            os.close(fd)
+        """Make the state changes made so far durable: an fsync of each state directory
+        (never a syncfs: the spool may share its filesystem with the data, whose
+        writeback is not ours to force)."""
+        for d in self._dirs.values():
+            _fsync_dir(d)
 
     def _finish(self, claim: Claim, record: ItemRecord, dest_dir: str, mtime: float,
                 *, durable: bool = True) -> bool:
@@ -1051,17 +1047,17 @@ class Spool:
 
     def complete_many(self, verified: Sequence[tuple[Claim, str]], *,
                       durable: bool = True) -> list[bool]:
-        """claimed -> done/ for each (claim, sha256); per claim, False if it was lost (then
-        leave its source alone).
+        """claimed -> done/ for each (claim, sha256); per claim, False if it was lost (taken
+        over by another sender).
 
-        The done records of up to _CHUNK claims are written to one file, made durable by
-        one syncfs, and each claim's entry is replaced by a hard link to it (a link renamed
-        over claimed/<id>@<owner>, then renamed to done/<id>: one copy at every instant, and
-        no block freed or written per item).  durable=False leaves the directory fsyncs to
+        The done records of up to _CHUNK claims are written to one file, fsync'd, and each
+        claim's entry is replaced by a hard link to it (a link renamed over
+        claimed/<id>@<owner>, then renamed to done/<id>: one copy at every instant, and no
+        block freed or written per item).  durable=False leaves the directory fsyncs to
         the caller's flush() at the end of its batch.  That is safe because a done record
         is bookkeeping, not the evidence a deletion rests on (the target's verification
-        is): a record lost in a crash only makes the item be looked at again, and found
-        delivered or its source gone.
+        is, and move mode deletes before it commits): a record lost in a crash only makes
+        the item be looked at again, and found delivered or its source gone.
         """
         self._require_open()
         now = self._clock()
@@ -1076,10 +1072,8 @@ class Spool:
                         for k in part if os.path.lexists(verified[k][0].path)]
                 if not live:
                     continue
-                tmp = self._write_tmp(_pack(rec for _, rec in live), mtime=now,
-                                      sync=False)
+                tmp = self._write_tmp(_pack(rec for _, rec in live), mtime=now)
                 try:
-                    self.flush()
                     for k, rec in live:
                         claim = verified[k][0]
                         link = f"{tmp}.{k}"

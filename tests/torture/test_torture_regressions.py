@@ -19,7 +19,7 @@ import psutil
 import pytest
 from tests.conftest import need
 from tests.harness.sshd import SSHD, LoopbackSshd
-from tests.harness.streams import StreamEnv
+from tests.harness.streams import StreamEnv, rsync_wrapper
 
 pytestmark = pytest.mark.integration
 
@@ -210,11 +210,11 @@ def test_follow_symlinks_delivers_the_file_a_symlink_points_to(sshd: LoopbackSsh
     assert not os.path.lexists(env.source / "link.dat")  # move mode: the link went
 
 
-def _deletion_cut_short(sshd: LoopbackSshd, *, split: bool) -> StreamEnv:
-    """What a sender killed between its commit (claimed/ -> done/) and the unlink of
-    the source leaves: a done record, the verified copy at the target, the source.
-    Then one more pass, with the sender's own scan or with mstm-scan feeding
-    ``mstm-send --no-scan``."""
+def _done_record_and_source(sshd: LoopbackSshd, *, split: bool) -> StreamEnv:
+    """A done record, a copy at the target, and the source still there: what a sender of
+    the previous version killed between its commit and the unlink left, and what a new
+    file sharing path, size and mtime with a delivered one looks like.  Then one more
+    pass, with the sender's own scan or with mstm-scan feeding ``mstm-send --no-scan``."""
     import hashlib
     import shutil
     import tempfile
@@ -222,6 +222,8 @@ def _deletion_cut_short(sshd: LoopbackSshd, *, split: bool) -> StreamEnv:
     from mstm.spool import Spool
 
     env = StreamEnv.create(Path(tempfile.mkdtemp(dir=sshd.root.parent)), sshd)
+    wrapper = rsync_wrapper(env.root / "rsync", env.root / "runs.log")
+    env.configure(rsync_ssh={"cmd": str(wrapper)})
     data = os.urandom(5000)
     env.put("verified.dat", data)
     assert env.run("mstm-scan", "--once").returncode == 0
@@ -236,22 +238,17 @@ def _deletion_cut_short(sshd: LoopbackSshd, *, split: bool) -> StreamEnv:
         r = env.run("mstm-send", "--once")
     assert r.returncode == 0, r.stderr
     assert (env.target / "verified.dat").read_bytes() == data
+    assert b"verified.dat" in (env.root / "runs.log").read_bytes(), "not sent again"
     return env
 
 
-def test_a_deletion_cut_short_by_a_crash_is_finished_by_the_next_scan(
-        sshd: LoopbackSshd) -> None:
-    env = _deletion_cut_short(sshd, split=False)
-    assert not (env.source / "verified.dat").exists()
-
-
-def test_a_deletion_cut_short_by_a_crash_is_finished_also_with_a_separate_scanner(
-        sshd: LoopbackSshd) -> None:
-    """Bug 4: with mstm-scan feeding mstm-send --no-scan, a source whose deletion was cut
-    short by a crash (done/ record + source) was never deleted: only mstm-send's own scan
-    finished such deletions, mstm-scan skipped the item as known.  Both now share
-    mstm.finish.finish_deletions."""
-    env = _deletion_cut_short(sshd, split=True)
+@pytest.mark.parametrize("split", [False, True], ids=["own-scan", "mstm-scan"])
+def test_a_source_left_with_a_done_record_is_sent_again_and_then_deleted(
+        sshd: LoopbackSshd, split: bool) -> None:
+    """Bug 4, and what its first fix got wrong: the source is sent and verified again
+    (never deleted on the strength of an old done record), then deleted; also with
+    mstm-scan feeding mstm-send --no-scan."""
+    env = _done_record_and_source(sshd, split=split)
     assert not (env.source / "verified.dat").exists(), "the verified source stays forever"
 
 

@@ -1,8 +1,7 @@
-"""mstm.finish: deleting a delivered source, and finishing a deletion a crash cut short.
-
-The same function serves mstm-send (after its commit, and from its own scan) and
-mstm-scan (feeding ``mstm-send --no-scan``); these tests drive it directly, and through
-the real mstm-scan command with a ``local`` stream (no server needed).
+"""mstm.finish: deleting a delivered source; and what a scan does with a source whose
+id is already in done/ (mstm.scan.enqueue_ready): in move mode it is sent again, never
+deleted unsent.  Driven directly, and through the real mstm-scan command with a ``local``
+stream (no server needed).
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from mstm.finish import delete_source, finish_deletions
-from mstm.scan import scan
+from mstm import finish
+from mstm.finish import delete_source
+from mstm.scan import enqueue_ready, scan
 from mstm.spool import ItemRecord, Spool
 
 BIN = Path(sys.executable).parent
@@ -77,7 +77,7 @@ def test_a_followed_link_is_deleted_never_the_file_it_points_to(
     src, outside = linked
     s = stream(src, follow_symlinks=True)
 
-    assert delete_source(s, "link.dat", {"link.dat": version(outside)}, False, whole=None)
+    assert delete_source(s, "link.dat", {"link.dat": version(outside)}, False)
 
     assert not os.path.lexists(src / "link.dat")
     assert outside.read_bytes() == b"pointed-to"
@@ -86,8 +86,7 @@ def test_a_followed_link_is_deleted_never_the_file_it_points_to(
 def test_a_link_is_never_deleted_when_links_are_not_followed(
         linked: tuple[Path, Path]) -> None:
     src, outside = linked
-    assert not delete_source(stream(src), "link.dat", {"link.dat": version(outside)}, False,
-                             whole=None)
+    assert not delete_source(stream(src), "link.dat", {"link.dat": version(outside)}, False)
     assert os.path.islink(src / "link.dat")
 
 
@@ -97,7 +96,7 @@ def test_a_file_changed_after_delivery_is_kept_with_a_warning(
     v1 = version(tmp_path / "a.dat")
     os.utime(tmp_path / "a.dat", ns=(v1[1], v1[1] + 1_000_000))
     with caplog.at_level(logging.WARNING, logger="mstm"):
-        assert not delete_source(stream(tmp_path), "a.dat", {"a.dat": v1}, False, whole=None)
+        assert not delete_source(stream(tmp_path), "a.dat", {"a.dat": v1}, False)
     assert (tmp_path / "a.dat").exists()
     assert "changed after delivery" in caplog.text
 
@@ -117,7 +116,7 @@ def test_a_directory_swapped_for_a_link_never_leads_the_deletion_outside(
 
     for follow in (False, True):
         s = stream(src, follow_symlinks=follow)
-        assert not delete_source(s, "sub/a.dat", {"sub/a.dat": v}, False, whole=None)
+        assert not delete_source(s, "sub/a.dat", {"sub/a.dat": v}, False)
     assert (elsewhere / "a.dat").read_bytes() == b"x"
 
 
@@ -129,7 +128,7 @@ def test_a_deletion_is_logged_as_a_source_deleted_event_and_its_marker_goes(
     s = stream(tmp_path, ready_marker="{name}.done")
     with caplog.at_level(logging.DEBUG, logger="mstm"):
         assert delete_source(s, "sub/a.dat", {"sub/a.dat": version(tmp_path / "sub/a.dat")},
-                             False, whole=None, level=logging.INFO)
+                             False, level=logging.INFO)
     assert not (tmp_path / "sub" / "a.dat.done").exists()
     (record,) = [r for r in caplog.records if getattr(r, "mstm_event", None)]
     assert record.levelno == logging.INFO
@@ -146,59 +145,66 @@ def test_a_directory_item_is_checked_file_by_file_before_it_goes(tmp_path: Path)
     s = stream(tmp_path, transfer_unit="dir")
     (tmp_path / "run1" / "late").write_bytes(b"")  # came after it was hashed
 
-    assert not delete_source(s, "run1", versions, True, whole=None)
+    assert not delete_source(s, "run1", versions, True)
     assert (tmp_path / "run1" / "late").exists()
     (tmp_path / "run1" / "late").unlink()
-    assert delete_source(s, "run1", versions, True, whole=None)
+    assert delete_source(s, "run1", versions, True)
     assert not (tmp_path / "run1").exists()
 
 
-# -- finish_deletions ----------------------------------------------------------------------
+# -- a done record and a source still there ----------------------------------------------
 
 
-def test_an_item_verified_but_not_deleted_is_deleted_by_the_next_scan(tmp_path: Path) -> None:
+def queued(spool_dir: Path) -> list[str]:
+    with Spool(spool_dir).open() as spool:
+        return sorted(r.relpath for r in spool.iter_records("new"))
+
+
+def test_in_move_mode_a_new_file_sharing_path_size_and_mtime_with_a_delivered_one_is_sent(
+        tmp_path: Path) -> None:
+    """cp -p, tar x or rsync -t can bring back a path with the size and mtime of a file
+    delivered (and deleted) before: its id is in done/, its bytes are new."""
     src, spool_dir = tmp_path / "src", tmp_path / "spool"
     src.mkdir()
-    (src / "done.dat").write_bytes(b"verified")
+    (src / "daily.dat").write_bytes(b"A" * 100)
     s = stream(src)
     verified(spool_dir, s)
-    (src / "new.dat").write_bytes(b"new")
+    mtime = os.stat(src / "daily.dat").st_mtime_ns
+    (src / "daily.dat").unlink()  # delivered and deleted
+    (src / "daily.dat").write_bytes(b"B" * 100)
+    os.utime(src / "daily.dat", ns=(mtime, mtime))
 
-    rest = finish_deletions(s, spool_dir, scan(s, now=_later()).ready)
+    with Spool(spool_dir).open() as spool:
+        assert enqueue_ready(s, spool, scan(s, now=_later()).ready) == 1
 
-    assert [c.relpath for c in rest] == ["new.dat"]
-    assert sorted(os.listdir(src)) == ["new.dat"]
-
-
-def test_a_directory_item_is_finished_only_if_its_tree_is_the_verified_one(
-        tmp_path: Path) -> None:
-    src, spool_dir = tmp_path / "src", tmp_path / "spool"
-    (src / "run1" / "sub").mkdir(parents=True)
-    (src / "run1" / "sub" / "a").write_bytes(b"aaa")
-    (src / "run2").mkdir()
-    (src / "run2" / "b").write_bytes(b"b")
-    s = stream(src, transfer_unit="dir")
-    verified(spool_dir, s)
-    ready = scan(s, now=_later()).ready
-    (src / "run2" / "c").write_bytes(b"")  # changes run2's tree after the scan looked
-
-    rest = finish_deletions(s, spool_dir, ready)
-
-    assert rest == []
-    assert not (src / "run1").exists()
-    assert (src / "run2" / "b").exists()
+    assert (src / "daily.dat").read_bytes() == b"B" * 100  # never deleted unsent
+    assert queued(spool_dir) == ["daily.dat"]
 
 
-def test_in_mirror_mode_nothing_is_deleted(tmp_path: Path) -> None:
+def test_in_mirror_mode_a_delivered_version_is_not_queued_again(tmp_path: Path) -> None:
     src, spool_dir = tmp_path / "src", tmp_path / "spool"
     src.mkdir()
     (src / "a.dat").write_bytes(b"a")
     s = stream(src, outgoing=SimpleNamespace(stop_file=".stop", transfer_mode="mirror"))
     verified(spool_dir, s)
-    ready = scan(s, now=_later()).ready
 
-    assert finish_deletions(s, spool_dir, ready) == ready
-    assert (src / "a.dat").exists()
+    with Spool(spool_dir).open() as spool:
+        assert enqueue_ready(s, spool, scan(s, now=_later()).ready) == 0
+    assert (src / "a.dat").exists() and queued(spool_dir) == []
+
+
+def test_a_deletion_that_fails_says_why_and_keeps_the_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.dat").write_bytes(b"a")
+
+    def refuse(*args: Any, **kw: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(finish.os, "unlink", refuse)
+    gone = delete_source(stream(tmp_path), "a.dat", {"a.dat": version(tmp_path / "a.dat")},
+                         False)
+    assert not gone and gone.error == "Permission denied"
+    assert (tmp_path / "a.dat").exists()
 
 
 # -- through mstm-scan ----------------------------------------------------------------------
@@ -223,7 +229,7 @@ def mstm_scan(global_ini: Path, *args: str) -> subprocess.CompletedProcess[bytes
                            "proj1"], capture_output=True, check=False, timeout=60)
 
 
-def test_mstm_scan_finishes_an_interrupted_deletion_but_print_deletes_nothing(
+def test_mstm_scan_queues_again_a_source_whose_id_is_done_and_print_deletes_nothing(
         tmp_path: Path) -> None:
     g = configure(tmp_path, transfer_unit="dir")
     (tmp_path / "src" / "run1").mkdir()
@@ -234,9 +240,8 @@ def test_mstm_scan_finishes_an_interrupted_deletion_but_print_deletes_nothing(
     printed = mstm_scan(g, "--once", "-0")
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout == os.fsencode(tmp_path / "src" / "run1") + b"\0"
-    assert (tmp_path / "src" / "run1" / "a").exists()
 
     r = mstm_scan(g, "--once", "-v")
     assert r.returncode == 0, r.stderr
-    assert not (tmp_path / "src" / "run1").exists()
-    assert os.listdir(tmp_path / "spool" / "proj1" / "new") == []
+    assert (tmp_path / "src" / "run1" / "a").exists()  # a scan never deletes
+    assert queued(tmp_path / "spool" / "proj1") == ["run1"]

@@ -7,19 +7,18 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from types import FrameType
 
 import click
 
-from mstm import config, finish
+from mstm import config
 from mstm import scan as scanning
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_OK, EXIT_USAGE, die
-from mstm.log import event, show, under_journal
+from mstm.log import event, show
 from mstm.notify import Notifier
-from mstm.spool import ItemRecord, Spool, SpoolBusy, item_id
+from mstm.spool import Spool, SpoolBusy, item_id
 
 log = logging.getLogger("mstm.scan")
 
@@ -42,8 +41,8 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
 
     Ready means: not a dot-file nor matching ignore_patterns; unchanged (mtime and
     ctime) for settle_seconds; not open for writing by any process on this host; and its
-    ready_marker present, if one is configured.  In move mode, a ready item that was
-    already verified at the target (a sender died before deleting it) is deleted now.
+    ready_marker present, if one is configured.  In move mode, a ready item whose id
+    (path, size, mtime) was delivered before is queued again: a scan never deletes.
     """
 
     def body() -> int:
@@ -58,7 +57,6 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
         spool = None if printing else Spool(cfg.spool_dir,
                                             lease_seconds=cfg.outgoing.lease_seconds).open()
         printed: set[str] = set()
-        per_item = logging.INFO if under_journal() else logging.DEBUG
         stop = threading.Event()
         out = sys.stdout.buffer
 
@@ -76,14 +74,7 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
                 out.flush()
                 return report
             assert spool is not None
-            # verified earlier, but a crash cut the deletion short: finish it, as
-            # mstm-send's own scan does (else --no-scan senders would never do it)
-            ready = finish.finish_deletions(cfg, spool.path, report.ready, level=per_item)
-            records = [ItemRecord(relpath=c.relpath, size=c.size, mtime_ns=c.mtime_ns,
-                                  is_dir=c.is_dir, enqueued_at=time.time())
-                       for c in ready
-                       if not spool.known(item_id(c.relpath, c.size, c.mtime_ns))]
-            added = spool.enqueue(records)
+            added = scanning.enqueue_ready(cfg, spool, report.ready)
             if added:
                 log.info("%s: %d new item(s) queued", cfg.name, added,
                          extra=event("enqueued", stream=cfg.name))
