@@ -89,6 +89,11 @@ class ProtocolError(ValueError):
 # --------------------------------------------------------------------------- names
 
 
+# The exact shape of the names new_batch_id() makes.  Only a directory named like this is
+# ever taken for an abandoned batch and removed (BATCH_RE accepts any peer's batch names).
+OUR_BATCH_RE: re.Pattern[str] = re.compile(r"\A[0-9]{8}T[0-9]{12}-[0-9a-f]{12}\Z")
+
+
 def new_batch_id() -> str:
     """A fresh batch name: UTC time to the microsecond and 48 random bits."""
     now = time.time()

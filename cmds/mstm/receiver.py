@@ -1550,7 +1550,9 @@ class Receiver:
         their names alone), sorted."""
         referenced = {n.lstrip(".").split(".", 1)[0] for n in names
                       if "." in n.lstrip(".")}
-        return sorted(n for n in names if protocol.BATCH_RE.match(n)
+        # only the exact shape mstm-send's batch names have: a directory such as
+        # "proj2" or "2024-01-01" (another stream's area, an operator's) is never taken
+        return sorted(n for n in names if protocol.OUR_BATCH_RE.match(n)
                       and n != self.s.stop_file and n not in referenced)
 
     def _handshake_present(self, batch: str) -> bool:

@@ -989,6 +989,26 @@ def test_answered_batches_without_a_thank_you_expire_after_a_week(site: Site) ->
 LIMIT = 3600.0
 
 
+# batch names of the shape mstm-send makes (protocol.OUR_BATCH_RE)
+B1 = "20261123T000000000001-000000000001"
+B2 = "20261123T000000000002-000000000002"
+B3 = "20261123T000000000003-000000000003"
+B4 = "20261123T000000000004-000000000004"
+
+
+def test_only_a_directory_named_like_mstm_send_batches_is_ever_taken_for_abandoned(
+        site: Site) -> None:
+    abandoned_site(site)
+    r = site.receiver()
+    for name in ("proj2", "2024-01-01", "backup", "b1"):  # valid batch names, not ours
+        (site.I / name / "keep").mkdir(parents=True)
+        (site.I / name / "keep" / "important.dat").write_bytes(b"x")
+    site.baseline()
+    later(r, LIMIT + 100)
+    assert r.run_once().abandoned == 0
+    assert (site.I / "proj2" / "keep" / "important.dat").exists()
+
+
 def abandoned_site(site: Site, limit: float = LIMIT, **kw: object) -> Site:
     site.settings = dataclasses.replace(site.settings, abandoned_batch_seconds=limit,
                                         **kw)  # type: ignore[arg-type]
@@ -1050,14 +1070,14 @@ def test_an_abandoned_batch_directory_older_than_the_limit_is_removed_and_logged
 def test_a_batch_directory_changed_within_the_limit_stays(site: Site) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
-    backdate(site.I / "b1", 2 * LIMIT)
+    partial_batch(site, B1)
+    backdate(site.I / B1, 2 * LIMIT)
     later(r, LIMIT + 100)
     # one file deep down was written 10 s ago (by the receiver's clock)
     recent = time.time() + LIMIT + 90
-    os.utime(site.I / "b1" / "obs" / "deep" / "b.nc", (recent, recent))
+    os.utime(site.I / B1 / "obs" / "deep" / "b.nc", (recent, recent))
     assert r.run_once().abandoned == 0
-    assert site.incoming() == ["b1"]
+    assert site.incoming() == [B1]
 
 
 def test_a_batch_whose_files_have_old_mtimes_but_were_written_lately_stays(
@@ -1065,49 +1085,49 @@ def test_a_batch_whose_files_have_old_mtimes_but_were_written_lately_stays(
     """rsync --times gives each file its source's mtime: only ctime tells when it came."""
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
-    backdate(site.I / "b1", 30 * 86400)  # mtimes a month old; ctimes now
+    partial_batch(site, B1)
+    backdate(site.I / B1, 30 * 86400)  # mtimes a month old; ctimes now
     later(r, LIMIT - 100)
     assert r.run_once().abandoned == 0
-    assert site.incoming() == ["b1"]
+    assert site.incoming() == [B1]
 
 
 def test_an_mtime_in_the_future_does_not_keep_a_batch_forever(site: Site) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
+    partial_batch(site, B1)
     future = time.time() + 10 * LIMIT  # a source host's clock far ahead (rsync --times)
-    os.utime(site.I / "b1" / "obs" / "a.nc", (future, future))
+    os.utime(site.I / B1 / "obs" / "a.nc", (future, future))
     later(r, LIMIT + 100)
     assert r.run_once().abandoned == 1
     assert site.incoming() == []
 
 
-@pytest.mark.parametrize("name", [f"b1.{CTRL}", f"b1.{RCPT}", f"b1.{THANKS}",
-                                  f".b1.{CTRL}.tmp.4242", f".b1.{CTRL}"])
+@pytest.mark.parametrize("name", [f"{B1}.{CTRL}", f"{B1}.{RCPT}", f"{B1}.{THANKS}",
+                                  f".{B1}.{CTRL}.tmp.4242", f".{B1}.{CTRL}"])
 def test_a_batch_directory_with_a_control_file_receipt_or_thank_you_stays(
         site: Site, name: str) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
+    partial_batch(site, B1)
     (site.I / name).write_bytes(b"")
     backdate(site.I, 2 * LIMIT)
     later(r, LIMIT + 100)
     assert r._look_for_abandoned(rx.Summary()) is None
-    assert sorted(site.incoming()) == sorted(["b1", name])
+    assert sorted(site.incoming()) == sorted([B1, name])
 
 
 def test_an_old_batch_directory_whose_control_file_arrives_is_answered_not_removed(
         site: Site) -> None:
     abandoned_site(site)
     r = site.receiver()
-    items = site.put("b1", {"x": b"late"})
+    items = site.put(B1, {"x": b"late"})
     later(r, LIMIT + 100)
-    site.control("b1", items)
+    site.control(B1, items)
     assert r.run_once().abandoned == 0
-    assert site.receipt("b1") == {"x": Status.OK}
+    assert site.receipt(B1) == {"x": Status.OK}
     assert site.published() == {"x": b"late"}
-    assert (site.I / "b1").is_dir()  # until the thank-you
+    assert (site.I / B1).is_dir()  # until the thank-you
 
 
 def test_entries_not_named_like_a_batch_directory_stay(tmp_path: Path) -> None:
@@ -1119,11 +1139,11 @@ def test_entries_not_named_like_a_batch_directory_stay(tmp_path: Path) -> None:
         for name in names:
             (site.I / name).mkdir()
             (site.I / name / "f").write_bytes(b"data")
-        (site.I / "b2").write_bytes(b"a MiStaMover data file, not a directory")
+        (site.I / B2).write_bytes(b"a MiStaMover data file, not a directory")
         r = site.receiver()
         later(r, LIMIT + 100)
         assert r.run_once().abandoned == 0
-        assert sorted(site.incoming()) == sorted([*names, "b2"])
+        assert sorted(site.incoming()) == sorted([*names, B2])
     finally:
         site.close()
 
@@ -1132,16 +1152,16 @@ def test_a_symlink_inside_an_abandoned_batch_pointing_outside_removes_nothing_ou
         site: Site) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
-    (site.I / "b1" / "out").symlink_to(site.outside)
-    (site.I / "b1" / "obs" / "secret").symlink_to(site.outside / "secret")
-    (site.I / "b1" / "obs" / "up").symlink_to("../../..")
-    (site.I / "b2").symlink_to(site.outside)  # a batch "directory" that is a link
+    partial_batch(site, B1)
+    (site.I / B1 / "out").symlink_to(site.outside)
+    (site.I / B1 / "obs" / "secret").symlink_to(site.outside / "secret")
+    (site.I / B1 / "obs" / "up").symlink_to("../../..")
+    (site.I / B2).symlink_to(site.outside)  # a batch "directory" that is a link
     site.baseline()
     watch = Watch(site.outside)
     later(r, LIMIT + 100)
     assert r.run_once().abandoned == 1
-    assert site.incoming() == ["b2"]
+    assert site.incoming() == [B2]
     assert watch.events() == []  # nothing outside was even opened
     assert (site.outside / "secret").read_bytes() == b"secret"
     # (and the fixture checks that nothing outside I and D changed)
@@ -1150,11 +1170,11 @@ def test_a_symlink_inside_an_abandoned_batch_pointing_outside_removes_nothing_ou
 def test_zero_disables_the_removal_of_abandoned_batches(site: Site) -> None:
     abandoned_site(site, 0)
     r = site.receiver()
-    partial_batch(site, "b1")
-    backdate(site.I / "b1", 400 * 86400)
+    partial_batch(site, B1)
+    backdate(site.I / B1, 400 * 86400)
     later(r, 365 * 86400)
     assert r.run_once().abandoned == 0
-    assert site.incoming() == ["b1"]
+    assert site.incoming() == [B1]
 
 
 def test_a_control_file_appearing_while_a_batch_is_removed_keeps_the_batch(
@@ -1163,29 +1183,29 @@ def test_a_control_file_appearing_while_a_batch_is_removed_keeps_the_batch(
     renamed aside, looked at again, and put back."""
     abandoned_site(site)
     r = site.receiver()
-    items = site.put("b1", {"x": b"racing"})
+    items = site.put(B1, {"x": b"racing"})
     later(r, LIMIT + 100)
     real = rx._survey
 
     def survey_then_control(*args: object, **kw: object) -> rx._Survey:
         result = real(*args, **kw)  # type: ignore[arg-type]
         if str(args[1]).startswith(rx.ABANDONED_PREFIX):  # the look again, set aside
-            site.control("b1", items)
+            site.control(B1, items)
         return result
 
     monkeypatch.setattr(rx, "_survey", survey_then_control)
     assert r._look_for_abandoned(rx.Summary()) is None
-    assert site.incoming() == ["b1", f"b1.{CTRL}"]
+    assert site.incoming() == [B1, f"{B1}.{CTRL}"]
     monkeypatch.undo()
     r.run_once()
-    assert site.receipt("b1") == {"x": Status.OK}
+    assert site.receipt(B1) == {"x": Status.OK}
 
 
 def test_a_write_into_a_batch_while_it_is_being_removed_keeps_the_batch(
         site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
+    partial_batch(site, B1)
     later(r, LIMIT + 100)
     real = rx._survey
 
@@ -1197,8 +1217,8 @@ def test_a_write_into_a_batch_while_it_is_being_removed_keeps_the_batch(
 
     monkeypatch.setattr(rx, "_survey", survey_after_a_write)
     assert r.run_once().abandoned == 0
-    assert site.incoming() == ["b1"]
-    assert (site.I / "b1" / "obs" / "deep" / "more").read_bytes() == b"more"
+    assert site.incoming() == [B1]
+    assert (site.I / B1 / "obs" / "deep" / "more").read_bytes() == b"more"
 
 
 def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried(
@@ -1206,7 +1226,7 @@ def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried
         caplog: pytest.LogCaptureFixture) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
+    partial_batch(site, B1)
     batch = site.send({"ok": b"1"})  # a good batch goes through meanwhile
 
     def fail(*args: object, **kw: object) -> None:
@@ -1223,12 +1243,12 @@ def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried
     monkeypatch.undo()
     later(r, LIMIT + 100)
     r.run_once()
-    assert not any(n.startswith(rx.ABANDONED_PREFIX) or n == "b1" for n in site.incoming())
+    assert not any(n.startswith(rx.ABANDONED_PREFIX) or n == B1 for n in site.incoming())
 
 
 def test_a_batch_directory_set_aside_before_a_crash_is_removed_at_start(site: Site) -> None:
     site.I.mkdir()
-    aside = site.I / f"{rx.ABANDONED_PREFIX}b1-0123abcd"
+    aside = site.I / f"{rx.ABANDONED_PREFIX}{B1}-0123abcd"
     (aside / "d").mkdir(parents=True)
     (aside / "d" / "f").write_bytes(b"x")
     (aside / "out").symlink_to(site.outside)
@@ -1243,8 +1263,8 @@ def test_a_mount_point_inside_a_batch_directory_is_never_removed(
         caplog: pytest.LogCaptureFixture) -> None:
     abandoned_site(site)
     r = site.receiver()
-    partial_batch(site, "b1")
-    mounted = site.I / "b1" / "obs" / "deep"
+    partial_batch(site, B1)
+    mounted = site.I / B1 / "obs" / "deep"
     real = rx._mount_id
     mounted_ino = mounted.stat().st_ino
     monkeypatch.setattr(rx, "_mount_id", lambda fd: "elsewhere" if os.fstat(fd).st_ino
@@ -1253,10 +1273,10 @@ def test_a_mount_point_inside_a_batch_directory_is_never_removed(
         for _ in range(2):
             later(r, LIMIT + 100)
             assert r.run_once().abandoned == 0
-    assert site.incoming() == ["b1"]
+    assert site.incoming() == [B1]
     assert [rec.getMessage() for rec in caplog.records
             if "left alone" in rec.getMessage()] == [
-        "t: b1 looks like an abandoned batch directory but is left alone: a mount point"
+        f"t: {B1} looks like an abandoned batch directory but is left alone: a mount point"
         " inside"]
 
 
@@ -1279,7 +1299,7 @@ def test_a_look_examines_a_bounded_number_of_entries_and_the_next_one_goes_on(
     abandoned_site(site)
     monkeypatch.setattr(rx, "ABANDONED_BUDGET", 10)
     r = site.receiver()
-    for batch in ("b1", "b2", "b3", "b4"):
+    for batch in (B1, B2, B3, B4):
         site.put(batch, {f"f{i}": b"x" for i in range(7)})  # 8 entries each
     examined: list[str] = []
     real = rx._survey
@@ -1297,8 +1317,8 @@ def test_a_look_examines_a_bounded_number_of_entries_and_the_next_one_goes_on(
     # each look: the first directory to its end, then what is left of 10 entries
     assert gone == [1, 1, 1, 1]
     assert [e for e in examined if not e.startswith(".")] == [
-        "b1:old", "b2:unfinished", "b2:old", "b3:unfinished", "b3:old", "b4:unfinished",
-        "b4:old"]
+        f"{B1}:old", f"{B2}:unfinished", f"{B2}:old", f"{B3}:unfinished", f"{B3}:old",
+        f"{B4}:unfinished", f"{B4}:old"]
     assert site.incoming() == []
 
 
@@ -1308,9 +1328,9 @@ def test_follow_removes_an_abandoned_batch_when_it_is_due_without_any_other_even
     r = site.receiver()
     t = follow_in_thread(r)
     try:
-        partial_batch(site, "b1")
+        partial_batch(site, B1)
         t0 = time.monotonic()
-        wait_for(lambda: not (site.I / "b1").exists(), timeout=10)
+        wait_for(lambda: not (site.I / B1).exists(), timeout=10)
         assert 0.5 < time.monotonic() - t0 < 3
         batch = site.send({"after": b"1"})  # and deliveries go on
         wait_for(lambda: (site.I / f"{batch}.{RCPT}").exists())
