@@ -411,6 +411,7 @@ class Puller:
         self._procs_lock = threading.Lock()
         self._last_error: str | None = None
         self._paused_reason: str | None = None
+        self._paused_lock = threading.Lock()
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -458,7 +459,7 @@ class Puller:
             return report
         self._report_unmapped(report)
         todo = [p for p in report.items if p.action in (FETCH, REFETCH)]
-        if todo and not self.paused():
+        if not self.paused() and todo:
             self._fetch_all(todo, report)
         report.stopped = self.stop_event.is_set()
         report.paused = self._paused_reason
@@ -468,7 +469,9 @@ class Puller:
         """The reason no fetch may start now: the stop file in the stream's directory (an
         operator's, or mstm-diskwatch's when the local disk runs low), said once."""
         reason = is_paused(self.stream)
-        if reason != self._paused_reason:
+        with self._paused_lock:  # asked by the fetching threads too: said once
+            if reason == self._paused_reason:
+                return reason
             if reason:
                 log.warning("%s: paused: %s", self.stream.name, reason,
                             extra=event("paused", stream=self.stream.name, reason=reason))
@@ -476,7 +479,7 @@ class Puller:
                 log.info("%s: resumed", self.stream.name,
                          extra=event("resumed", stream=self.stream.name))
             self._paused_reason = reason
-        return reason
+            return reason
 
     def _report_unmapped(self, report: CycleReport) -> None:
         fresh = [p for p in report.items

@@ -507,3 +507,28 @@ def test_without_python3_large_files_go_through_rsync(tmp_path: Path) -> None:
             t.close()
     finally:
         tgt.sshd.cleanup()
+
+
+def test_a_file_an_earlier_transfer_still_writes_at_the_target_waits_never_goes_by_rsync(
+        target: Target, tmp_path: Path) -> None:
+    """An earlier stream of this file we gave up on (a hung disk, a cut connection) may
+    still run at the target and rename its data into place when it ends; a copy sent
+    meanwhile by rsync could be verified, its source deleted, and then be overwritten."""
+    import fcntl
+
+    from mstm.transports.base import Item
+
+    src = tmp_path / "src"
+    target.put(src, b"big.dat", os.urandom(4096))
+    held = os.open(target.dir / ".big.dat.mstm-stream", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)  # what the orphaned receiver holds
+    t = target.transport(src)
+    t.stream_min = 1
+    t.open()
+    try:
+        r = t.send([Item("big.dat", 4096)])
+    finally:
+        t.close()
+        os.close(held)
+    assert r.exit_code == 12 and "still running at the target" in r.error
+    assert not (target.dir / "big.dat").exists()  # not sent another way

@@ -122,7 +122,8 @@ if not stat.S_ISREG(os.fstat(fd).st_mode):
 try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except OSError:
-    fail("another transfer of this file is running")
+    say(b"BUSY")  # an earlier transfer of this file still runs here: not an item error
+    sys.exit(1)
 version = ("%d %d" % (size, mtime_ns)).encode()
 h = hashlib.sha256()
 have = 0
@@ -247,6 +248,9 @@ class Streamed:
     mtime_ns: int
     ino: int
     offset: int  # bytes kept from an earlier, interrupted attempt
+
+
+_MAX_LINES = 16  # unread answers of the target kept (see Stream._read_out)
 
 
 class StreamItemError(Exception):
@@ -390,9 +394,16 @@ class Stream:
                 monitor.progress(monitor.files, monitor.bytes)
 
     def _read_out(self, pipe: IO[bytes], monitor: Monitor) -> None:
-        for line in pipe:
+        # The target's output is untrusted: lines are read at most 512 bytes at a time,
+        # progress lines replace each other, and past _MAX_LINES unread answers the rest
+        # is dropped (a well-behaved target says one or two things per file).
+        while line := pipe.readline(512):
             with self._cond:
-                self._lines.append(line[:512])
+                if line.startswith(b"AT ") and self._lines and \
+                        self._lines[-1].startswith(b"AT "):
+                    self._lines[-1] = line
+                elif len(self._lines) < _MAX_LINES:
+                    self._lines.append(line)
                 monitor.last = time.monotonic()  # the target is alive (flushing, say)
                 self._cond.notify_all()
         with self._cond:
@@ -400,8 +411,8 @@ class Stream:
             self._cond.notify_all()
 
     def _read_err(self, pipe: IO[bytes]) -> None:
-        for line in pipe:
-            self._err.append(line[:512])
+        while line := pipe.readline(512):
+            self._err.append(line)
             del self._err[:-10]
 
     def _next_line(self, monitor: Monitor, *, skip_progress: bool = False) -> bytes | None:
@@ -437,6 +448,14 @@ class Stream:
         code = proc.returncode
         if line and line.startswith(b"ERROR "):
             return StreamItemError(line[6:].decode("utf-8", "replace"))
+        if line == b"BUSY":
+            # An earlier transfer of this file (one we gave up on: a hung disk, a cut
+            # connection) still runs at the target and will rename its data into place
+            # when it ends.  Sending this file another way now (rsync) could be verified,
+            # its source deleted, and then overwritten by that late rename: wait instead,
+            # as for a broken connection (the batch is released, nothing is counted).
+            return StreamBroken("an earlier transfer of this file is still running at the "
+                                "target")
         if code == 255:
             return StreamBroken(f"ssh: {err.splitlines()[-1] if err else 'connection lost'}")
         if code in (126, 127) or ("python3" in err and "not found" in err):
