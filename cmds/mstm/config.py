@@ -444,8 +444,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "follow_symlinks": Key(Bool(), "false",
                                "a symbolic link to a regular file is an item, sent and "
                                "verified as that file (transfer_unit = file only); links to "
-                               "directories, dangling links and loops are skipped; move mode "
-                               "deletes only the link"),
+                               "directories, dangling links, loops and links to a file of "
+                               "another owner (unless root owns the link) are skipped; move "
+                               "mode deletes only the link"),
         "poll_interval": Key(Seconds(positive=True), "$(global:general_poll_interval)",
                              "how often to rescan (default: [global] general_poll_interval)"),
         "direction": Key(Choice(("push", "pull")), "push",

@@ -327,7 +327,11 @@ class _Scanner:
             self.report.skipped.append((relpath, f"symbolic link: {e.strerror}"))
             return
         if stat.S_ISREG(st.st_mode):
-            if not self.rules.is_marker(relpath):
+            if not link_owner_ok(lst, st):
+                self.report.skipped.append(
+                    (relpath, f"symbolic link to a file of another owner (link uid "
+                              f"{lst.st_uid}, file uid {st.st_uid})"))
+            elif not self.rules.is_marker(relpath):
                 self._consider_file(relpath, st, lst)
         elif stat.S_ISDIR(st.st_mode):
             self.report.skipped.append((relpath, "symbolic link to a directory (never followed)"))
@@ -551,6 +555,14 @@ def is_paused(stream: Any) -> str | None:
         if text:
             reason += f": {text}"
     return reason
+
+
+def link_owner_ok(link: os.stat_result, target: os.stat_result) -> bool:
+    """May a symbolic link be followed to *target* (follow_symlinks = true)?  Only if the
+    link belongs to the file's owner, or to root: whoever can write the stream's directory
+    must not be able to have mstm send a file it cannot read itself (mstm's own ssh key,
+    say), the rule of the kernel's fs.protected_symlinks, applied to reading."""
+    return link.st_uid in (target.st_uid, 0)
 
 
 def enqueue_ready(stream: Any, spool: Spool, ready: Iterable[Candidate]) -> int:

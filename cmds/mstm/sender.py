@@ -365,9 +365,13 @@ class Sender:
         live: list[Claim] = []
         for c in claims:
             r = c.record
+            path = os.path.join(os.fsencode(source), os.fsencode(r.relpath))
             try:
-                st = os.stat(os.path.join(os.fsencode(source), os.fsencode(r.relpath)),
-                             follow_symlinks=self.stream.follow_symlinks)
+                st = os.stat(path, follow_symlinks=self.stream.follow_symlinks)
+                if self.stream.follow_symlinks and not r.is_dir and \
+                        not scanning.link_owner_ok(os.lstat(path), st):
+                    self._skip(c, "now a symbolic link to a file of another owner")
+                    continue
             except FileNotFoundError:
                 self._skip(c, "source vanished before it was sent")
                 continue

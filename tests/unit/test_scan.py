@@ -433,6 +433,21 @@ def test_followed_symlink_to_a_file_is_an_item_but_directories_are_never_walked_
     assert "directory" in skipped["to-dir"] and "dangling" in skipped["dangling"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a link another owner")
+def test_a_followed_link_to_a_file_of_another_owner_is_skipped(tmp_path: Path) -> None:
+    """Whoever can write the stream's directory must not have mstm send what mstm alone
+    can read (its ssh key, say): a link is followed only to its owner's files (or root's
+    links anywhere)."""
+    secret = tmp_path.parent / f"{tmp_path.name}-key"
+    write(secret, b"-----BEGIN OPENSSH PRIVATE KEY-----")  # owned by root, like mstm's
+    (tmp_path / "mine.dat").symlink_to(secret)
+    os.lchown(tmp_path / "mine.dat", 4242, 4242)  # a user's link to it
+    (tmp_path / "roots.dat").symlink_to(secret)  # root's own link: allowed
+    report = scan_in_thread(stream(tmp_path, follow_symlinks=True), now=later())
+    assert ready_names(report) == ["roots.dat"]
+    assert "another owner" in dict(report.skipped)["mine.dat"]
+
+
 def test_followed_symlink_to_a_file_held_open_for_writing_waits(tmp_path: Path) -> None:
     target = tmp_path.parent / f"{tmp_path.name}-outside.dat"
     write(target)

@@ -34,6 +34,7 @@ refuses an item) gets those files through rsync as before.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -408,7 +409,9 @@ class RsyncSsh:
                  if (got := self._streamed.pop((base, p), None)) is not None]
         if hints:
             names += b"/\0" + b"".join(hints)
-        timeout = 600.0 + sum(1 for _ in relpaths) * 0.01
+        # the target reads every byte (and flushes them first): allow for a slow disk,
+        # 20 MB/s, on top of a fixed 600 s and 10 ms a name (sizes from our own sources)
+        timeout = 600.0 + len(relpaths) * 0.01 + self._local_bytes(relpaths) / 20e6
         r = self.conn.run(["sh", "-c", _INSPECT_SCRIPT, "sh", base, _HASH_PY], input=names,
                           timeout=timeout)
         if r.returncode == 7:
@@ -418,6 +421,14 @@ class RsyncSsh:
                 "cannot make the files durable at the target (syncfs failed): "
                 + _last_line(r.stderr))
         return parse_inspect(r.stdout)
+
+    def _local_bytes(self, relpaths: Sequence[str]) -> int:
+        total = 0
+        base = os.fsencode(self.source_dir)
+        for p in relpaths:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(base, os.fsencode(p))).st_size
+        return total
 
     def publish(self, items: Sequence[Item]) -> dict[str, str]:
         dirs = [i for i in items if i.is_dir]
