@@ -706,7 +706,9 @@ def test_a_symlink_swapped_in_during_publication_never_redirects_a_read_or_write
     receipt = site.receipt(batch)
     counts = collections.Counter(receipt.values())
     assert set(counts) <= {Status.OK, Status.REFUSED, Status.MISSING}, counts
-    assert counts[Status.OK] > 0 and counts[Status.REFUSED] > 0, counts
+    # the attack was met (how many items won their race against the swappers instead is
+    # up to the scheduler: with all items checked before any is published, it may be none)
+    assert counts[Status.REFUSED] > 0, counts
     # every published file holds exactly its item's content, wherever in D it ended up
     for rel, data in site.published().items():
         assert data == files["sub/" + Path(rel).name], rel
