@@ -894,18 +894,19 @@ class Spool:
         now = self._clock()
         # names kept per listing: many batches' worth (a listing of a million costs ~0.5 s),
         # at most ~64k of them (~13 MB), and never fewer than one batch
-        keep: int | None = max(max_items, min(16 * max_items, 65536), 4096)
+        keep = max(max_items, min(16 * max_items, 65536), 4096)
         claims: list[Claim] = []
         total = 0
-        listed = False
+        listings = 0
         while True:
             if self._queue_pos >= len(self._queue):
-                if listed:
-                    if claims or not self._queue_partial or keep is None:
-                        break
-                    keep = None  # nothing due among the oldest: look at every record once
-                self._list_new(keep)
-                listed = True
+                # Listed already and nothing more to claim, or nothing due among the oldest
+                # (only after a clock step: a record's due time orders it): one more
+                # listing then, without the records now known not to be due.
+                if listings and (claims or not self._queue_partial or listings >= 2):
+                    break
+                self._list_new(keep, now)
+                listings += 1
                 if not self._queue:
                     break
             _, ino, name = self._queue[self._queue_pos]
@@ -949,8 +950,9 @@ class Spool:
             _fsync_dir(self._new)
         return claims
 
-    def _list_new(self, keep: int | None) -> None:
-        """List new/ into the claim queue: the *keep* oldest-due names (all if None).
+    def _list_new(self, keep: int, now: float) -> None:
+        """List new/ into the claim queue: the *keep* oldest-due names, leaving out those
+        known not to be due at *now*.
 
         One scandir; file times come from the inode (the links of one enqueued chunk share
         it, so one stat per chunk), and only *keep* names are held: a claim over a million
@@ -958,16 +960,22 @@ class Spool:
         back to new/ through this spool (release, retry, takeover) reset the queue.
         """
         mtimes: dict[int, int] = {}  # inode -> mtime_ns, for this listing
-        count = 0
+        count = candidates = 0
+        not_due = self._not_due
 
         def scan() -> Iterator[tuple[int, int, str]]:
-            nonlocal count
+            nonlocal count, candidates
             with contextlib.suppress(FileNotFoundError), os.scandir(self._new) as it:
                 for entry in it:
                     name = entry.name
                     if not _ID_RE.fullmatch(name):
                         continue
                     ino = entry.inode()
+                    count += 1
+                    known = not_due.get(name)
+                    if known is not None and known[0] == ino and \
+                            not _is_due(known[1], known[2], now):
+                        continue
                     mtime = mtimes.get(ino)
                     if mtime is None:
                         try:
@@ -975,13 +983,13 @@ class Spool:
                         except FileNotFoundError:
                             continue
                         mtimes[ino] = mtime
-                    count += 1
+                    candidates += 1
                     yield (mtime, ino, name)  # a chunk's links together: parsed once
 
-        self._queue = sorted(scan()) if keep is None else heapq.nsmallest(keep, scan())
+        self._queue = heapq.nsmallest(keep, scan())
         self._queue_pos = 0
         self._queue_ino = -1
-        self._queue_partial = keep is not None and count > keep
+        self._queue_partial = candidates > keep
         self._listed = count
         self._not_due = {n: v for n, v in self._not_due.items()
                          if os.path.lexists(os.path.join(self._new, n))}

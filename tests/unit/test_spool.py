@@ -1020,3 +1020,18 @@ def test_a_spool_written_by_the_previous_version_is_read_and_completed(
     assert spool.complete(c, sha256="ab" * 32)
     (done,) = spool.iter_records("done")
     assert done.relpath == "old.dat" and done.sha256 == "ab" * 32
+
+
+def test_due_items_behind_more_than_a_listings_worth_of_waiting_ones_are_still_claimed(
+    spool: Spool, clock: Clock
+) -> None:
+    """After clock steps, due records can sort behind many not-yet-due ones (a record's
+    due time orders it): the claim lists again without the ones it learned are waiting."""
+    spool.enqueue(rec(f"w{i:04d}", enqueued_at=clock.t) for i in range(4200))
+    for c in spool.claim(max_items=5000, max_bytes=BIG):
+        assert spool.retry(c, "x", retry_count=9, backoff=1000, backoff_max=1000) == "queued"
+    clock.t += 5000  # forward: the fresh items are stamped later than the retries' due times
+    spool.enqueue([rec("fresh1"), rec("fresh2")])
+    clock.t -= 4990  # and back again, after the retries: those wait, the fresh are due
+    got = [c.record.relpath for c in spool.claim(max_items=10, max_bytes=BIG)]
+    assert sorted(got) == ["fresh1", "fresh2"]
