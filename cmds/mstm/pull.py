@@ -98,6 +98,7 @@ FETCHED = "fetched"
 FAILED = "failed"
 BUSY = "busy"  # another worker holds its lock
 STOPPED = "stopped"
+_PAUSE_CHECK = 2.0  # seconds between looks at the stop file while an rsync runs
 ALREADY_DONE = "already_done"  # another worker finished it meanwhile
 CHANGING = "changing"  # still being written at the source: tried again next cycle
 
@@ -557,7 +558,7 @@ class Puller:
                 run = self._rsync(p, verify=False, checksum=checksum)
                 p.moved_bytes += run.bytes
                 if run.stopped or self.stop_event.is_set():
-                    p.result = STOPPED
+                    p.result, p.reason = STOPPED, self._paused_reason or "stopped"
                     return
                 if run.code:
                     problem, changing = run.error, run.code == RSYNC_VANISHED
@@ -671,7 +672,8 @@ class Puller:
             with self._procs_lock:
                 self._procs.discard(proc)
         result.code = proc.returncode
-        result.stopped = self.stop_event.is_set() and proc.returncode != 0
+        result.stopped = (self.stop_event.is_set() or self._paused_reason is not None) \
+            and proc.returncode != 0
         if stalled:
             result.code = result.code or 30
             result.error = f"rsync made no progress for {stall:.0f} s (stall_seconds); cut"
@@ -691,6 +693,7 @@ class Puller:
         nothing read for *stall* seconds the whole process group is killed.
         """
         last_read, last_change = -1, time.monotonic()
+        next_pause_check = time.monotonic() + _PAUSE_CHECK
         while True:
             try:
                 proc.wait(timeout=0.5)
@@ -698,6 +701,13 @@ class Puller:
             except subprocess.TimeoutExpired:
                 pass
             self.tick()
+            if time.monotonic() >= next_pause_check:
+                next_pause_check = time.monotonic() + _PAUSE_CHECK
+                if self.paused():  # the local disk runs low (mstm-diskwatch): stop now
+                    with contextlib.suppress(OSError):
+                        proc.terminate()  # rsync keeps what it has in its partial dir
+                    proc.wait()
+                    return False
             read = _read_chars(proc.pid, skip=os.path.basename(self.stream.rsync_ssh.ssh_cmd))
             now = time.monotonic()
             if read != last_read:

@@ -535,6 +535,25 @@ def test_follow_fetches_new_items_every_cycle_and_stops_cleanly_on_sigterm(
     assert_fetched(rig, [*names, "10002c"])
 
 
+def test_a_stop_file_put_during_a_fetch_stops_the_running_transfer(rig: PullRig) -> None:
+    """A pull that fills the local disk must stop when mstm-diskwatch says so, not when
+    its current (maybe huge) item is done."""
+    names = rig.make_items(2)
+    rig.wrap_rsync(slow=30)  # every transfer takes 30 s
+    proc = rig.env.popen("mstm-send", "--once", "--execute", "--json",
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    (rig.dest / ".stop").write_text("local disk low (mstm-diskwatch)\n")
+    out, err = proc.communicate(timeout=20)  # not 30 s: the transfers were cut
+    result = json.loads(out)
+    assert result["fetched"] == 0 and "local disk low" in result["paused"], err
+    assert {i["result"] for i in result["items"]} == {"stopped"}
+    (rig.dest / ".stop").unlink()
+    rig.slow(0)
+    assert rig.run_json("--execute")["fetched"] == 2
+    assert_fetched(rig, names)
+
+
 def test_mstm_scan_refuses_a_pull_stream_with_a_usage_error(rig: PullRig) -> None:
     r = rig.env.run("mstm-scan", "--once")
     assert r.returncode == 2
