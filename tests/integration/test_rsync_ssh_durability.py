@@ -532,3 +532,32 @@ def test_a_file_an_earlier_transfer_still_writes_at_the_target_waits_never_goes_
         os.close(held)
     assert r.exit_code == 12 and "still running at the target" in r.error
     assert not (target.dir / "big.dat").exists()  # not sent another way
+
+
+def test_a_large_file_already_complete_at_the_target_is_not_streamed_again(
+        target: Target, tmp_path: Path) -> None:
+    """A cut between the rename at the target and its answer: the next attempt finds the
+    file there, complete, and answers with its digest instead of sending it again."""
+    from mstm.transports.base import Item
+
+    src = tmp_path / "src"
+    data = os.urandom(3 << 20)
+    target.put(src, b"big.dat", data)
+    for attempt in range(2):
+        t = target.transport(src)  # a new sender: nothing remembered from the first
+        t.stream_min = 1
+        t.open()
+        try:
+            r = t.send([Item("big.dat", len(data))])
+            assert r.exit_code == 0, r.error
+            got = t._streamed[(str(target.dir), "big.dat")]
+            found = t.inspect(["big.dat"])
+        finally:
+            t.close()
+        if attempt == 0:
+            first_ino = os.stat(target.dir / "big.dat").st_ino
+            assert got.offset == 0
+        else:
+            assert got.offset == len(data)  # nothing sent
+            assert os.stat(target.dir / "big.dat").st_ino == first_ino  # not rewritten
+        assert found["big.dat"].sha256 == hashlib.sha256(data).hexdigest()

@@ -362,7 +362,10 @@ class RsyncSsh:
                     r.exit_code, r.error = 12, f"stream: {err}"
                     break
                 self._streamed[(dest.rstrip("/") or "/", item.relpath)] = got
-                if got.offset:
+                if got.offset == got.size:
+                    log.info("%r: already complete at the target; not sent again",
+                             os.fsencode(item.relpath))
+                elif got.offset:
                     log.info("%r: resumed at byte %d of %d", os.fsencode(item.relpath),
                              got.offset, got.size)
                 m.file_done()
