@@ -67,7 +67,7 @@ from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, TargetUnavailabl
 from mstm.ledger import DONE, UNMAPPED, Entry, Ledger, LedgerError, now_iso
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
-from mstm.scan import is_paused
+from mstm.scan import is_paused, say_pause_change
 from mstm.sender import json_path
 from mstm.transports.ssh import SshConnection, SshTarget, spawn
 
@@ -471,14 +471,7 @@ class Puller:
         operator's, or mstm-diskwatch's when the local disk runs low), said once."""
         reason = is_paused(self.stream)
         with self._paused_lock:  # asked by the fetching threads too: said once
-            if reason == self._paused_reason:
-                return reason
-            if reason:
-                log.warning("%s: paused: %s", self.stream.name, reason,
-                            extra=event("paused", stream=self.stream.name, reason=reason))
-            elif self._paused_reason:
-                log.info("%s: resumed", self.stream.name,
-                         extra=event("resumed", stream=self.stream.name))
+            say_pause_change(log, self.stream.name, self._paused_reason, reason)
             self._paused_reason = reason
             return reason
 

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from mstm.errors import EXIT_CONFIG, EXIT_TEMPFAIL, MstmError
+from mstm.log import event
 from mstm.openfiles import open_for_writing
 from mstm.spool import ItemRecord, Spool
 
@@ -555,6 +556,19 @@ def is_paused(stream: Any) -> str | None:
         if text:
             reason += f": {text}"
     return reason
+
+
+def say_pause_change(logger: logging.Logger, stream: str, before: str | None,
+                     now: str | None) -> None:
+    """Log a change of a stream's pause, once: a warning with the new reason, or that it
+    resumed (MESSAGE_IDs "paused" and "resumed")."""
+    if now == before:
+        return
+    if now:
+        logger.warning("%s: paused: %s", stream, now,
+                       extra=event("paused", stream=stream, reason=now))
+    elif before:
+        logger.info("%s: resumed", stream, extra=event("resumed", stream=stream))
 
 
 def link_owner_ok(link: os.stat_result, target: os.stat_result) -> bool:

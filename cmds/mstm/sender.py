@@ -289,14 +289,8 @@ class Sender:
         reason = scanning.is_paused(self.stream)
         if reason is None:
             reason = self._remote_paused()
-        if reason != self._paused_reason:
-            if reason:
-                log.warning("%s: paused: %s", self.stream.name, reason,
-                            extra=event("paused", stream=self.stream.name, reason=reason))
-            elif self._paused_reason:
-                log.info("%s: resumed", self.stream.name,
-                         extra=event("resumed", stream=self.stream.name))
-            self._paused_reason = reason
+        scanning.say_pause_change(log, self.stream.name, self._paused_reason, reason)
+        self._paused_reason = reason
         return reason
 
     def _remote_paused(self) -> str | None:
