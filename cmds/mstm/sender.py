@@ -542,6 +542,12 @@ class Sender:
         be deleted is not committed but retried, so it ends in failed/ with the reason
         instead of being sent again on every scan.
         """
+        if self.out.transfer_mode == "move" and self.spool.lease_lost():
+            # our claims were taken over (we looked dead): their new owner decides
+            log.warning("%s: lost the lease on %d verified item(s) to another sender; "
+                        "their sources are left to it", self.stream.name, len(verified),
+                        extra=event("lease_taken_over", stream=self.stream.name))
+            return
         if self.out.transfer_mode == "move":
             kept: list[tuple[Claim, LocalDigest]] = []
             for claim, digest in verified:
