@@ -448,7 +448,9 @@ def test_kill_9_of_the_main_process_restarts_it_and_nothing_is_lost(systemd: Sys
         k: v for k, v in files(proj1.target).items() if k.startswith("batch/")} == wanted, 60)
     wait_for("every source deleted", lambda: not [
         p for p in proj1.source.rglob("*") if p.is_file()])
-    assert proj1.spool_entries("claimed") == [] and proj1.spool_entries("failed") == []
+    # move mode deletes a batch's sources first, then commits it: wait for the commit
+    wait_for("the batch committed", lambda: proj1.spool_entries("claimed") == [], 20)
+    assert proj1.spool_entries("failed") == []
     assert proj1.spool_entries("new") == []
     # systemd says why; a crash that is restarted is not (yet) a failure to alert about
     manager_log = [str(e.get("MESSAGE")) for e in systemd.journal(f"USER_UNIT={UNIT1}")]
