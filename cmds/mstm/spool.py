@@ -315,13 +315,8 @@ def read_records(directory: str | os.PathLike[str]) -> Iterator[ItemRecord]:
     """The readable records in one state directory of a spool (e.g. done/), read only:
     nothing is moved or created, unreadable records are skipped."""
     d = os.fspath(directory)
-    try:
-        with os.scandir(d) as it:
-            entries = sorted((e.inode(), e.name) for e in it)  # a chunk's links together
-    except FileNotFoundError:
-        return
     files = _RecordFiles(keep=2)
-    for _, name in entries:
+    for name in _names_by_inode(d):
         item = name.partition("@")[0]
         try:
             rec = files.load(os.path.join(d, name)).get(item)
@@ -1218,12 +1213,7 @@ class Spool:
         if state not in self._dirs:
             raise ValueError(f"unknown state {state!r}; expected one of {', '.join(STATES)}")
         d = self._dirs[state]
-        try:
-            with os.scandir(d) as it:
-                entries = sorted((e.inode(), e.name) for e in it)  # a chunk's links together
-        except FileNotFoundError:
-            return
-        for _, name in entries:
+        for name in _names_by_inode(d):
             item = name.partition("@")[0]
             rec = self._read(os.path.join(d, name), item, state)
             if rec is not None:
@@ -1346,6 +1336,16 @@ def _float(text: str) -> float | None:
         return float(int(text))
     except ValueError:
         return None
+
+
+def _names_by_inode(d: str) -> list[str]:
+    """The names in directory d, the links of one chunk file together (so a reader
+    parses each chunk once); [] if d is gone."""
+    try:
+        with os.scandir(d) as it:
+            return [name for _, name in sorted((e.inode(), e.name) for e in it)]
+    except FileNotFoundError:
+        return []
 
 
 def _listdir(d: str) -> list[str]:
