@@ -16,6 +16,10 @@ import pytest
 from tests.harness.sshd import SSHD, LoopbackSshd
 from tests.harness.streams import StreamEnv
 
+# Hostile-source tests build trees 1,000+ levels deep; pytest removes old base
+# temporary directories with shutil.rmtree, which recurses once per level.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
+
 
 def need(program: str) -> str:
     path = shutil.which(program) or (program if os.path.exists(program) else None)

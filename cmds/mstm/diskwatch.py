@@ -50,7 +50,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,6 +58,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from mstm import safefs
 from mstm.config import DiskSpaceConfig, GlobalConfig, StreamConfig, level_value
 from mstm.log import event, fields, show
 from mstm.spool import ItemRecord, read_records
@@ -272,39 +272,17 @@ class Candidate:
 
 def _open_parent(root: Path, relpath: str) -> tuple[int, str]:
     """An fd of the directory holding *relpath* (no symlink followed) and the last name."""
-    parts = relpath.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"not a normalised relative path: {relpath!r}")
-    fd = os.open(root, _DIR_FLAGS)
-    try:
-        for part in parts[:-1]:
-            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts[-1]
+    with safefs.opened_root(root) as root_fd:
+        return safefs.open_parent(root_fd, relpath)
 
 
 def tree_signature(dir_fd: int, name: str) -> tuple[int, int]:
     """(total size of regular files, newest mtime) of a directory unit, as mstm-scan sums it."""
-    top = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    size, newest = 0, top.st_mtime_ns
-    stack = [os.open(name, _DIR_FLAGS, dir_fd=dir_fd)]
-    while stack:
-        fd = stack.pop()
-        try:
-            with os.scandir(fd) as it:
-                for entry in it:
-                    st = entry.stat(follow_symlinks=False)
-                    newest = max(newest, st.st_mtime_ns)
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(os.open(entry.name, _DIR_FLAGS, dir_fd=fd))
-                    elif stat.S_ISREG(st.st_mode):
-                        size += st.st_size
-        finally:
-            os.close(fd)
+    size, newest = 0, 0
+    for entry in safefs.walk(dir_fd, name):
+        newest = max(newest, entry.st.st_mtime_ns)
+        if entry.is_file:
+            size += entry.st.st_size
     return size, newest
 
 
@@ -364,21 +342,14 @@ def undelivered_candidates(stream: StreamConfig, skip: set[str]) -> list[Candida
                 found.append(Candidate(stream.name, stream.priority, stream.directory,
                                        entry.name, size, mtime, True, False))
     else:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if name.startswith("."):
+        with contextlib.suppress(OSError), safefs.opened_root(root) as root_fd:
+            for e in safefs.walk(root_fd, "", on_error=lambda rel, err: None):
+                if e.depth == 0 or not e.is_file or e.relpath in skip:
                     continue
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                if rel in skip:
+                if any(p.startswith(".") for p in e.relpath.split("/")):
                     continue
-                try:
-                    st = os.lstat(os.path.join(dirpath, name))
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    found.append(Candidate(stream.name, stream.priority, stream.directory,
-                                           rel, st.st_size, st.st_mtime_ns, False, False))
+                found.append(Candidate(stream.name, stream.priority, stream.directory,
+                                       e.relpath, e.st.st_size, e.st.st_mtime_ns, False, False))
     found.sort(key=lambda c: (c.mtime_ns, c.relpath))
     return found
 
@@ -390,10 +361,13 @@ def delete_item(c: Candidate) -> bool:
     except (OSError, ValueError):
         return False
     try:
+        judged_ns = time.time_ns()
         if not _matches(fd, name, c.size, c.mtime_ns, c.is_dir):
             return False
         if c.is_dir:
-            shutil.rmtree(name, dir_fd=fd)
+            # what was judged, and nothing that came (or changed) since
+            pruned = safefs.prune(fd, name, lambda _rel, st: st.st_ctime_ns < judged_ns)
+            return not pruned.kept and not pruned.errors
         else:
             os.unlink(name, dir_fd=fd)
         return True

@@ -34,8 +34,11 @@ is skipped with a reason and left alone.  With it on (``transfer_unit = file``),
 to a regular file is an item whose version (size, mtime) is that of the file it points
 to: that content is sent, hashed and verified, and in move mode only the link is deleted
 (:mod:`mstm.finish`).  A link to a directory, a dangling link, a loop, a link to a FIFO
-or device is skipped with a reason.  Inside a directory unit nothing is ever followed:
-links there belong to the unit and travel as links (see each transport).
+or device is skipped with a reason.  Inside a directory unit nothing is ever followed,
+and a unit that holds a link, FIFO, socket or device is skipped with the reason: a
+directory unit carries regular files and directories (empty ones too), each verified at
+the target, and nothing else.  Every path below the stream directory is reached
+through :mod:`mstm.safefs`: no symbolic link on the way is ever followed.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mstm import safefs
 from mstm.errors import EXIT_CONFIG, EXIT_TEMPFAIL, MstmError
 from mstm.log import event
 from mstm.openfiles import open_for_writing
@@ -59,7 +63,6 @@ from mstm.spool import ItemRecord, Spool
 
 log = logging.getLogger("mstm.scan")
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _VANISHED = (FileNotFoundError, NotADirectoryError)
 _NS = 1_000_000_000
 
@@ -152,85 +155,6 @@ def _quiet_since_ns(st: os.stat_result, now_ns: int) -> int:
     return max(mtime, ctime) if mtime <= now_ns else ctime
 
 
-def _special_reason(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    return f"unsupported file type (mode {mode:o})"
-
-
-def open_regular(path: bytes, *, follow_symlinks: bool) -> int:
-    """A read-only fd of the regular file at *path*, for sending or hashing an item.
-
-    A symbolic link as the last component is read through only with *follow_symlinks*
-    (else OSError ELOOP).  Anything but a regular file (a directory, FIFO, device,
-    socket; a link to one) is refused with OSError before it is opened, so nothing
-    blocks and no device is touched; a file swapped for another between that check and
-    the open is refused too.  Every OSError names *path* (transports tell a local
-    error from a broken connection by that).
-    """
-    shown = os.fsdecode(path)
-    st = os.stat(path, follow_symlinks=follow_symlinks)
-    if stat.S_ISLNK(st.st_mode):
-        raise OSError(errno.ELOOP, "a symbolic link (follow_symlinks is off)", shown)
-    if not stat.S_ISREG(st.st_mode):
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else _special_reason(st.st_mode)
-        raise OSError(errno.EINVAL, f"not a regular file: {what}", shown)
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-    fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
-    try:
-        now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
-            raise OSError(errno.EAGAIN, "replaced while it was being opened", shown)
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def open_parent(directory: Path, relpath: str) -> tuple[int, str]:
-    """An fd of the directory that holds item *relpath*, and the item's last name.
-
-    The stream *directory* itself may be reached through a symbolic link, as in
-    :func:`scan`; no component below it is followed (OSError ELOOP or ENOTDIR), so
-    whatever is done with the fd stays inside the stream directory.  ValueError for a
-    path that is not relative and normalised.  The caller closes the fd.
-    """
-    *parents, name = relpath.split("/")
-    if any(p in ("", ".", "..") for p in (*parents, name)):
-        raise ValueError(f"not a normalised relative path: {relpath!r}")
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for part in parents:
-        try:
-            below = os.open(part, _DIR_FLAGS, dir_fd=fd)
-        finally:
-            os.close(fd)
-        fd = below
-    return fd, name
-
-
-def regular_files(top: bytes) -> list[bytes]:
-    """The regular files below directory *top* (paths under it), sorted; no symbolic link
-    is followed or listed."""
-    stack = [top]
-    found: list[bytes] = []
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    found.append(e.path)
-    return sorted(found)
-
-
 def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
@@ -258,7 +182,7 @@ class _Scanner:
     def _open_dir(self, rel: str) -> int | None:
         """An fd for directory *rel* (never through a symlink), or None if unusable."""
         try:
-            return os.open(rel or ".", _DIR_FLAGS, dir_fd=self.root_fd)
+            return safefs.open_beneath(self.root_fd, rel)
         except _VANISHED:
             log.debug("directory vanished during scan: %r", rel)
         except OSError as e:
@@ -313,7 +237,7 @@ class _Scanner:
                 elif stat.S_ISLNK(mode):
                     self._symlink_file(relpath, name, st, dir_fd)
                 else:
-                    self.report.skipped.append((relpath, _special_reason(mode)))
+                    self.report.skipped.append((relpath, safefs.special_reason(mode)))
 
     def _symlink_file(self, relpath: str, name: str, lst: os.stat_result, dir_fd: int) -> None:
         if not self.follow:
@@ -338,7 +262,7 @@ class _Scanner:
             self.report.skipped.append((relpath, "symbolic link to a directory (never followed)"))
         else:
             self.report.skipped.append(
-                (relpath, f"symbolic link to a {_special_reason(st.st_mode)}")
+                (relpath, f"symbolic link to a {safefs.special_reason(st.st_mode)}")
             )
 
     def _consider_file(self, relpath: str, st: os.stat_result, lst: os.stat_result) -> None:
@@ -389,52 +313,48 @@ class _Scanner:
                         )
                 self.report.skipped.append((name, reason))
             else:
-                self.report.skipped.append((name, _special_reason(mode)))
+                self.report.skipped.append((name, safefs.special_reason(mode)))
 
     def _tree(self, top: str, top_st: os.stat_result) -> _Item | None:
-        """Aggregate one directory unit: size, newest mtime, newest change, inodes."""
+        """Aggregate one directory unit: size, newest mtime, newest change, inodes.
+
+        A unit holding a symbolic link, FIFO, socket or device is refused (skipped with
+        the reason): a directory unit carries only regular files and directories, and
+        its source is never deleted with anything unverified in it."""
         size = 0
         newest_mtime = top_st.st_mtime_ns
         quiet = _quiet_since_ns(top_st, self.now_ns)
         inodes: set[tuple[int, int]] = set()
         changing = False
-        stack = [top]
-        while stack:
-            rel = stack.pop()
-            try:
-                fd = os.open(rel, _DIR_FLAGS, dir_fd=self.root_fd)
-            except _VANISHED:
-                if rel == top:
-                    log.debug("vanished during scan: %r", top)
+
+        def moved(rel: str, err: OSError) -> None:  # a directory vanished or became a link
+            nonlocal changing
+            if not isinstance(err, _VANISHED) and err.errno != errno.ELOOP:
+                raise err
+            changing = True
+
+        try:
+            for entry in safefs.walk(self.root_fd, top, on_error=moved):
+                st = entry.st
+                newest_mtime = max(newest_mtime, st.st_mtime_ns)
+                quiet = max(quiet, _quiet_since_ns(st, self.now_ns))
+                if entry.is_file:
+                    size += st.st_size
+                    inodes.add((st.st_dev, st.st_ino))
+                elif not entry.is_dir:
+                    self.report.skipped.append(
+                        (top, f"holds a {safefs.special_reason(st.st_mode)} "
+                              f"({entry.relpath}): a directory unit carries only regular "
+                              f"files and directories"))
                     return None
-                changing = True
-                continue
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    changing = True
-                    continue
-                self.report.skipped.append((top, f"cannot read {rel!r}: {e.strerror}"))
-                return None
-            try:
-                with os.scandir(fd) as it:
-                    for entry in it:
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                        except _VANISHED:
-                            changing = True
-                            continue
-                        newest_mtime = max(newest_mtime, st.st_mtime_ns)
-                        quiet = max(quiet, _quiet_since_ns(st, self.now_ns))
-                        if stat.S_ISDIR(st.st_mode):
-                            stack.append(_join(rel, entry.name))
-                        elif stat.S_ISREG(st.st_mode):
-                            size += st.st_size
-                            inodes.add((st.st_dev, st.st_ino))
-            except OSError as e:
-                self.report.skipped.append((top, f"cannot read {rel!r}: {e.strerror}"))
-                return None
-            finally:
-                os.close(fd)
+        except _VANISHED:
+            log.debug("vanished during scan: %r", top)
+            return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None  # the unit itself became a link since it was listed
+            self.report.skipped.append((top, f"cannot read it: {e.strerror}"))
+            return None
         if changing:
             log.debug("directory unit changed during scan: %r", top)
             quiet = max(quiet, self.now_ns)
@@ -447,8 +367,8 @@ class _Scanner:
         if marker is None:
             return True
         try:
-            os.lstat(marker, dir_fd=self.root_fd)
-        except OSError:
+            safefs.lstat_beneath(self.root_fd, marker)
+        except (OSError, ValueError):
             return False
         return True
 

@@ -35,15 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mstm import finish, protocol
+from mstm import finish, protocol, safefs
 from mstm import scan as scanning
 from mstm.backoff import DestinationBackoff
 from mstm.config import StreamConfig
 from mstm.errors import TargetUnavailable
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
+from mstm.safefs import Version
 from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy
-from mstm.transports.base import Item, RemoteFile, Transport, exchange
+from mstm.transports.base import Item, RemoteFile, Transport, exchange, staging_dir
 
 log = logging.getLogger("mstm.send")
 
@@ -56,71 +57,114 @@ class LocalDigest:
     """What the source holds: one entry per regular file (a file item has one)."""
 
     files: dict[str, tuple[int, str]]  # relpath (relative to the stream dir) -> (size, sha256)
-    versions: dict[str, tuple[int, int]]  # relpath -> (size, mtime_ns) as hashed
+    versions: dict[str, Version]  # relpath -> the version that was hashed
     sha256: str  # of the item: the file's digest, or of a directory's manifest
     size: int
     changed: str | None = None  # why the source cannot be trusted, if it changed meanwhile
+    dirs: list[str] = field(default_factory=list)  # a directory item's empty directories
+    hashed_at_ns: int = 0  # when the hashing began (time.time_ns())
+
+    def verified(self) -> finish.Verified:
+        """What a deletion may rely on, once the target matched."""
+        return finish.Verified(self.versions, {r: d for r, (_, d) in self.files.items()},
+                               self.hashed_at_ns)
 
 
-def _hash_file(path: bytes, *, follow_symlinks: bool = False) -> tuple[int, int, str, bool]:
-    """(size, mtime_ns, sha256, stable) of one regular file, read in large blocks.
+def _hash_file(root_fd: int, relpath: str, *, follow_symlinks: bool = False
+               ) -> tuple[Version, str, bool]:
+    """(version, sha256, stable) of one regular file below *root_fd*, read in large blocks.
 
-    A symbolic link is read through only with *follow_symlinks* (then size and mtime are
-    those of the file it points to, as the scanner recorded them); anything but a regular
-    file raises OSError (see :func:`mstm.scan.open_regular`).  *stable*: the file read is
-    still the one at *path*, with the same size and times, after the read.
+    The path is resolved through :mod:`mstm.safefs`: no symbolic link below the stream
+    directory is followed, but for the last component with *follow_symlinks* (then the
+    version is that of the file it points to, as the scanner recorded it); anything but a
+    regular file raises OSError.  *stable*: the file read is still the one at *relpath*,
+    with the same size and times, after the read.
     """
-    fd = scanning.open_regular(path, follow_symlinks=follow_symlinks)
+    fd = safefs.open_regular(root_fd, relpath, follow_symlinks=follow_symlinks)
     h = hashlib.sha256()
     with open(fd, "rb", buffering=0) as f:
         before = os.fstat(fd)
         while chunk := f.read(HASH_BLOCK):
             h.update(chunk)
-    after = os.stat(path, follow_symlinks=follow_symlinks)
-    stable = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns,
-              before.st_ctime_ns) == (after.st_dev, after.st_ino, after.st_size,
-                                      after.st_mtime_ns, after.st_ctime_ns)
-    return after.st_size, after.st_mtime_ns, h.hexdigest(), stable
+        after = os.fstat(fd)
+    version = Version.of(before)
+    try:
+        dir_fd, name = safefs.open_parent(root_fd, relpath)
+        try:
+            now = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        return version, h.hexdigest(), False
+    stable = Version.of(after) == version and version.same_file(now) is None
+    return version, h.hexdigest(), stable
 
 
 def local_digest(source_dir: Path, record: ItemRecord, *, follow_symlinks: bool = True
                  ) -> LocalDigest:
-    """Size and sha256 of what the source holds for *record*, as the transport reads it.
+    """Size and sha256 of what the source holds for *record*, read through
+    :mod:`mstm.safefs` (nothing outside the stream directory is ever read).
 
     *follow_symlinks*: a file item that is a symbolic link is read through it (the
     stream's ``follow_symlinks``: links are only ever queued when it is on, and the
     sender's re-check before a batch compares the version with that same setting).
-    Inside a directory item nothing is followed: only its regular files are hashed.
+    Inside a directory item nothing is followed: its regular files are hashed, its empty
+    directories listed (the target must show them); a link, FIFO, socket or device in
+    it makes the item untrusted (``changed``): a directory unit carries only regular
+    files and directories, and is never deleted with anything unverified in it.
     """
-    base = os.fsencode(source_dir)
-    path = os.path.join(base, os.fsencode(record.relpath))
-    if not record.is_dir:
-        size, mtime_ns, digest, stable = _hash_file(path, follow_symlinks=follow_symlinks)
+    hashed_at = time.time_ns()
+    with safefs.opened_root(source_dir) as root_fd:
+        if not record.is_dir:
+            version, digest, stable = _hash_file(root_fd, record.relpath,
+                                                 follow_symlinks=follow_symlinks)
+            changed = None
+            if not stable or (version.size, version.mtime_ns) != (record.size,
+                                                                  record.mtime_ns):
+                changed = "source changed while it was being sent"
+            return LocalDigest({record.relpath: (version.size, digest)},
+                               {record.relpath: version}, digest, version.size, changed,
+                               hashed_at_ns=hashed_at)
+        files: dict[str, tuple[int, str]] = {}
+        versions: dict[str, Version] = {}
+        manifest = hashlib.sha256()
+        total = 0
         changed = None
-        if not stable or (size, mtime_ns) != (record.size, record.mtime_ns):
-            changed = "source changed while it was being sent"
-        return LocalDigest({record.relpath: (size, digest)}, {record.relpath: (size, mtime_ns)},
-                           digest, size, changed)
-    files: dict[str, tuple[int, str]] = {}
-    versions: dict[str, tuple[int, int]] = {}
-    manifest = hashlib.sha256()
-    total = 0
-    changed = None
-    for fpath in scanning.regular_files(path):
-        rel = os.fsdecode(os.path.relpath(fpath, base))
-        size, mtime_ns, digest, stable = _hash_file(fpath)
-        if not stable:
-            changed = "a file in the directory changed while it was being sent"
-        files[rel] = (size, digest)
-        versions[rel] = (size, mtime_ns)
-        total += size
-        manifest.update(os.fsencode(rel) + b"\0" + str(size).encode() + b"\0" +
-                        digest.encode() + b"\n")
-    return LocalDigest(files, versions, manifest.hexdigest(), total, changed)
+        empty: list[str] = []
+        last_dir: tuple[str, int] | None = None  # a directory not (yet) shown to hold anything
+        for entry in safefs.walk(root_fd, record.relpath):
+            if last_dir is not None and entry.depth <= last_dir[1]:
+                empty.append(last_dir[0])
+            last_dir = None
+            if entry.is_dir:
+                last_dir = (entry.relpath, entry.depth)
+                continue
+            if not entry.is_file:
+                changed = (f"it holds a {safefs.special_reason(entry.st.st_mode)} "
+                           f"({show(entry.relpath)}): a directory unit carries only "
+                           f"regular files and directories")
+                break
+            version, digest, stable = _hash_file(root_fd, entry.relpath)
+            if not stable:
+                changed = "a file in the directory changed while it was being sent"
+            files[entry.relpath] = (version.size, digest)
+            versions[entry.relpath] = version
+            total += version.size
+        if last_dir is not None:
+            empty.append(last_dir[0])
+        for rel in sorted(files, key=os.fsencode):
+            size, digest = files[rel]
+            manifest.update(os.fsencode(rel) + b"\0" + str(size).encode() + b"\0" +
+                            digest.encode() + b"\n")
+        return LocalDigest(files, versions, manifest.hexdigest(), total, changed,
+                           dirs=sorted(empty), hashed_at_ns=hashed_at)
 
 
 def compare(local: LocalDigest, remote: dict[str, RemoteFile], *, prefix: str = "") -> str | None:
     """None if the target holds exactly what we hashed, else the first difference."""
+    for rel in local.dirs:
+        if rel not in remote:
+            return f"missing at the target: the directory {show(rel)}"
     for rel, (size, digest) in local.files.items():
         got = remote.get(rel)
         if got is None:
@@ -357,26 +401,22 @@ class Sender:
     def _deliver(self, claims: list[Claim]) -> None:
         source = self.stream.directory
         live: list[Claim] = []
-        for c in claims:
-            r = c.record
-            path = os.path.join(os.fsencode(source), os.fsencode(r.relpath))
-            try:
-                st = os.stat(path, follow_symlinks=self.stream.follow_symlinks)
-                if self.stream.follow_symlinks and not r.is_dir and \
-                        not scanning.link_owner_ok(os.lstat(path), st):
-                    self._skip(c, "now a symbolic link to a file of another owner")
-                    continue
-            except FileNotFoundError:
-                self._skip(c, "source vanished before it was sent")
-                continue
-            except OSError as err:  # a link that became a loop, a directory now a file, ...
-                self._skip(c, f"source cannot be read: {err.strerror or err}; it will be "
-                              f"queued again if it becomes readable")
-                continue
-            if not r.is_dir and (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
-                self._skip(c, "source changed since it was scanned; it will be queued again")
-                continue
-            live.append(c)
+        try:
+            root_fd = safefs.open_root(source)
+        except OSError as err:
+            self._release(claims)
+            log.warning("%s: cannot open the stream directory: %s", self.stream.name,
+                        err.strerror or err, extra=fields(stream=self.stream.name))
+            return
+        try:
+            for c in claims:
+                problem = self._recheck(root_fd, c.record)
+                if problem:
+                    self._skip(c, problem)
+                else:
+                    live.append(c)
+        finally:
+            os.close(root_fd)
         if not live:
             return
         self.notifier.status(f"sending {len(live)} item(s)")
@@ -392,8 +432,11 @@ class Sender:
         items = [Item(c.record.relpath, c.record.size, c.record.is_dir, force=c.record.attempts > 0)
                  for c in live]
         handshake = self.out.target_uses_arrival_monitor
-        batch = protocol.new_batch_id() if handshake else ""
-        batch_dir = f"{self.out.target_incoming_dir}/{batch}" if handshake else None
+        batch = protocol.new_batch_id()
+        # with the arrival monitor the batch goes to the receiver's incoming area; else to
+        # a staging directory at the target, published only once verified
+        batch_dir = (f"{self.out.target_incoming_dir}/{batch}" if handshake
+                     else staging_dir(self.out.target_dir, batch))
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="hash") as pool:
             futures: dict[str, Future[LocalDigest]] = {
                 c.record.id: pool.submit(local_digest, source, c.record,
@@ -424,7 +467,7 @@ class Sender:
             if handshake:
                 problems = self._handshake(batch, live, digests)
             else:
-                problems = self._inspect(live, digests)
+                problems = self._inspect(batch, live, digests)
         except TargetUnavailable as err:
             self._target_failed(live, err.message)
             return
@@ -433,30 +476,79 @@ class Sender:
             problem = problems.get(c.record.id)
             if problem and result.error:
                 problem = f"{problem} ({result.error})"
-            digest = self._settle(c, digests[c.record.id], problem, publish=not handshake)
+            digest = self._settle(c, digests[c.record.id], problem)
             if digest is not None:
                 verified.append((c, digest))
+        if not handshake:
+            verified = self._publish(batch, verified)
         self._commit(verified)
         self.spool.flush()  # the batch's records, durable in one go
         self.notifier.status(self.status_line())
 
-    def _inspect(self, live: list[Claim], digests: dict[str, LocalDigest | str]
-                 ) -> dict[str, str]:
-        """Without a receiver: ask the target for size and sha256 of every file."""
-        def files(dirs: bool) -> list[str]:
-            return [rel for c in live if c.record.is_dir == dirs
-                    and isinstance(d := digests[c.record.id], LocalDigest) for rel in d.files]
+    def _recheck(self, root_fd: int, r: ItemRecord) -> str | None:
+        """Why a claimed source is not to be sent now (it vanished, changed, or cannot be
+        reached without following a link below the stream directory), or None."""
+        follow = self.stream.follow_symlinks and not r.is_dir
+        try:
+            dir_fd, name = safefs.open_parent(root_fd, r.relpath)
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow)
+                lst = os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if follow else st
+            finally:
+                os.close(dir_fd)
+        except FileNotFoundError:
+            return "source vanished before it was sent"
+        except (OSError, ValueError) as err:  # a link on the way, a loop, ...
+            why = getattr(err, "strerror", None) or str(err)
+            return (f"source cannot be read safely: {why}; it will be queued again if it "
+                    f"becomes readable")
+        if follow and not scanning.link_owner_ok(lst, st):
+            return "now a symbolic link to a file of another owner"
+        if not r.is_dir and (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
+            return "source changed since it was scanned; it will be queued again"
+        return None
 
-        remote = self.transport.inspect(files(False))
-        staged = self.transport.inspect(files(True), staged=True) if files(True) else {}
+    def _inspect(self, batch: str, live: list[Claim], digests: dict[str, LocalDigest | str]
+                 ) -> dict[str, str]:
+        """Without a receiver: ask the target for size and sha256 of every file of the
+        batch in its staging directory (and that each empty directory is there)."""
+        wanted = [rel for c in live if isinstance(d := digests[c.record.id], LocalDigest)
+                  and not d.changed for rel in (*d.files, *d.dirs)]
+        remote = self.transport.inspect(wanted, staged=batch) if wanted else {}
         problems: dict[str, str] = {}
         for c in live:
             d = digests[c.record.id]
-            if isinstance(d, LocalDigest):
-                p = compare(d, staged if c.record.is_dir else remote)
+            if isinstance(d, LocalDigest) and not d.changed:
+                p = compare(d, remote)
                 if p:
                     problems[c.record.id] = p
         return problems
+
+    def _publish(self, batch: str, verified: list[tuple[Claim, LocalDigest]]
+                 ) -> list[tuple[Claim, LocalDigest]]:
+        """Rename the verified items of *batch* from the staging directory into place;
+        what could not be published is retried.  The rest of the staging directory
+        (items that did not verify) is discarded."""
+        kept: list[tuple[Claim, LocalDigest]] = []
+        try:
+            errors = (self.transport.publish([Item(c.record.relpath, c.record.size,
+                                                   c.record.is_dir) for c, _ in verified],
+                                             staged=batch) if verified else {})
+        except TargetUnavailable as err:
+            self._target_failed([c for c, _ in verified], err.message)
+            return []
+        for claim, digest in verified:
+            error = errors.get(claim.record.relpath)
+            if error:
+                self._retry(claim, f"verified, but cannot be put in place at the target: "
+                                   f"{error}")
+            else:
+                kept.append((claim, digest))
+        try:
+            self.transport.discard(batch)
+        except (OSError, TargetUnavailable) as err:
+            log.debug("%s: cannot discard staging batch %s: %s", self.stream.name, batch, err)
+        return kept
 
     def _handshake(self, batch: str, live: list[Claim], digests: dict[str, LocalDigest | str]
                    ) -> dict[str, str]:
@@ -512,10 +604,9 @@ class Sender:
                     break
         return problems
 
-    def _settle(self, claim: Claim, digest: LocalDigest | str, problem: str | None, *,
-                publish: bool) -> LocalDigest | None:
+    def _settle(self, claim: Claim, digest: LocalDigest | str, problem: str | None
+                ) -> LocalDigest | None:
         """Retry or skip an item that did not verify; its digest if it is to be committed."""
-        r = claim.record
         if isinstance(digest, str):
             self._retry(claim, digest)
             return None
@@ -525,11 +616,6 @@ class Sender:
         if problem:
             self._retry(claim, problem)
             return None
-        if r.is_dir and publish:
-            errors = self.transport.publish([Item(r.relpath, r.size, True)])
-            if errors:
-                self._retry(claim, errors[r.relpath])
-                return None
         return digest
 
     def _commit(self, verified: list[tuple[Claim, LocalDigest]]) -> None:
@@ -552,7 +638,8 @@ class Sender:
             kept: list[tuple[Claim, LocalDigest]] = []
             for claim, digest in verified:
                 r = claim.record
-                gone = self._delete_source(r.relpath, digest.versions, r.is_dir)
+                gone = finish.delete_source(self.stream, r.relpath, digest.verified(),
+                                            r.is_dir, level=self.per_item_level)
                 if gone.error:
                     self._retry(claim, f"delivered, but the source cannot be deleted: "
                                        f"{gone.error}")
@@ -604,12 +691,6 @@ class Sender:
                         show(claim.record.relpath), attempt, self.out.retry_count + 1, reason,
                         extra=event("retried", stream=self.stream.name,
                                     item=claim.record.relpath, reason=reason, attempt=attempt))
-
-    def _delete_source(self, relpath: str, versions: dict[str, tuple[int, int]],
-                       is_dir: bool) -> finish.Deletion:
-        """Unlink what was verified, and only that: see :func:`mstm.finish.delete_source`."""
-        return finish.delete_source(self.stream, relpath, versions, is_dir,
-                                    level=self.per_item_level)
 
     # -- status ---------------------------------------------------------------
     def status_line(self) -> str:

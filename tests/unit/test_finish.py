@@ -6,6 +6,7 @@ stream (no server needed).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -18,7 +19,8 @@ from typing import Any
 import pytest
 
 from mstm import finish
-from mstm.finish import delete_source
+from mstm.finish import Verified, delete_source
+from mstm.safefs import Version
 from mstm.scan import enqueue_ready, scan
 from mstm.spool import ItemRecord, Spool
 
@@ -38,9 +40,19 @@ def stream(directory: Path, **overrides: Any) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def version(path: Path, *, follow: bool = True) -> tuple[int, int]:
-    st = os.stat(path, follow_symlinks=follow)
-    return st.st_size, st.st_mtime_ns
+def version(path: Path, *, follow: bool = True) -> Version:
+    return Version.of(os.stat(path, follow_symlinks=follow))
+
+
+def proof(versions: dict[str, Version], root: Path | None = None, *,
+          hashed_at_ns: int | None = None, sha: dict[str, str] | None = None) -> Verified:
+    """What a sender proved of these files: their versions and sha256, hashed now (or at
+    *hashed_at_ns*)."""
+    digests = sha if sha is not None else {
+        rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() if root else ""
+        for rel in versions}
+    return Verified(versions, digests,
+                    time.time_ns() + 10**10 if hashed_at_ns is None else hashed_at_ns)
 
 
 def verified(spool_dir: Path, s: SimpleNamespace) -> None:
@@ -61,6 +73,10 @@ def _later() -> float:
 # -- delete_source -----------------------------------------------------------------------
 
 
+def no_writers(keys: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    return set()
+
+
 @pytest.fixture
 def linked(tmp_path: Path) -> tuple[Path, Path]:
     """A stream directory holding link.dat, a link to a file outside it: (src, outside)."""
@@ -77,7 +93,8 @@ def test_a_followed_link_is_deleted_never_the_file_it_points_to(
     src, outside = linked
     s = stream(src, follow_symlinks=True)
 
-    assert delete_source(s, "link.dat", {"link.dat": version(outside)}, False)
+    assert delete_source(s, "link.dat", proof({"link.dat": version(outside)}), False,
+                         writers=no_writers)
 
     assert not os.path.lexists(src / "link.dat")
     assert outside.read_bytes() == b"pointed-to"
@@ -86,7 +103,8 @@ def test_a_followed_link_is_deleted_never_the_file_it_points_to(
 def test_a_link_is_never_deleted_when_links_are_not_followed(
         linked: tuple[Path, Path]) -> None:
     src, outside = linked
-    assert not delete_source(stream(src), "link.dat", {"link.dat": version(outside)}, False)
+    assert not delete_source(stream(src), "link.dat", proof({"link.dat": version(outside)}),
+                             False, writers=no_writers)
     assert os.path.islink(src / "link.dat")
 
 
@@ -94,9 +112,10 @@ def test_a_file_changed_after_delivery_is_kept_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "a.dat").write_bytes(b"v1")
     v1 = version(tmp_path / "a.dat")
-    os.utime(tmp_path / "a.dat", ns=(v1[1], v1[1] + 1_000_000))
+    os.utime(tmp_path / "a.dat", ns=(v1.mtime_ns, v1.mtime_ns + 1_000_000))
     with caplog.at_level(logging.WARNING, logger="mstm"):
-        assert not delete_source(stream(tmp_path), "a.dat", {"a.dat": v1}, False)
+        assert not delete_source(stream(tmp_path), "a.dat", proof({"a.dat": v1}), False,
+                                 writers=no_writers)
     assert (tmp_path / "a.dat").exists()
     assert "changed after delivery" in caplog.text
 
@@ -116,7 +135,8 @@ def test_a_directory_swapped_for_a_link_never_leads_the_deletion_outside(
 
     for follow in (False, True):
         s = stream(src, follow_symlinks=follow)
-        assert not delete_source(s, "sub/a.dat", {"sub/a.dat": v}, False)
+        assert not delete_source(s, "sub/a.dat", proof({"sub/a.dat": v}), False,
+                                 writers=no_writers)
     assert (elsewhere / "a.dat").read_bytes() == b"x"
 
 
@@ -127,8 +147,8 @@ def test_a_deletion_is_logged_as_a_source_deleted_event_and_its_marker_goes(
     (tmp_path / "sub" / "a.dat.done").write_bytes(b"")
     s = stream(tmp_path, ready_marker="{name}.done")
     with caplog.at_level(logging.DEBUG, logger="mstm"):
-        assert delete_source(s, "sub/a.dat", {"sub/a.dat": version(tmp_path / "sub/a.dat")},
-                             False, level=logging.INFO)
+        assert delete_source(s, "sub/a.dat", proof({"sub/a.dat": version(tmp_path / "sub/a.dat")}),
+                             False, level=logging.INFO, writers=no_writers)
     assert not (tmp_path / "sub" / "a.dat.done").exists()
     (record,) = [r for r in caplog.records if getattr(r, "mstm_event", None)]
     assert record.levelno == logging.INFO
@@ -145,10 +165,147 @@ def test_a_directory_item_is_checked_file_by_file_before_it_goes(tmp_path: Path)
     s = stream(tmp_path, transfer_unit="dir")
     (tmp_path / "run1" / "late").write_bytes(b"")  # came after it was hashed
 
-    assert not delete_source(s, "run1", versions, True)
-    assert (tmp_path / "run1" / "late").exists()
-    (tmp_path / "run1" / "late").unlink()
-    assert delete_source(s, "run1", versions, True)
+    assert not delete_source(s, "run1", proof(versions), True, writers=no_writers)
+    assert (tmp_path / "run1" / "late").exists()  # what came meanwhile stays
+    assert sorted(os.listdir(tmp_path / "run1")) == ["late"]  # the verified files went
+
+
+# -- content that changes after it was hashed (issue 12, class 2) -----------------------
+
+
+def hashed(path: Path) -> tuple[Version, str]:
+    return version(path), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_rewrite_in_place_with_the_mtime_put_back_keeps_the_source(tmp_path: Path) -> None:
+    """Same size, `touch -r` afterwards: only ctime tells."""
+    f = tmp_path / "a.dat"
+    f.write_bytes(b"A" * 4096)
+    v, sha = hashed(f)
+    time.sleep(0.01)
+    with open(f, "r+b") as w:
+        w.write(b"B" * 4096)
+    os.utime(f, ns=(v.mtime_ns, v.mtime_ns))
+    assert (os.stat(f).st_size, os.stat(f).st_mtime_ns) == (v.size, v.mtime_ns)
+
+    gone = delete_source(stream(tmp_path), "a.dat", proof({"a.dat": v}, sha={"a.dat": sha}),
+                         False, writers=no_writers)
+    assert not gone and f.read_bytes() == b"B" * 4096
+
+
+def test_a_file_renamed_over_the_source_with_the_same_size_and_mtime_is_kept(
+        tmp_path: Path) -> None:
+    f = tmp_path / "a.dat"
+    f.write_bytes(b"A" * 4096)
+    v, sha = hashed(f)
+    (tmp_path / ".new").write_bytes(b"B" * 4096)
+    os.utime(tmp_path / ".new", ns=(v.mtime_ns, v.mtime_ns))
+    os.replace(tmp_path / ".new", f)
+
+    gone = delete_source(stream(tmp_path), "a.dat", proof({"a.dat": v}, sha={"a.dat": sha}),
+                         False, writers=no_writers)
+    assert not gone and f.read_bytes() == b"B" * 4096
+
+
+def test_a_file_still_mapped_shared_and_writable_is_kept(tmp_path: Path) -> None:
+    """A writer through a shared mmap moves no time until its pages are written back:
+    the real check of /proc finds the mapping."""
+    f = tmp_path / "a.dat"
+    f.write_bytes(b"A" * 4096)
+    v, sha = hashed(f)
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import mmap, os, sys\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n"
+         "os.close(fd)\n"
+         "print('mapped', flush=True)\n"
+         "sys.stdin.readline()\n"
+         "m[:1] = b'B'\n"
+         "m.flush()\n", os.fsdecode(f)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "mapped"
+        gone = delete_source(stream(tmp_path), "a.dat",
+                             proof({"a.dat": v}, sha={"a.dat": sha}), False)
+        assert not gone and f.exists()
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.write("\n")
+        writer.stdin.close()
+        writer.wait(10)
+    assert f.read_bytes()[:1] == b"B"  # the writer's data is there, nothing lost
+
+
+def test_a_file_still_open_for_writing_is_kept(tmp_path: Path) -> None:
+    f = tmp_path / "a.dat"
+    f.write_bytes(b"A" * 10)
+    v, sha = hashed(f)
+    with open(f, "ab"):
+        gone = delete_source(stream(tmp_path), "a.dat",
+                             proof({"a.dat": v}, sha={"a.dat": sha}), False)
+    assert not gone and f.exists()
+
+
+def test_where_times_cannot_prove_it_the_file_is_hashed_again_before_it_goes(
+        tmp_path: Path) -> None:
+    """A change within the same timestamp tick as the hash leaves every time as it was:
+    a file changed just before it was hashed is read again, and kept on a mismatch."""
+    f = tmp_path / "a.dat"
+    f.write_bytes(b"A" * 100)
+    v, sha = hashed(f)
+    just_now = os.stat(f).st_ctime_ns + 1_000  # hashed within its ctime's tick
+    wrong = {"a.dat": hashlib.sha256(b"other").hexdigest()}
+    assert not delete_source(stream(tmp_path), "a.dat",
+                             proof({"a.dat": v}, sha=wrong, hashed_at_ns=just_now), False,
+                             writers=no_writers)
+    assert f.exists()
+    assert delete_source(stream(tmp_path), "a.dat",
+                         proof({"a.dat": v}, sha={"a.dat": sha}, hashed_at_ns=just_now),
+                         False, writers=no_writers)
+    assert not f.exists()
+
+
+def test_a_directory_item_goes_entry_by_entry_and_what_changed_stays(tmp_path: Path) -> None:
+    for rel in ("run1/a", "run1/sub/b", "run1/sub/c"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    versions = {rel: version(tmp_path / rel) for rel in ("run1/a", "run1/sub/b", "run1/sub/c")}
+    time.sleep(0.01)
+    with open(tmp_path / "run1" / "sub" / "b", "r+b") as w:  # same size, new bytes
+        w.write(b"X")
+    os.utime(tmp_path / "run1" / "sub" / "b",
+             ns=(versions["run1/sub/b"].mtime_ns, versions["run1/sub/b"].mtime_ns))
+
+    gone = delete_source(stream(tmp_path, transfer_unit="dir"), "run1",
+                         proof(versions, tmp_path), True, writers=no_writers)
+    assert not gone
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run1").rglob("*")) \
+        == ["run1/sub", "run1/sub/b"]
+
+
+def test_a_verified_directory_item_1000_levels_deep_is_deleted(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    os.mkdir("run1", dir_fd=fd)
+    below = os.open("run1", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    fd = below
+    for _ in range(1000):
+        os.mkdir("level", dir_fd=fd)
+        below = os.open("level", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    w = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(w, b"f")
+    st = os.fstat(w)
+    os.close(w)
+    os.close(fd)
+    rel = "run1/" + "level/" * 1000 + "f"
+    proved = Verified({rel: Version.of(st)}, {rel: hashlib.sha256(b"f").hexdigest()},
+                      time.time_ns() + 10**10)
+
+    assert delete_source(stream(tmp_path, transfer_unit="dir"), "run1", proved, True,
+                         writers=no_writers)
     assert not (tmp_path / "run1").exists()
 
 
@@ -201,8 +358,8 @@ def test_a_deletion_that_fails_says_why_and_keeps_the_source(
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(finish.os, "unlink", refuse)
-    gone = delete_source(stream(tmp_path), "a.dat", {"a.dat": version(tmp_path / "a.dat")},
-                         False)
+    gone = delete_source(stream(tmp_path), "a.dat", proof({"a.dat": version(tmp_path / "a.dat")}),
+                         False, writers=no_writers)
     assert not gone and gone.error == "Permission denied"
     assert (tmp_path / "a.dat").exists()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from mstm import safefs
 from mstm.errors import EXIT_CONFIG
 from mstm.scan import (
     Candidate,
@@ -25,8 +25,6 @@ from mstm.scan import (
     StreamDirectoryError,
     is_paused,
     marker_for,
-    open_parent,
-    open_regular,
     scan,
 )
 
@@ -477,91 +475,22 @@ def test_followed_symlink_loop_and_link_to_a_fifo_are_skipped_without_hanging(
     assert skipped["to-pipe"] == "symbolic link to a FIFO (named pipe)"
 
 
-def test_in_a_directory_unit_links_are_never_items_even_when_followed(tmp_path: Path) -> None:
+def test_in_a_directory_unit_links_are_never_items_and_a_unit_holding_one_is_refused(
+        tmp_path: Path) -> None:
     write(tmp_path / "run1" / "a")
     (tmp_path / "run1" / "inside").symlink_to(tmp_path / "outside.dat")
+    write(tmp_path / "run2" / "b")
     write(tmp_path / "outside.dat", b"12345")
     (tmp_path / "to-run1").symlink_to("run1")
     (tmp_path / "to-file").symlink_to("outside.dat")
     report = scan_in_thread(stream(tmp_path, transfer_unit="dir", follow_symlinks=True),
                             now=later())
-    assert ready_names(report) == ["run1"]
-    assert report.ready[0].size == 1  # the link inside is not followed nor counted
+    assert ready_names(report) == ["run2"]
     skipped = dict(report.skipped)
+    assert skipped["run1"] == ("holds a symbolic link (run1/inside): a directory unit "
+                               "carries only regular files and directories")
     assert skipped["to-run1"] == "symbolic link to a directory (never followed)"
     assert skipped["to-file"] == "symbolic link, not a directory (transfer_unit = dir)"
-
-
-# -- opening items for sending and deleting ---------------------------------------------
-
-
-def test_open_regular_reads_through_a_link_only_when_following(tmp_path: Path) -> None:
-    write(tmp_path / "real.dat", b"content")
-    (tmp_path / "link").symlink_to("real.dat")
-    fd = open_regular(os.fsencode(tmp_path / "link"), follow_symlinks=True)
-    try:
-        assert os.read(fd, 100) == b"content"
-    finally:
-        os.close(fd)
-    with pytest.raises(OSError) as err:
-        open_regular(os.fsencode(tmp_path / "link"), follow_symlinks=False)
-    assert err.value.errno == errno.ELOOP and os.fsdecode(err.value.filename) == str(
-        tmp_path / "link")
-
-
-def test_open_regular_refuses_fifos_devices_directories_and_dangling_links_without_hanging(
-    tmp_path: Path,
-) -> None:
-    os.mkfifo(tmp_path / "pipe")
-    (tmp_path / "to-pipe").symlink_to("pipe")
-    (tmp_path / "to-null").symlink_to("/dev/null")
-    (tmp_path / "to-dir").symlink_to(tmp_path)
-    (tmp_path / "dangling").symlink_to("nowhere")
-    (tmp_path / "loop").symlink_to("loop")
-
-    def refused(name: str) -> OSError:
-        result: list[BaseException] = []
-
-        def attempt() -> None:
-            try:
-                os.close(open_regular(os.fsencode(tmp_path / name), follow_symlinks=True))
-            except BaseException as e:  # handed to the test
-                result.append(e)
-
-        t = threading.Thread(target=attempt, daemon=True)
-        t.start()
-        t.join(10)
-        assert not t.is_alive(), f"opening {name} hung"
-        assert len(result) == 1 and isinstance(result[0], OSError), name
-        assert os.fsdecode(result[0].filename) == str(tmp_path / name)  # a local error
-        return result[0]
-
-    assert "FIFO" in str(refused("pipe")) and "FIFO" in str(refused("to-pipe"))
-    assert "character device" in str(refused("to-null"))
-    assert "a directory" in str(refused("to-dir"))
-    assert refused("dangling").errno == errno.ENOENT
-    assert refused("loop").errno == errno.ELOOP
-
-
-def test_open_parent_reaches_the_stream_directory_through_a_link_but_nothing_below(
-    tmp_path: Path,
-) -> None:
-    real = tmp_path / "real"
-    write(real / "sub" / "a.dat")
-    (tmp_path / "stream").symlink_to(real)  # the configured directory may be a link
-    fd, name = open_parent(tmp_path / "stream", "sub/a.dat")
-    try:
-        assert name == "a.dat" and os.stat(name, dir_fd=fd).st_size == 1
-    finally:
-        os.close(fd)
-    write(tmp_path / "elsewhere" / "a.dat")
-    (real / "swapped").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(OSError) as err:
-        open_parent(tmp_path / "stream", "swapped/a.dat")
-    assert err.value.errno in (errno.ELOOP, errno.ENOTDIR)
-    for bad in ("../x", "a//b", "./a", "", "a/"):
-        with pytest.raises(ValueError):
-            open_parent(tmp_path / "stream", bad)
 
 
 def test_the_ready_marker_is_named_relative_to_the_stream_directory() -> None:
@@ -645,14 +574,14 @@ def test_unreadable_subdirectory_is_reported_and_the_rest_is_scanned(
 ) -> None:
     write(tmp_path / "secret" / "x.dat")
     write(tmp_path / "open.dat")
-    real_open = os.open
+    real_open = safefs.open_beneath
 
-    def denying(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+    def denying(root_fd: int, path: Any, *a: Any, **kw: Any) -> int:
         if path == "secret":
             raise PermissionError(13, "Permission denied")
-        return real_open(path, flags, *a, **kw)
+        return real_open(root_fd, path, *a, **kw)
 
-    monkeypatch.setattr(os, "open", denying)
+    monkeypatch.setattr(safefs, "open_beneath", denying)
     report = scan(stream(tmp_path), now=later())
     assert ready_names(report) == ["open.dat"]
     assert report.skipped == [("secret", "cannot read directory: Permission denied")]
@@ -766,14 +695,17 @@ def test_directory_unit_skips_top_level_files_and_special_entries(tmp_path: Path
     (tmp_path / "run1" / "link-inside").symlink_to("/")
     (tmp_path / "dirlink").symlink_to("run1")
     os.mkfifo(tmp_path / "fifo")
+    write(tmp_path / "run2" / "b")
+    (tmp_path / "run2" / "empty").mkdir()  # empty directories belong to a unit
     report = scan_in_thread(stream(tmp_path, transfer_unit="dir"), now=later())
-    assert ready_names(report) == ["run1"]
+    assert ready_names(report) == ["run2"]
     assert report.ready[0].is_dir and report.ready[0].size == 1
     skipped = dict(report.skipped)
     assert skipped["loose.dat"] == "not a directory (transfer_unit = dir)"
     assert "symbolic link" in skipped["dirlink"]
     assert "FIFO" in skipped["fifo"]
-    assert set(skipped) == {"loose.dat", "dirlink", "fifo"}
+    assert skipped["run1"].startswith("holds a FIFO (named pipe) (run1/fifo-inside)")
+    assert set(skipped) == {"loose.dat", "dirlink", "fifo", "run1"}
 
 
 def test_directory_unit_whose_subdirectory_vanishes_mid_scan_counts_as_changing(
@@ -781,16 +713,15 @@ def test_directory_unit_whose_subdirectory_vanishes_mid_scan_counts_as_changing(
 ) -> None:
     write(tmp_path / "run1" / "keep" / "a")
     write(tmp_path / "run1" / "gone" / "b")
-    real_scandir = os.scandir
+    real_listdir = os.listdir
 
     def sabotaged(path: Any) -> Any:
-        with real_scandir(path) as it:
-            entries = list(it)
-        if any(e.name == "gone" for e in entries):
+        names = real_listdir(path)
+        if "gone" in names:
             shutil.rmtree(tmp_path / "run1" / "gone")
-        return _Listed(entries)
+        return names
 
-    monkeypatch.setattr(os, "scandir", sabotaged)
+    monkeypatch.setattr(os, "listdir", sabotaged)
     now = time.time() + 100
     report = scan(stream(tmp_path, transfer_unit="dir", settle_seconds=5), now=now)
     assert report.ready == [] and report.waiting == 1
@@ -844,3 +775,39 @@ def test_scanning_twenty_thousand_files_completes(tmp_path: Path) -> None:
     assert len(report.ready) == 20_000
     assert len(dirs.ready) == 200 and sum(c.size for c in dirs.ready) == 20_000
     assert settling.waiting == 20_000
+
+
+def test_file_written_by_a_process_in_another_mount_namespace_is_not_ready(
+    tmp_path: Path,
+) -> None:
+    """The writer holds the file through its own bind mount, in its own mount namespace:
+    the path it holds leads nowhere near the stream directory, its inode does (#12)."""
+    from tests.conftest import need, need_root
+
+    need_root()
+    unshare = need("unshare")
+    stream_dir = tmp_path / "stream"
+    f = write(stream_dir / "growing.dat")
+    write(stream_dir / "done.dat")
+    other = tmp_path / "other"
+    other.mkdir()
+    writer = (
+        'import sys\nf = open(sys.argv[1], "ab")\nprint("open", flush=True)\n'
+        "sys.stdin.readline()\n"
+    )
+    script = 'mount --bind "$1" "$2" && exec "$3" -c "$4" "$2/growing.dat"'
+    child = subprocess.Popen(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh",
+         os.fsdecode(stream_dir), os.fsdecode(other), sys.executable, writer],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "open"
+        report = scan(stream(stream_dir), now=later())
+        assert ready_names(report) == ["done.dat"] and report.waiting == 1
+    finally:
+        child.kill()
+        child.wait()
+    assert f.exists()
+    assert ready_names(scan(stream(stream_dir), now=later())) == ["done.dat", "growing.dat"]

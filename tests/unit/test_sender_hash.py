@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 import mstm.sender as sender
+from mstm import safefs
+from mstm.safefs import Version
 from mstm.sender import _hash_file, local_digest
 from mstm.spool import ItemRecord
 
@@ -33,7 +35,7 @@ def test_a_followed_link_is_hashed_as_the_file_it_points_to_and_counts_as_unchan
 
     assert d.changed is None
     assert d.sha256 == hashlib.sha256(outside.read_bytes()).hexdigest()
-    assert d.versions == {"link.dat": (outside.stat().st_size, outside.stat().st_mtime_ns)}
+    assert d.versions == {"link.dat": Version.of(outside.stat())}
 
 
 def test_a_link_is_not_read_through_when_links_are_not_followed(tmp_path: Path) -> None:
@@ -42,7 +44,8 @@ def test_a_link_is_not_read_through_when_links_are_not_followed(tmp_path: Path) 
     with pytest.raises(OSError) as err:
         local_digest(tmp_path, record(tmp_path / "link.dat", "link.dat"), follow_symlinks=False)
     assert err.value.errno == errno.ELOOP
-    assert _hash_file(os.fsencode(tmp_path / "link.dat"), follow_symlinks=True)[3]
+    with safefs.opened_root(tmp_path) as root:
+        assert _hash_file(root, "link.dat", follow_symlinks=True)[2]
 
 
 def test_a_source_turned_into_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
@@ -70,8 +73,9 @@ def test_a_file_replaced_while_hashed_is_not_stable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a.dat").write_bytes(b"x" * 1000)
     path = os.fsencode(tmp_path / "a.dat")
-    size, _mtime, _digest, stable = _hash_file(path)
-    assert stable and size == 1000
+    root = safefs.open_root(tmp_path)
+    version, _digest, stable = _hash_file(root, "a.dat")
+    assert stable and version.size == 1000
     # another file of the same size and times is renamed over it while it is read
     st = os.stat(path)
     (tmp_path / "b.dat").write_bytes(b"y" * 1000)
@@ -84,10 +88,11 @@ def test_a_file_replaced_while_hashed_is_not_stable(
         return f
 
     monkeypatch.setattr(sender, "open", open_then_replace, raising=False)
-    assert _hash_file(path)[3] is False  # the file at the path is not the one hashed
+    assert _hash_file(root, "a.dat")[2] is False  # the file at the path is not the one hashed
+    os.close(root)
 
 
-def test_inside_a_directory_item_only_regular_files_are_hashed_and_no_link_followed(
+def test_a_directory_item_holding_a_link_is_refused_and_nothing_outside_is_read(
         tmp_path: Path) -> None:
     (tmp_path / "outside.dat").write_bytes(b"secret")
     run = tmp_path / "src" / "run1"
@@ -98,4 +103,40 @@ def test_inside_a_directory_item_only_regular_files_are_hashed_and_no_link_follo
 
     d = local_digest(tmp_path / "src", record(run, "run1", is_dir=True))
 
-    assert sorted(d.files) == ["run1/sub/a"] and d.size == 1
+    assert d.changed and "symbolic link" in d.changed
+    assert "run1/link" not in d.files and "run1/dirlink" not in d.files
+
+
+def test_a_directory_items_empty_directories_are_listed_for_the_target_to_show(
+        tmp_path: Path) -> None:
+    run = tmp_path / "src" / "run1"
+    (run / "logs").mkdir(parents=True)
+    (run / "data" / "raw").mkdir(parents=True)
+    (run / "data" / "x").write_bytes(b"x")
+
+    d = local_digest(tmp_path / "src", record(run, "run1", is_dir=True))
+
+    assert d.changed is None and d.dirs == ["run1/data/raw", "run1/logs"]
+    assert sorted(d.files) == ["run1/data/x"]
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_source_whose_directory_became_a_link_out_of_the_stream_is_never_read(
+        tmp_path: Path, follow: bool) -> None:
+    """class 1 of issue 12: src/sub swapped for a link to a directory outside the stream,
+    holding a file of the same name, size and mtime as the queued one."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.dat").write_bytes(b"public")
+    rec = record(src / "sub" / "a.dat", "sub/a.dat")
+    outside.mkdir()
+    (outside / "a.dat").write_bytes(b"SECRET")
+    st = (src / "sub" / "a.dat").stat()
+    os.utime(outside / "a.dat", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (src / "sub" / "a.dat").unlink()
+    (src / "sub").rmdir()
+    (src / "sub").symlink_to(outside)
+
+    with pytest.raises(OSError) as err:
+        local_digest(src, rec, follow_symlinks=follow)
+    assert err.value.errno in (errno.ELOOP, errno.ENOTDIR)

@@ -13,6 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# Where a batch waits at the target until the sender has verified it: without the
+# arrival monitor, every item (file or directory) is sent into
+# <target_dir>/.mstm-staging/<batch>/, hashed there, and only then published (renamed
+# into place); nothing unverified is ever visible under its final name.
+STAGING = ".mstm-staging"
+
+
+def staging_dir(target_dir: str, batch: str) -> str:
+    """The directory on the target where *batch* waits for its verification."""
+    return f"{target_dir.rstrip('/') or ''}/{STAGING}/{batch}"
+
 
 @dataclass(frozen=True)
 class Item:
@@ -61,12 +72,28 @@ class Transport(Protocol):
         *dest* is a directory on the target to send into instead of the stream's target
         directory (the arrival monitor's batch directory)."""
 
-    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+    def inspect(self, relpaths: Sequence[str], *, staged: str | None = None
+                ) -> dict[str, RemoteFile]:
         """Size and sha256 of each file at the target (absent = missing): under its final
-        name, or in the staging area where directory items wait for `publish`."""
+        name, or (*staged* = a batch id) in that batch's staging directory
+        (:func:`staging_dir`).  A directory is reported present with ``sha256=None``;
+        nothing is ever followed through a symbolic link."""
 
-    def publish(self, items: Sequence[Item]) -> dict[str, str]:
-        """Move staged items (directories) into place; returns {relpath: error} for failures."""
+    def publish(self, items: Sequence[Item], *, staged: str) -> dict[str, str]:
+        """Move the verified *items* of batch *staged* from its staging directory into
+        place; returns {relpath: error} for the items that could not be published.
+
+        A file item replaces a same-named file (a rename: atomic).  A directory item is
+        *merged*: missing directories are created, each file (or link) it brings is
+        renamed over a same-named non-directory, and nothing else in the target
+        directory is touched; an entry whose type conflicts (a file where the target has
+        a directory, a directory where it has a file, a link on the way) is an error for
+        the item and is left as it is.  setuid, setgid and sticky bits never survive.
+        The renames are durable at the target when this returns."""
+
+    def discard(self, staged: str) -> None:
+        """Remove what is left of batch *staged*'s staging directory (items that did not
+        verify, leftovers); best effort, never following a link."""
 
     def put_file(self, directory: str, name: str, data: bytes) -> None:
         """Create *directory*/*name* on the target atomically (temporary name, rename)."""

@@ -1,0 +1,423 @@
+"""Safe filesystem primitives: the one way mstm opens, walks, hashes and deletes a source.
+
+Any component of an item's path may be swapped for a symbolic link (or a directory
+moved away) between the scan, the hash, the transfer and the deletion.  Nothing outside
+a stream's directory may ever be read, sent or deleted because of that, so every access
+below a stream directory goes through this module:
+
+* :func:`open_beneath` resolves a relative path from the stream directory's descriptor
+  with ``openat2(2)`` and ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS``
+  (Linux 5.6+): the kernel refuses any symbolic link on the way (ELOOP) and any escape
+  (EXDEV).  Where the kernel has no ``openat2`` (ENOSYS), or a concurrent rename made it
+  give up (EAGAIN), the path is walked one component at a time from the directory
+  descriptor with ``O_NOFOLLOW | O_DIRECTORY``: the same guarantee, more system calls.
+* :func:`open_regular` opens the regular file of an item for reading; FIFOs, devices
+  and sockets are refused before they are opened (nothing blocks, no device is
+  touched), and a file swapped between the check and the open is refused too.  Only
+  the *last* component may be a symbolic link, and only when the stream has
+  ``follow_symlinks`` (its caller then judges the link's owner).
+* :func:`walk` lists a tree below the stream directory from descriptors, iteratively:
+  no recursion limit, no PATH_MAX limit (a tree 1,000 levels deep works), nothing
+  followed.
+* :func:`prune` deletes, bottom-up and from descriptors, exactly the entries a
+  predicate accepts, then the directories left empty; anything added meanwhile stays.
+
+The stream directory itself may be reached through a symbolic link (an admin's choice,
+made in the configuration); nothing below it ever is.  Paths are ``str`` decoded with
+:func:`os.fsdecode` (surrogateescape), "/"-separated and relative; ``os.fsencode`` gives
+back the exact bytes of names that are not UTF-8.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+# linux/openat2.h
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic, 5.6+)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_openat2_works: bool | None = None  # None: not tried yet
+
+
+def _openat2(dir_fd: int, path: bytes, flags: int, mode: int) -> int | None:
+    """openat2 with the strict resolve flags; None where the kernel cannot do it."""
+    global _openat2_works
+    if _openat2_works is False:
+        return None
+    how = _OpenHow(flags, mode if flags & os.O_CREAT else 0,
+                   _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    for _ in range(8):
+        fd = _syscall(_SYS_OPENAT2, ctypes.c_int(dir_fd), ctypes.c_char_p(path),
+                      ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            _openat2_works = True
+            return int(fd)
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:  # a rename raced the lookup: ask again, then walk instead
+            continue
+        if err in (errno.ENOSYS, errno.EPERM) and _openat2_works is None:
+            _openat2_works = False  # no openat2, or a seccomp filter forbids it
+            return None
+        if err == errno.EXDEV:
+            raise OSError(errno.ELOOP, "path leads out of the stream directory",
+                          os.fsdecode(path))
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return None
+
+
+def split(relpath: str | bytes) -> list[bytes]:
+    """The components of a normalised relative path; ValueError for anything else
+    ("", absolute, ".", "..", empty components, NUL)."""
+    raw = os.fsencode(relpath)
+    parts = raw.split(b"/")
+    if not raw or b"\0" in raw or any(p in (b"", b".", b"..") for p in parts):
+        raise ValueError(f"not a normalised relative path: {os.fsdecode(raw)!r}")
+    return parts
+
+
+def open_root(directory: str | bytes | Path) -> int:
+    """A descriptor of a stream directory (which may itself be reached through a link)."""
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@contextmanager
+def opened_root(directory: str | bytes | Path) -> Iterator[int]:
+    fd = open_root(directory)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_beneath(root_fd: int, relpath: str | bytes, flags: int = DIR_FLAGS,
+                 mode: int = 0o600) -> int:
+    """Open *relpath* below the directory *root_fd*, following no symbolic link at all
+    (OSError ELOOP for a link anywhere on the way, ENOTDIR for a non-directory, ENOENT).
+
+    "" or "." opens the root itself again.  The caller closes the descriptor.
+    """
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    raw = os.fsencode(relpath)
+    if raw in (b"", b"."):
+        return os.open(".", flags, dir_fd=root_fd)
+    parts = split(raw)
+    fd = _openat2(root_fd, raw, flags, mode)
+    if fd is not None:
+        return fd
+    cur = root_fd
+    try:
+        for part in parts[:-1]:
+            below = os.open(part, DIR_FLAGS, dir_fd=cur)
+            if cur != root_fd:
+                os.close(cur)
+            cur = below
+        return os.open(parts[-1], flags, mode, dir_fd=cur)
+    finally:
+        if cur != root_fd:
+            os.close(cur)
+
+
+def open_parent(root_fd: int, relpath: str) -> tuple[int, str]:
+    """A descriptor of the directory holding *relpath* (reached with no link followed),
+    and the last name.  ValueError for a path that is not normalised."""
+    parts = split(relpath)
+    parent = b"/".join(parts[:-1])
+    return open_beneath(root_fd, parent, DIR_FLAGS), os.fsdecode(parts[-1])
+
+
+def lstat_beneath(root_fd: int, relpath: str) -> os.stat_result:
+    """lstat of *relpath* below *root_fd*, with no link followed on the way."""
+    dir_fd, name = open_parent(root_fd, relpath)
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        os.close(dir_fd)
+
+
+def special_reason(mode: int) -> str:
+    """What a non-regular, non-directory file is, in words for a log line."""
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    return f"unsupported file type (mode {mode:o})"
+
+
+def open_regular_at(dir_fd: int, name: str, *, follow_symlinks: bool = False,
+                    shown: str | None = None) -> int:
+    """A read-only descriptor of the regular file *name* in directory *dir_fd*.
+
+    The name is a symbolic link only with *follow_symlinks* (else OSError ELOOP).
+    Anything but a regular file is refused before it is opened; a file swapped between
+    that check and the open is refused too (EAGAIN).  Errors name *shown*.
+    """
+    shown = name if shown is None else shown
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "a symbolic link (follow_symlinks is off)", shown)
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else special_reason(st.st_mode)
+        raise OSError(errno.EINVAL, f"not a regular file: {what}", shown)
+    flags = READ_FLAGS if follow_symlinks else READ_FLAGS | os.O_NOFOLLOW
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            raise OSError(errno.EAGAIN, "replaced while it was being opened", shown)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(root_fd: int, relpath: str, *, follow_symlinks: bool = False) -> int:
+    """A read-only descriptor of item file *relpath* below *root_fd*: no component but
+    the last is ever followed, the last only with *follow_symlinks*; see
+    :func:`open_regular_at`."""
+    try:
+        dir_fd, name = open_parent(root_fd, relpath)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, relpath) from err
+    try:
+        return open_regular_at(dir_fd, name, follow_symlinks=follow_symlinks, shown=relpath)
+    finally:
+        os.close(dir_fd)
+
+
+# -- versions --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Version:
+    """What identifies one version of a file: size and mtime (what the scanner queued),
+    and ctime, device and inode (what a rewrite with the mtime put back, or a rename
+    over it, cannot keep)."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int = 0
+    dev: int = 0
+    ino: int = 0
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Version:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev, st.st_ino)
+
+    def same_file(self, st: os.stat_result) -> str | None:
+        """None if *st* is this very version, else what differs, in words."""
+        if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            return "replaced by another file"
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            return "other size or mtime"
+        if st.st_ctime_ns != self.ctime_ns:
+            return "changed (its ctime moved)"
+        return None
+
+
+# -- walking -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    relpath: str  # relative to the root, "/"-separated
+    st: os.stat_result  # lstat: links are never followed
+    depth: int  # 0 for the top of the walk
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.st.st_mode)
+
+
+@dataclass
+class _Frame:
+    rel: str
+    fd: int
+    names: list[str]
+    st: os.stat_result
+
+
+def _fd_headroom(depth: int) -> None:
+    """A walk holds one descriptor per level: make room for deep trees."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = depth + 256
+    if soft != resource.RLIM_INFINITY and want > soft:
+        new = want * 2 if hard == resource.RLIM_INFINITY else min(hard, want * 2)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
+def _frame(root_fd: int, rel: str, parent: _Frame | None, name: str) -> _Frame:
+    fd = (open_beneath(root_fd, rel, DIR_FLAGS) if parent is None
+          else os.open(name, DIR_FLAGS, dir_fd=parent.fd))
+    try:
+        st = os.fstat(fd)
+        names = os.listdir(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Frame(rel, fd, sorted(names, reverse=True), st)
+
+
+def walk(root_fd: int, top: str = "", *, on_error: Callable[[str, OSError], None] | None = None
+         ) -> Iterator[Entry]:
+    """Every entry below directory *top* (relative to *root_fd*; "" is the root), the
+    top's own entry first, each directory before its contents, names sorted.
+
+    Nothing is followed: a symbolic link is listed as a link.  A directory that
+    vanishes, or turns into a link, while the walk is in it is passed to *on_error*
+    (default: raise), and so is an entry that vanished between the listing and its
+    lstat (default: left out).  One descriptor is held per level, never a path, so depth and
+    path length are unlimited.
+    """
+    stack: list[_Frame] = []
+    try:
+        first = _frame(root_fd, top, None, "")
+        stack.append(first)
+        yield Entry(top, first.st, 0)
+        while stack:
+            frame = stack[-1]
+            if not frame.names:
+                os.close(stack.pop().fd)
+                continue
+            name = frame.names.pop()
+            rel = _join(frame.rel, name)
+            try:
+                st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
+            except FileNotFoundError as err:  # vanished since the listing
+                if on_error is not None:
+                    on_error(rel, err)
+                continue
+            entry = Entry(rel, st, len(stack))
+            yield entry
+            if entry.is_dir:
+                _fd_headroom(len(stack) + 1)
+                try:
+                    stack.append(_frame(root_fd, rel, frame, name))
+                except OSError as err:
+                    if on_error is None:
+                        raise
+                    on_error(rel, err)
+    finally:
+        for frame in stack:
+            os.close(frame.fd)
+
+
+def regular_files(root_fd: int, top: str) -> list[Entry]:
+    """The regular files below directory *top*, sorted by path; links are not listed."""
+    return sorted((e for e in walk(root_fd, top) if e.is_file), key=lambda e: e.relpath)
+
+
+# -- deleting ------------------------------------------------------------------------------
+@dataclass
+class Pruned:
+    removed: list[str] = field(default_factory=list)  # relpaths of what was removed
+    kept: list[str] = field(default_factory=list)  # entries the predicate refused
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why)
+
+
+def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool]) -> Pruned:
+    """Remove below *root_fd* the entries of tree *top* that *remove(relpath, lstat)*
+    accepts (never a directory: those go only when left empty), then every directory
+    of the tree that is left empty, *top* included, bottom-up.
+
+    Descriptor-based and iterative (no recursion or path-length limit, nothing
+    followed: a link is removed as a link, never what it points to).  *top* may also
+    name a single file or link, which is then the only candidate.
+    """
+    out = Pruned()
+    try:
+        dir_fd, name = open_parent(root_fd, top)
+    except FileNotFoundError:
+        return out
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            if remove(top, st):
+                os.unlink(name, dir_fd=dir_fd)
+                out.removed.append(top)
+            else:
+                out.kept.append(top)
+            return out
+    except FileNotFoundError:
+        return out
+    except OSError as err:
+        out.errors.append((top, err.strerror or str(err)))
+        return out
+    finally:
+        os.close(dir_fd)
+
+    stack: list[_Frame] = [_frame(root_fd, top, None, "")]
+    try:
+        while stack:
+            frame = stack[-1]
+            if frame.names:
+                name = frame.names.pop()
+                rel = _join(frame.rel, name)
+                try:
+                    st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        _fd_headroom(len(stack) + 1)
+                        stack.append(_frame(root_fd, rel, frame, name))
+                    elif remove(rel, st):
+                        os.unlink(name, dir_fd=frame.fd)
+                        out.removed.append(rel)
+                    else:
+                        out.kept.append(rel)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    out.errors.append((rel, err.strerror or str(err)))
+                continue
+            stack.pop()
+            os.close(frame.fd)
+            last = frame.rel.rsplit("/", 1)[-1]
+            try:
+                if stack:
+                    os.rmdir(last, dir_fd=stack[-1].fd)
+                else:
+                    pfd, pname = open_parent(root_fd, frame.rel)
+                    try:
+                        os.rmdir(pname, dir_fd=pfd)
+                    finally:
+                        os.close(pfd)
+                out.removed.append(frame.rel)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    out.errors.append((frame.rel, err.strerror or str(err)))
+    finally:
+        for frame in stack:
+            os.close(frame.fd)
+    return out

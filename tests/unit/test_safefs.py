@@ -1,0 +1,167 @@
+"""mstm.safefs, the one module through which every source is opened, walked, hashed and
+deleted: nothing below a stream directory is ever reached through a symbolic link, FIFOs
+and devices are never opened, and trees of any depth work."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mstm import safefs
+
+
+def write(path: Path, data: bytes = b"x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.fixture(params=["openat2", "component walk"])
+def resolver(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with the kernel's openat2 and with the O_NOFOLLOW walk it falls
+    back to where the kernel has none."""
+    saved = safefs._openat2_works
+    safefs._openat2_works = None if request.param == "openat2" else False
+    yield request.param
+    safefs._openat2_works = saved
+
+
+def deep(top: Path, depth: int, name: str = "dddddddd") -> Path:
+    """A chain of *depth* directories below *top* (built from descriptors: the path is
+    longer than PATH_MAX); returns the relative path of a file at the bottom."""
+    top.mkdir(parents=True, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    f = os.open("bottom.dat", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(f, b"bottom")
+    os.close(f)
+    os.close(fd)
+    return "/".join([name] * depth + ["bottom.dat"])
+
+
+def test_open_regular_reads_through_a_last_link_only_when_following(
+        tmp_path: Path, resolver: str) -> None:
+    write(tmp_path / "real.dat", b"content")
+    (tmp_path / "link").symlink_to("real.dat")
+    with safefs.opened_root(tmp_path) as root:
+        fd = safefs.open_regular(root, "link", follow_symlinks=True)
+        try:
+            assert os.read(fd, 100) == b"content"
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as err:
+            safefs.open_regular(root, "link", follow_symlinks=False)
+    assert err.value.errno == errno.ELOOP and err.value.filename == "link"
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_directory_on_the_way_swapped_for_a_link_is_never_followed(
+        tmp_path: Path, resolver: str, follow: bool) -> None:
+    write(tmp_path / "outside" / "secret.dat", b"secret")
+    write(tmp_path / "stream" / "real" / "a.dat", b"a")
+    (tmp_path / "stream" / "sub").symlink_to(tmp_path / "outside")
+    (tmp_path / "stream" / "rel").symlink_to("../outside")
+    (tmp_path / "stream" / "real" / "up").symlink_to("..")
+    with safefs.opened_root(tmp_path / "stream") as root:
+        for path in ("sub/secret.dat", "rel/secret.dat", "real/up/real/a.dat"):
+            with pytest.raises(OSError) as err:
+                safefs.open_regular(root, path, follow_symlinks=follow)
+            assert err.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV), path
+            with pytest.raises(OSError):
+                safefs.open_parent(root, path)
+        for bad in ("../outside/secret.dat", "/etc/passwd", "a//b", "./a", "", "a/", "a\0b"):
+            with pytest.raises(ValueError):
+                safefs.open_regular(root, bad)
+
+
+def test_open_regular_refuses_fifos_devices_directories_and_dangling_links_without_hanging(
+        tmp_path: Path, resolver: str) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "to-pipe").symlink_to("pipe")
+    (tmp_path / "to-null").symlink_to("/dev/null")
+    (tmp_path / "to-dir").symlink_to(tmp_path)
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "loop").symlink_to("loop")
+    root = safefs.open_root(tmp_path)
+
+    def refused(name: str) -> OSError:
+        result: list[BaseException] = []
+
+        def attempt() -> None:
+            try:
+                os.close(safefs.open_regular(root, name, follow_symlinks=True))
+            except BaseException as e:  # handed to the test
+                result.append(e)
+
+        t = threading.Thread(target=attempt, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"opening {name} hung"
+        assert len(result) == 1 and isinstance(result[0], OSError), name
+        assert result[0].filename == name  # a local error, naming the item
+        return result[0]
+
+    try:
+        assert "FIFO" in str(refused("pipe")) and "FIFO" in str(refused("to-pipe"))
+        assert "character device" in str(refused("to-null"))
+        assert "a directory" in str(refused("to-dir"))
+        assert refused("dangling").errno == errno.ENOENT
+        assert refused("loop").errno == errno.ELOOP
+    finally:
+        os.close(root)
+
+
+def test_the_stream_directory_itself_may_be_reached_through_a_link(
+        tmp_path: Path, resolver: str) -> None:
+    write(tmp_path / "real" / "sub" / "a.dat")
+    (tmp_path / "stream").symlink_to(tmp_path / "real")  # the configured directory
+    with safefs.opened_root(tmp_path / "stream") as root:
+        fd, name = safefs.open_parent(root, "sub/a.dat")
+        try:
+            assert name == "a.dat" and os.stat(name, dir_fd=fd).st_size == 1
+        finally:
+            os.close(fd)
+
+
+def test_walk_lists_links_as_links_and_never_enters_them(tmp_path: Path, resolver: str) -> None:
+    write(tmp_path / "outside" / "secret.dat")
+    write(tmp_path / "s" / "run" / "b" / "f")
+    (tmp_path / "s" / "run" / "a").symlink_to(tmp_path / "outside")
+    with safefs.opened_root(tmp_path / "s") as root:
+        seen = [(e.relpath, e.depth, e.is_dir) for e in safefs.walk(root, "run")]
+    assert seen == [("run", 0, True), ("run/a", 1, False), ("run/b", 1, True),
+                    ("run/b/f", 2, False)]
+
+
+def test_a_tree_1500_levels_deep_is_walked_and_pruned(tmp_path: Path, resolver: str) -> None:
+    rel = deep(tmp_path / "s" / "top", 1500)
+    with safefs.opened_root(tmp_path / "s") as root:
+        files = safefs.regular_files(root, "top")
+        assert [e.relpath for e in files] == [f"top/{rel}"]
+        pruned = safefs.prune(root, "top", lambda _rel, _st: True)
+    assert not pruned.errors and len(pruned.removed) == 1502
+    assert not (tmp_path / "s" / "top").exists()
+
+
+def test_prune_removes_exactly_what_it_is_told_then_the_directories_left_empty(
+        tmp_path: Path, resolver: str) -> None:
+    for rel in ("run/a", "run/sub/b", "run/sub2/c", "run/late"):
+        write(tmp_path / rel)
+    (tmp_path / "outside").mkdir()
+    write(tmp_path / "outside" / "keep")
+    (tmp_path / "run" / "sub2" / "ln").symlink_to(tmp_path / "outside")
+    verified = {"run/a", "run/sub/b", "run/sub2/c"}
+    with safefs.opened_root(tmp_path) as root:
+        pruned = safefs.prune(root, "run", lambda rel, _st: rel in verified)
+    assert sorted(pruned.kept) == ["run/late", "run/sub2/ln"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["late", "sub2"]
+    assert (tmp_path / "outside" / "keep").exists()  # a link is removed as a link at most
+
