@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mstm.openfiles import open_for_writing
+from tests.conftest import need, need_root
+
+from mstm.openfiles import held_for_writing, open_for_writing
 
 
 def ident(path: Path) -> tuple[int, int]:
@@ -82,18 +85,29 @@ def test_file_open_for_writing_by_this_process_is_reported(tmp_path: Path) -> No
     with open(f, "wb") as out:
         out.write(b"x")
         assert ident(f) in open_for_writing(tmp_path)
-    assert open_for_writing(tmp_path) == set()
+    assert ident(f) not in open_for_writing(tmp_path)
 
 
-def test_files_outside_the_directory_are_not_reported(tmp_path: Path) -> None:
-    inside = tmp_path / "d"
-    sibling = tmp_path / "d2"  # shares the string prefix "…/d"
-    inside.mkdir()
-    sibling.mkdir()
-    f = sibling / "f"
+def test_files_on_other_devices_are_not_reported(tmp_path: Path) -> None:
+    """Matching is by device: a writer on another filesystem is not listed.  (Files
+    elsewhere on the same filesystem may be; callers intersect with their own inodes.)"""
+    shm = Path("/dev/shm")
+    assert shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev
+    fd, name = tempfile.mkstemp(dir=shm, prefix="mstm-test-")
+    try:
+        assert ident(Path(name)) not in open_for_writing(tmp_path)
+        assert ident(Path(name)) in open_for_writing(shm)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def test_devices_parameter_selects_the_filesystems_looked_at(tmp_path: Path) -> None:
+    f = tmp_path / "f"
     with open(f, "wb"):
-        assert open_for_writing(inside) == set()
-        assert ident(f) in open_for_writing(tmp_path)
+        assert ident(f) in open_for_writing(tmp_path, devices={ident(f)[0]})
+        assert ident(f) not in open_for_writing(tmp_path, devices={os.stat("/dev/shm").st_dev})
+        assert ident(f) not in open_for_writing(tmp_path, devices=set())
 
 
 def test_nested_file_is_reported_and_directory_given_through_a_symlink_is_resolved(
@@ -111,8 +125,9 @@ def test_nested_file_is_reported_and_directory_given_through_a_symlink_is_resolv
 def test_deleted_file_still_held_open_is_not_reported(tmp_path: Path) -> None:
     f = tmp_path / "gone.bin"
     with open(f, "wb"):
+        key = ident(f)
         os.unlink(f)
-        assert open_for_writing(tmp_path) == set()
+        assert key not in open_for_writing(tmp_path)
 
 
 def test_file_literally_named_deleted_is_reported(tmp_path: Path) -> None:
@@ -158,3 +173,85 @@ def test_open_for_writing_cost_is_reported(tmp_path: Path) -> None:
         except OSError:
             pass
     print(f"\nopen_for_writing(): {per_call * 1000:.2f} ms per call, ~{nfds} fds on this host")
+
+
+# -- writers holding the file under another path (issue #12, class 3) -----------------
+
+
+def test_file_opened_through_a_symlinked_directory_is_reported(tmp_path: Path) -> None:
+    stream_dir = tmp_path / "stream"
+    stream_dir.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "link"
+    link.symlink_to(stream_dir)
+    f = stream_dir / "data.bin"
+    f.write_bytes(b"x")
+    with held_open(link / "data.bin", "ab"):
+        assert ident(f) in open_for_writing(stream_dir)
+        assert held_for_writing({ident(f)}) == {ident(f)}
+
+
+def test_file_opened_through_a_hard_link_in_another_directory_is_reported(
+    tmp_path: Path,
+) -> None:
+    stream_dir = tmp_path / "stream"
+    other = tmp_path / "other"
+    stream_dir.mkdir()
+    other.mkdir()
+    f = stream_dir / "data.bin"
+    f.write_bytes(b"x")
+    os.link(f, other / "same-inode.bin")
+    with held_open(other / "same-inode.bin", "ab"):
+        assert ident(f) in open_for_writing(stream_dir)
+        assert held_for_writing({ident(f)}) == {ident(f)}
+
+
+@contextmanager
+def bind_mounted(source: Path, target: Path) -> Iterator[Path]:
+    need_root()
+    need("mount")
+    target.mkdir()
+    subprocess.run(["mount", "--bind", os.fsdecode(source), os.fsdecode(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", os.fsdecode(target)], check=True)
+
+
+def test_file_opened_through_a_bind_mount_of_the_directory_is_reported(tmp_path: Path) -> None:
+    stream_dir = tmp_path / "stream"
+    stream_dir.mkdir()
+    f = stream_dir / "data.bin"
+    f.write_bytes(b"x")
+    with bind_mounted(stream_dir, tmp_path / "bound") as bound, held_open(
+        bound / "data.bin", "r+b"
+    ):
+        assert ident(f) in open_for_writing(stream_dir)
+        assert held_for_writing({ident(f)}) == {ident(f)}
+
+
+def test_held_for_writing_answers_only_for_the_keys_asked(tmp_path: Path) -> None:
+    w = tmp_path / "written.bin"
+    r = tmp_path / "read.bin"
+    idle = tmp_path / "idle.bin"
+    for p in (w, r, idle):
+        p.write_bytes(b"x")
+    with held_open(w, "ab") as writer, held_open(r, "rb"):
+        assert held_for_writing({ident(w), ident(r), ident(idle)}) == {ident(w)}
+        assert held_for_writing({ident(r)}) == set()
+        assert held_for_writing(set()) == set()
+        close_in_child(writer)
+        assert held_for_writing({ident(w)}) == set()
+
+
+def test_held_for_writing_cost_is_reported(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    keys = {ident(f)}
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        held_for_writing(keys)
+    per_call = (time.perf_counter() - t0) / n
+    nprocs = sum(1 for p in os.listdir("/proc") if p.isdigit())
+    print(f"\nheld_for_writing(): {per_call * 1000:.2f} ms per call, {nprocs} processes")
