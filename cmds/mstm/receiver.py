@@ -35,11 +35,18 @@ batch).  Such a directory -- named like a batch, with no control file, receipt o
 thank-you, not the stop file, and in which no entry at any depth has changed (the later
 of mtime and ctime) for ``[incoming] abandoned_batch_seconds`` -- is removed: renamed
 aside to ``I/.mstm-abandoned-<batch>-<random>`` (so that the batch name is gone at one
-instant), looked at again there, then removed with ``shutil.rmtree`` relative to I's
-descriptor (which never follows a symbolic link).  A control file that appears meanwhile,
-or a change in the tree, puts it back.  The incoming area is looked at for them at
-start-up and then at most every tenth of that time, with a bounded number of entries
-examined per look.
+instant), looked at again there, then removed from I's descriptor, iteratively (see
+_remove_tree: no depth or path-length limit, a symbolic link is never followed).  A
+control file that appears meanwhile, or a change in the tree, puts it back.  The
+incoming area is looked at for them at start-up and then at most every tenth of that
+time, with a bounded number of entries examined per look.
+
+Leftovers of a crash are removed at start-up and then every minute, between two batches:
+temp files of ours in I, staging directories of batches no longer pending (only those
+holding nothing but staged files: anything else is left alone with a warning), and
+``D/.mstm-staging/.replaced.*`` trees unchanged for an hour (see _clean_leftovers).
+Everything the receiver removes goes through _remove_tree: iterative, from descriptors,
+no symbolic link followed, no FIFO or device opened, no mount point entered.
 
 Crash safety: every step is a rename or is repeated.  A receiver killed at any instant
 and restarted finds the control file without a receipt and processes it again: an item
@@ -49,6 +56,9 @@ once, and never visible half-written under its final name.
 
 Hostile input: control and thank-you files are size-limited and parsed strictly
 (:mod:`mstm.protocol`); one that fails is moved to ``I/.quarantine/`` with a warning.
+Any other error while a handshake file is handled (a bug, or an input nobody foresaw)
+is logged with its traceback, and the file and its batch directory are moved to
+``I/.quarantine/``: nothing is deleted, and the other batches go on being answered.
 Nothing outside I and D is read or written: every path below them is walked with
 ``O_NOFOLLOW`` relative to directory descriptors.
 
@@ -65,8 +75,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
+import resource
 import secrets
-import shutil
 import stat
 import threading
 import time
@@ -74,7 +85,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from mstm import protocol
 from mstm.config import StreamConfig
@@ -85,6 +96,7 @@ from mstm.protocol import Control, ControlItem, ProtocolError, Status
 from mstm.watch import Watcher
 
 log = logging.getLogger("mstm.receive")
+_T = TypeVar("_T")
 
 BLOCK = 1 << 20  # hash and copy in 1 MiB blocks
 QUARANTINE = ".quarantine"
@@ -111,6 +123,15 @@ ABANDONED_MAX_DEPTH = 256
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# The exact shapes of the names mstm makes in I and in staging (see _clean_leftovers):
+# MiStaMover staging keys (_stage_key), staged items and
+# their partial copies (_check, _copy_in), and the old directories the transports'
+# publishers set aside in D/.mstm-staging (rsync over ssh: a pid; local, sftp: 12 hex
+# digits; ftp: the same with ".zip").
+_MSM_KEY_RE = re.compile(r"\Am-[0-9a-f]{32}\Z")
+_STAGED_RE = re.compile(r"\A[0-9]{1,4}-[0-9a-f]{40}(?:\.part)?\Z")
+_REPLACED_RE = re.compile(r"\A\.replaced\.(?:[0-9]{1,10}|[0-9a-f]{12}(?:\.zip)?)\Z")
+REPLACED_SECONDS = 3600.0  # a .replaced.* tree unchanged this long is a crash's leftover
 # errors that mean "something in the path is a symbolic link or not a directory"
 _REFUSING = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
 
@@ -334,17 +355,135 @@ def _write_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o640) -> Non
     os.fsync(dir_fd)
 
 
-def _remove_tree(name: str, dir_fd: int) -> None:
-    """Remove dir_fd/name whatever it is, never following a symbolic link."""
+def _fd_headroom(depth: int) -> None:
+    """_remove_tree holds one descriptor per level: make room for a deep tree."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = depth + 256
+    if soft != resource.RLIM_INFINITY and want > soft:
+        new = want * 2 if hard == resource.RLIM_INFINITY else min(hard, want * 2)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _open_removable_dir(name: str, dir_fd: int) -> int:
+    """dir_fd/name opened (no-follow) to empty it; a directory we may not search (mode
+    000, ours) is given mode 0700 first, through a descriptor of that very directory."""
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return os.open(name, _O_DIR, dir_fd=dir_fd)
+    except PermissionError:
+        pass
+    path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    try:
+        os.chmod(f"/proc/self/fd/{path_fd}", 0o700)  # this inode, whatever its path
+    finally:
+        os.close(path_fd)
+    return os.open(name, _O_DIR, dir_fd=dir_fd)
+
+
+def _remove_tree(name: str, dir_fd: int, tick: Callable[[], object] | None = None) -> None:
+    """Remove dir_fd/name whatever it is (a file, a link, a FIFO, a device, a tree).
+
+    Iterative and descriptor-based: each directory is opened with O_NOFOLLOW relative to
+    its parent's descriptor and emptied with unlinkat(2), so there is no recursion and no
+    path-length limit (a tree 1,000 levels deep with 255-byte names goes), a symbolic link
+    is removed as a link, never followed, and a FIFO or device is never opened.  Only the
+    names of the current directories are held, one descriptor per level.  A directory on
+    another file system or mount (a mount point) is never entered.  What cannot be
+    removed is skipped and the first such error raised (OSError) once the rest is gone;
+    *tick* is called every 1000 entries.
+    """
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based: refuses to follow symlinks
-    else:
-        with suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    try:
+        top = _open_removable_dir(name, dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile by a non-dir
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+            return
+        raise
+    first_error: OSError | None = None
+    # each level: its descriptor, its name in the level above, names left to remove,
+    # and whether it was listed again once emptied (entries created meanwhile)
+    stack: list[tuple[int, str, list[str], bool]] = []
+    count = 0
+    try:
+        top_st = os.fstat(top)
+        mount = _mount_id(top)
+        stack.append((top, name, os.listdir(top), False))
+        while stack:
+            fd, here, names, relisted = stack[-1]
+            if names:
+                entry = names.pop()
+                count += 1
+                if tick is not None and count % 1000 == 0:
+                    tick()
+                try:
+                    os.unlink(entry, dir_fd=fd)
+                    continue
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    if err.errno not in (errno.EISDIR, errno.EPERM):
+                        first_error = first_error or err
+                        continue
+                try:
+                    _fd_headroom(len(stack) + 1)
+                    child = _open_removable_dir(entry, fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    if err.errno in (errno.ENOTDIR, errno.ELOOP):
+                        names.append(entry)  # replaced by a non-directory: unlink it
+                    else:
+                        first_error = first_error or err
+                    continue
+                try:
+                    st = os.fstat(child)
+                    foreign = st.st_dev != top_st.st_dev or (
+                        mount is not None and _mount_id(child) != mount)
+                    listing = [] if foreign else os.listdir(child)
+                except OSError as err:
+                    os.close(child)
+                    first_error = first_error or err
+                    continue
+                if foreign:
+                    os.close(child)
+                    first_error = first_error or OSError(
+                        errno.EXDEV, "a mount point: left alone", entry)
+                    continue
+                stack.append((child, entry, listing, False))
+                continue
+            if not relisted:
+                try:
+                    more = os.listdir(fd)
+                except OSError:
+                    more = []
+                if more:
+                    stack[-1] = (fd, here, more, True)
+                    continue
+            stack.pop()
+            os.close(fd)
+            try:
+                os.rmdir(here, dir_fd=stack[-1][0] if stack else dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                first_error = first_error or err
+    finally:
+        for fd, *_ in stack:
+            os.close(fd)
+    if first_error is not None:
+        raise first_error
 
 
 def _changed_at(st: os.stat_result, now: float, *, ctime: bool = True) -> float:
@@ -680,22 +819,95 @@ class Receiver:
     def _clean_at_start(self) -> None:
         """Leftovers of a crash: our temp files; staging of batches no longer pending."""
         names = self._listdir()
+        self._remove_set_aside(names)
+        self._clean_leftovers(names)
+
+    def _clean_leftovers(self, names: list[str]) -> None:
+        """Remove what a crash (or a failed removal) of mstm left, at start and then
+        periodically, between two batches: only names of the exact shapes mstm makes --
+        our temp files in I (regular files named TMP_PREFIX...), staging directories of batches
+        no longer pending whose every entry is a staged file of ours, and the
+        ``.replaced.*`` trees older than an hour that a publisher set aside in
+        ``D/.mstm-staging`` (the old version of a directory it replaced).  Anything else
+        found there (someone's data) is left alone, with one warning."""
         for name in names:
             if name.startswith(TMP_PREFIX):
                 with suppress(OSError):
                     if stat.S_ISREG(os.stat(name, dir_fd=self._i_fd,
                                             follow_symlinks=False).st_mode):
                         os.unlink(name, dir_fd=self._i_fd)
-        self._remove_set_aside(names)
         pending = {self._stage_key(n) for n in names if n.endswith("." + self.s.control_ext)}
-        if not self._exists_in(self._stage_parent, STAGING):
+        if self._exists_in(self._stage_parent, STAGING):
+            root = self._open_stage_root()
+            try:
+                for key in os.listdir(root):
+                    if key in pending:
+                        continue
+                    if _REPLACED_RE.match(key) and not self._same_fs:
+                        continue  # D's staging, shared with publishers: see below
+                    if not self._ours_to_remove(root, key):
+                        self._warn_once(f"{STAGING}/{key}", "%s: %s/%s is not something"
+                                        " mstm-receive staged; left alone", STAGING, show(key))
+                        continue
+                    try:
+                        _remove_tree(key, root, self._tick)
+                    except OSError as err:
+                        self._warn_once(f"{STAGING}/{key}", "%s: cannot remove %s/%s: %s;"
+                                        " tried again later", STAGING, show(key), err)
+            finally:
+                self._release_stage_root()
+        self._clean_replaced()
+
+    def _ours_to_remove(self, root: int, key: str) -> bool:
+        """Is staging/<key> one of our staging directories: a key's shape, and only
+        staged files (or their partial copies) in it?"""
+        if not (protocol.BATCH_RE.match(key) or _MSM_KEY_RE.match(key)):
+            return False
+        try:
+            fd = os.open(key, _O_DIR, dir_fd=root)
+        except OSError:
+            return False
+        with _closing(fd):
+            try:
+                for entry in os.listdir(fd):
+                    if not _STAGED_RE.match(entry):
+                        return False
+                    st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        return False
+            except OSError:
+                return False
+        return True
+
+    def _clean_replaced(self) -> None:
+        """``D/.mstm-staging/.replaced.*`` left by a publisher killed between moving an
+        old directory aside and removing it; only those of its exact name shapes, owned
+        by us, and unchanged for an hour."""
+        try:
+            fd = os.open(STAGING, _O_DIR, dir_fd=self._d_fd)
+        except OSError:
             return
-        root = self._open_stage_root()
-        for key in os.listdir(root):
-            if key not in pending:
-                with suppress(OSError):
-                    _remove_tree(key, root)
-        self._release_stage_root()
+        with _closing(fd):
+            try:
+                names = [n for n in os.listdir(fd) if _REPLACED_RE.match(n)]
+            except OSError:
+                return
+            for name in names:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_uid != os.geteuid() or time.time() - _changed_at(
+                        st, time.time()) < REPLACED_SECONDS:
+                    continue
+                try:
+                    _remove_tree(name, fd, self._tick)
+                except OSError as err:
+                    self._warn_once(f"{STAGING}/{name}", "%s: cannot remove %s/%s: %s;"
+                                    " tried again later", STAGING, show(name), err)
+                else:
+                    log.info("%s: removed %s/%s, left by an interrupted publication",
+                             self.s.stream, STAGING, show(name))
 
     def _open_stage_root(self) -> int:
         """The private staging directory, made if need be (on the file system of D)."""
@@ -785,11 +997,12 @@ class Receiver:
         if now - self._last_expiry >= EXPIRY_CHECK_SECONDS:
             self._last_expiry = now
             self._broken.clear()  # try those again once a minute
-            self._expire(self._listdir())
+            self._housekeeping(self._expire, self._listdir())
+            self._housekeeping(self._clean_leftovers, self._listdir())
         if s.abandoned_batch_seconds > 0 and not self.stopping:
             if now >= self._next_abandoned:
                 # None: nothing to look at again before the usual interval
-                wait = self._look_for_abandoned(summary)
+                wait = self._housekeeping(self._look_for_abandoned, summary)
                 self._abandoned_pending = wait is not None
                 self._next_abandoned = time.monotonic() + (
                     wait if wait is not None else self._abandoned_interval())
@@ -805,6 +1018,15 @@ class Receiver:
         self.total.abandoned += summary.abandoned
         return due
 
+    def _housekeeping(self, task: Callable[[_T], float | None], arg: _T) -> float | None:
+        """Run a periodic clean-up: an error in it is logged, never fatal."""
+        try:
+            return task(arg)
+        except Exception as err:
+            log.error("%s: %s failed: %s: %s", self.s.stream, task.__name__.strip("_"),
+                      type(err).__name__, err, exc_info=not isinstance(err, OSError))
+            return None
+
     def _guard(self, name: str, summary: Summary,
                handler: Callable[[str, Summary], float | None]) -> float | None:
         """Run *handler* on one handshake file; a bad one is quarantined, never fatal."""
@@ -819,7 +1041,28 @@ class Receiver:
             log.warning("%s: %s: %s", self.s.stream, show(name), err,
                         extra=fields(stream=self.s.stream, item=name, result="io-error",
                                      reason=str(err)))
+        except Exception as err:  # a bug, or an input nobody foresaw: never fatal
+            reason = f"internal error: {type(err).__name__}: {err}"
+            log.error("%s: %s: %s; set aside in %s", self.s.stream, show(name), reason,
+                      QUARANTINE, exc_info=True,
+                      extra=fields(stream=self.s.stream, item=name, result="quarantined",
+                                   reason=reason))
+            self._set_aside(name, reason, summary)
         return None
+
+    def _set_aside(self, name: str, reason: str, summary: Summary) -> None:
+        """Quarantine the handshake file *name* whose handling failed, and the directory
+        of its batch (nothing is deleted: the other batches go on being served)."""
+        with suppress(OSError):  # whatever we held for it
+            self._release_stage_root()
+        if self._quarantine(name, reason):
+            summary.quarantined += 1
+        stems = [name[: -len(ext) - 1] for ext in (self.s.control_ext, self.s.thanks_ext)
+                 if name.endswith("." + ext)]
+        stem = stems[0] if stems else ""
+        if protocol.BATCH_RE.match(stem) and self._exists(stem) is not None:
+            if self._quarantine(stem, f"its {name} could not be handled"):
+                summary.quarantined += 1
 
     def _listdir(self) -> list[str]:
         try:
@@ -1605,8 +1848,8 @@ class Receiver:
                          s.stream, batch)
                 return
         try:
-            shutil.rmtree(aside, dir_fd=self._i_fd)  # fd-based: never follows a link
-        except (OSError, RecursionError) as err:
+            _remove_tree(aside, self._i_fd, self._tick)  # iterative, never follows a link
+        except OSError as err:
             self._warn_once(aside, "%s: cannot remove abandoned batch %s (set aside as %s):"
                             " %s; tried again later", batch, aside, err)
             return
@@ -1625,8 +1868,8 @@ class Receiver:
         for name in names:
             if name.startswith(ABANDONED_PREFIX):
                 try:
-                    _remove_tree(name, self._i_fd)
-                except (OSError, RecursionError) as err:
+                    _remove_tree(name, self._i_fd, self._tick)
+                except OSError as err:
                     self._warn_once(name, "%s: cannot remove %s: %s; tried again later",
                                     show(name), err)
 

@@ -380,6 +380,59 @@ def test_leftover_temp_and_staging_files_of_a_crash_are_removed_at_start(site: S
     assert site.incoming() == []
 
 
+def test_leftover_staging_is_removed_periodically_too_and_only_our_own(site: Site) -> None:
+    r = site.receiver()
+    staging = site.I / rx.STAGING
+    (staging / "gone-batch").mkdir(parents=True)
+    (staging / "gone-batch" / ("7-" + "f" * 40)).write_bytes(b"staged")
+    (staging / "someone").mkdir()
+    (staging / "someone" / "data").write_bytes(b"keep")
+    r._last_expiry -= rx.EXPIRY_CHECK_SECONDS  # a minute later: the periodic look
+    r.run_once()
+    assert sorted(os.listdir(staging)) == ["someone"]
+    assert (staging / "someone" / "data").read_bytes() == b"keep"
+
+
+def test_replaced_trees_left_in_the_published_staging_area_are_removed_when_old(
+        site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    staging = site.D / rx.STAGING
+    for name in (".replaced.4242", ".replaced.0123456789ab", ".replaced.0123456789ab.zip",
+                 ".replaced.x", "run42"):
+        (staging / name / "sub").mkdir(parents=True)
+        (staging / name / "sub" / "f").write_bytes(b"old")
+    site.receiver().close()
+    assert len(os.listdir(staging)) == 5  # young: a publisher may still be at it
+    monkeypatch.setattr(rx, "REPLACED_SECONDS", 0.0)
+    site.receiver()
+    assert sorted(os.listdir(staging)) == [".replaced.x", "run42"]
+
+
+def test_an_unexpected_error_in_one_batch_sets_it_aside_and_the_others_are_answered(
+        site: Site, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    r = site.receiver()
+    bad = site.send({"x": b"1"}, batch="a-bad")
+    good = site.send({"y": b"2"}, batch="b-good")
+    real = Receiver._answer
+
+    def answer(self: Receiver, control: p.Control, summary: rx.Summary) -> None:
+        if control.batch == bad:
+            raise RuntimeError("a bug")
+        real(self, control, summary)
+
+    monkeypatch.setattr(Receiver, "_answer", answer)
+    with caplog.at_level(logging.ERROR, logger="mstm"):
+        summary = r.run_once()
+    assert summary.quarantined == 2 and summary.ok == 1
+    assert site.receipt(good) == {"y": Status.OK}
+    assert not (site.I / bad).exists() and not (site.I / f"{bad}.{CTRL}").exists()
+    q = site.quarantined()
+    assert any(n.endswith(f"-{bad}") for n in q) and any(n.endswith(f"-{bad}.{CTRL}")
+                                                         for n in q)
+    assert any("RuntimeError: a bug" in rec.getMessage() for rec in caplog.records)
+    r.run_once()  # and nothing more happens to it
+
+
 def test_across_file_systems_items_are_copied_then_renamed(tmp_path: Path) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
@@ -1231,10 +1284,14 @@ def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried
     partial_batch(site, B1)
     batch = site.send({"ok": b"1"})  # a good batch goes through meanwhile
 
-    def fail(*args: object, **kw: object) -> None:
-        raise PermissionError(errno.EACCES, "Permission denied")
+    real = rx._remove_tree
 
-    monkeypatch.setattr(rx.shutil, "rmtree", fail)
+    def fail(name: str, *args: object, **kw: object) -> None:
+        if name.startswith(rx.ABANDONED_PREFIX):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real(name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rx, "_remove_tree", fail)
     with caplog.at_level(logging.INFO, logger="mstm"):
         for _ in range(3):
             later(r, LIMIT + 100)
