@@ -62,6 +62,7 @@ from typing import Any
 import click
 import psutil
 
+from mstm import safefs
 from mstm.config import StreamConfig
 from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, TargetUnavailable, die
 from mstm.ledger import DONE, UNMAPPED, Entry, Ledger, LedgerError, now_iso
@@ -521,6 +522,20 @@ class Puller:
                 finished = total - len(pending)
                 self.notifier.status(f"fetching: {finished} of {total} item(s) handled")
 
+    def _make_folder(self, folder: Path) -> None:
+        """Create a mapped folder.  One inside the stream directory is created through
+        :mod:`mstm.safefs`: a link planted on the way (folder -> /etc) is refused, never
+        followed, so nothing is written outside the stream directory.  A folder the
+        admin mapped elsewhere (an absolute path) is created as configured."""
+        root = Path(os.path.normpath(self.stream.directory))
+        try:
+            rel = folder.relative_to(root)
+        except ValueError:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        with safefs.opened_root(root) as root_fd:
+            safefs.makedirs_beneath(root_fd, rel.as_posix())
+
     def _fetch_one(self, p: Planned) -> None:
         name = p.item.name
         if self.stop_event.is_set():
@@ -543,7 +558,14 @@ class Puller:
                 return
             target = p.target
             assert target is not None and p.folder is not None
-            p.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self._make_folder(p.folder)
+            except OSError as err:
+                p.result = FAILED
+                p.reason = f"cannot use the folder {p.folder}: {err.strerror or err}"
+                log.warning("%s: %s: %s", self.stream.name, show(name), p.reason,
+                            extra=fields(stream=self.stream.name, item=name, reason=p.reason))
+                return
             log.debug("%s: fetching %s into %s", self.stream.name, show(name), p.folder)
             problem = "still differs after a transfer with --checksum (changing at the source?)"
             changing = True  # expected while the source is still being written: not a warning
@@ -590,7 +612,8 @@ class Puller:
     def rsync_argv(self, folder: Path, *, verify: bool, checksum: bool) -> list[str]:
         argv = [
             self.stream.rsync_ssh.cmd,
-            "--recursive", "--links", "--perms", "--times", "--chmod=u+rwX",
+            # setuid, setgid and sticky bits never survive; no devices or FIFOs (no -D)
+            "--recursive", "--links", "--perms", "--times", "--chmod=u+rwX,ug-s,o-t",
             "--from0", "--files-from=-",
             "--secluded-args",
             f"--partial-dir={PARTIAL}",

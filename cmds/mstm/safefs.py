@@ -156,6 +156,28 @@ def lstat_beneath(root_fd: int, relpath: str) -> os.stat_result:
         os.close(dir_fd)
 
 
+def makedirs_beneath(root_fd: int, relpath: str, mode: int = 0o755) -> None:
+    """Create directory *relpath* below *root_fd* and its missing parents, one component
+    at a time from descriptors; an existing component that is a link (or not a
+    directory) raises OSError (ELOOP, ENOTDIR) instead of being followed."""
+    if relpath in ("", "."):
+        return
+    cur = root_fd
+    try:
+        for part in split(relpath):
+            try:
+                os.mkdir(part, mode, dir_fd=cur)
+            except FileExistsError:
+                pass
+            below = os.open(part, DIR_FLAGS, dir_fd=cur)
+            if cur != root_fd:
+                os.close(cur)
+            cur = below
+    finally:
+        if cur != root_fd:
+            os.close(cur)
+
+
 def special_reason(mode: int) -> str:
     """What a non-regular, non-directory file is, in words for a log line."""
     if stat.S_ISLNK(mode):

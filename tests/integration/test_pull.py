@@ -559,3 +559,37 @@ def test_mstm_scan_refuses_a_pull_stream_with_a_usage_error(rig: PullRig) -> Non
     assert r.returncode == 2
     assert "is a pull stream" in r.stderr and "Traceback" not in r.stderr
     assert not (rig.env.spool / "new").exists() or os.listdir(rig.env.spool / "new") == []
+
+
+def test_a_mapped_folder_swapped_for_a_link_out_of_the_stream_is_never_written_through(
+        rig: PullRig, tmp_path: Path) -> None:
+    """Issue 12, class 1: whoever can write the destination plants ny79 -> elsewhere; the
+    fetch refuses the folder instead of writing outside the stream's directory."""
+    rig.make_item("10001a")
+    rig.make_item("10021a")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    rig.dest.mkdir(parents=True, exist_ok=True)
+    (rig.dest / "ny79").symlink_to(outside)
+
+    result = rig.run_json("--execute")
+
+    assert list(outside.iterdir()) == []  # nothing written through the planted link
+    assert tree(rig.folder("10021a") / "10021a") == tree(rig.remote / "10021a")
+    assert result["failed"] == 1, result
+    assert "10001a" not in rig.ledger() or rig.ledger()["10001a"].state != DONE
+
+
+def test_setuid_setgid_and_sticky_bits_never_survive_a_pull(rig: PullRig) -> None:
+    item = rig.make_item("10002a")
+    (item / "frame_0000.img").chmod(0o4755)
+    (item / "sub").chmod(0o3777)
+    (item / "tool").write_bytes(b"#!/bin/sh\n")
+    (item / "tool").chmod(0o2755)
+
+    rig.run_json("--execute")
+
+    got = rig.folder("10002a") / "10002a"
+    assert (got / "frame_0000.img").stat().st_mode & 0o7777 == 0o755
+    assert (got / "tool").stat().st_mode & 0o7777 == 0o755
+    assert (got / "sub").stat().st_mode & 0o7777 == 0o777
