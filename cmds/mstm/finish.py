@@ -84,12 +84,15 @@ class Verified:
 
 def delete_source(stream: Any, relpath: str, verified: Verified, is_dir: bool, *,
                   level: int = logging.DEBUG,
+                  busy: set[tuple[int, int]] | None = None,
                   writers: Callable[[set[tuple[int, int]]], set[tuple[int, int]]] | None = None
                   ) -> Deletion:
     """Delete item *relpath* of *stream* if it still is the version that was verified.
 
-    *level*: of the log line of a deletion.  *writers*: which of a set of (dev, inode)
-    are open for writing on this host (a parameter for tests).
+    *level*: of the log line of a deletion.  *busy*: the (dev, inode) of files open for
+    writing on this host, as :func:`writers_of` found them for a whole batch just before
+    (one look at /proc per batch); None: look now, with *writers* (default
+    :func:`mstm.openfiles.held_for_writing`).
     """
     name_shown = show(relpath)
     try:
@@ -97,9 +100,10 @@ def delete_source(stream: Any, relpath: str, verified: Verified, is_dir: bool, *
     except OSError as err:
         return _kept(stream, relpath, f"cannot open the stream directory: {err.strerror}")
     try:
-        held = writers or openfiles.held_for_writing
-        busy = held({(v.dev, v.ino) for v in verified.versions.values()})
-        if busy:
+        mine = {(v.dev, v.ino) for v in verified.versions.values()}
+        if busy is None:
+            busy = (writers or openfiles.held_for_writing)(mine)
+        if not mine.isdisjoint(busy):
             return _kept(stream, relpath, "open for writing (or mapped writable) by a "
                                           "process on this host")
         if is_dir:
@@ -127,6 +131,13 @@ def delete_source(stream: Any, relpath: str, verified: Verified, is_dir: bool, *
     log.log(level, "%s: deleted source %s (verified at target)", stream.name, name_shown,
             extra=event("source_deleted", stream=stream.name, item=relpath))
     return Deletion(True)
+
+
+def writers_of(proofs: list[Verified]) -> set[tuple[int, int]]:
+    """Which files of these verified items are open for writing (or mapped shared and
+    writable) on this host now: one look at /proc for a whole batch."""
+    keys = {(v.dev, v.ino) for p in proofs for v in p.versions.values()}
+    return openfiles.held_for_writing(keys) if keys else set()
 
 
 def _changed(stream: Any, root_fd: int, dir_fd: int, name: str, relpath: str,

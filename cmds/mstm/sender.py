@@ -636,10 +636,12 @@ class Sender:
             return
         if self.out.transfer_mode == "move":
             kept: list[tuple[Claim, LocalDigest]] = []
-            for claim, digest in verified:
+            proofs = [digest.verified() for _, digest in verified]
+            busy = finish.writers_of(proofs)  # one look at /proc for the batch
+            for (claim, digest), proof in zip(verified, proofs, strict=True):
                 r = claim.record
-                gone = finish.delete_source(self.stream, r.relpath, digest.verified(),
-                                            r.is_dir, level=self.per_item_level)
+                gone = finish.delete_source(self.stream, r.relpath, proof, r.is_dir,
+                                            busy=busy, level=self.per_item_level)
                 if gone.error:
                     self._retry(claim, f"delivered, but the source cannot be deleted: "
                                        f"{gone.error}")

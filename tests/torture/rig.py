@@ -53,6 +53,9 @@ class Profile:
     # scenario 6: clock
     clock_items: int
     clock_steps: int
+    # scenario 7: hostile source and hostile target (issue 12)
+    hostile_files: int = 120
+    hostile_seconds: float = 8.0
 
 
 def profile() -> Profile:
@@ -63,7 +66,8 @@ def profile() -> Profile:
     if name == "long":
         return Profile("long", iterations, seconds, seed, crash_files=5000, crash_kills=60,
                        net_files=1200, net_rounds=3, disk_files=120, disk_rounds=3,
-                       conc_files=3000, conc_senders=4, clock_items=5000, clock_steps=2000)
+                       conc_files=3000, conc_senders=4, clock_items=5000, clock_steps=2000,
+                       hostile_files=1000, hostile_seconds=60.0)
     if name != "short":
         raise ValueError(f"TORTURE_PROFILE must be short or long, not {name!r}")
     return Profile("short", iterations, seconds, seed, crash_files=500, crash_kills=10,
