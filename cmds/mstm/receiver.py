@@ -21,6 +21,16 @@ available or fails).  Then each is
    it "refused" unless ``[incoming] overwrite``; parent directories are created and
    opened the same no-follow way.  Items are renamed grouped by directory.
 
+Publishing merges: an existing directory is used as it is, never replaced or removed,
+and the files in it that a batch does not bring stay; a type conflict (a directory, link
+or other non-file where an item goes, a file or link where one of its directories goes)
+leaves the target untouched and refuses the item.  Only regular files are published
+(anything else is refused after an lstat, never opened); a staged file's setuid, setgid
+and sticky bits are cleared (fchmod) before it is checked, and so are those of the
+directories created (a setgid bit inherited from the parent included).  No owner is ever
+changed: a file renamed from I keeps the owner its sender gave it, a copied one and the
+directories created belong to the receiver's user.
+
 Then the renames are flushed: by one more syncfs when the items went into several
 directories, else by an fsync of the directory (of each directory once, where syncfs does
 not work).  Only then is the receipt written (temp name, fsync, rename, fsync of I): an
@@ -132,6 +142,7 @@ _MSM_KEY_RE = re.compile(r"\Am-[0-9a-f]{32}\Z")
 _STAGED_RE = re.compile(r"\A[0-9]{1,4}-[0-9a-f]{40}(?:\.part)?\Z")
 _REPLACED_RE = re.compile(r"\A\.replaced\.(?:[0-9]{1,10}|[0-9a-f]{12}(?:\.zip)?)\Z")
 REPLACED_SECONDS = 3600.0  # a .replaced.* tree unchanged this long is a crash's leftover
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # errors that mean "something in the path is a symbolic link or not a directory"
 _REFUSING = (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
 
@@ -285,13 +296,16 @@ def open_dir(parts: list[str], root_fd: int, *, create: bool = False,
              mode: int = 0o777) -> int:
     """A descriptor of root/parts..., every component opened with O_NOFOLLOW.
 
-    With *create*, missing components are made (mode *mode*, less the umask).  A
-    symbolic link or a non-directory anywhere raises OSError (ELOOP or ENOTDIR).
+    With *create*, missing components are made (mode *mode*, less the umask, and never
+    a setuid, setgid or sticky bit: not even the setgid bit a directory inherits from
+    its parent).  A symbolic link or a non-directory anywhere raises OSError (ELOOP or
+    ENOTDIR).  An existing directory is used as it is.
     """
     fd = os.dup(root_fd)
     try:
         for part in parts:
             mkdirs = 3 if create else 0  # it may be removed between mkdir and open: again
+            made = False
             while True:
                 try:  # mostly it exists: open first, make it only if missing
                     child = os.open(part, _O_DIR, dir_fd=fd)
@@ -300,14 +314,28 @@ def open_dir(parts: list[str], root_fd: int, *, create: bool = False,
                     if not mkdirs:
                         raise
                 mkdirs -= 1
-                with suppress(FileExistsError):
+                try:
                     os.mkdir(part, mode, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    pass
+            if made:
+                _plain_mode(child)
             os.close(fd)
             fd = child
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _plain_mode(fd: int) -> int:
+    """Clear the setuid, setgid and sticky bits of *fd* (keep only rwx); its new mode.
+    OSError if they are set and cannot be cleared (not our file)."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o7000:
+        os.fchmod(fd, mode & 0o777)
+    return mode & 0o777
 
 
 @contextmanager
@@ -1220,9 +1248,20 @@ class Receiver:
                    source_refused=source_fd is None and self._exists(batch) is not None)
         batch_summary = Summary()
         try:
-            job.stage_fd = open_dir([job.key], self._open_stage_root(), create=True,
-                                    mode=0o700)
-            results = self._receive_all(job, control.items)
+            try:
+                job.stage_fd = open_dir([job.key], self._open_stage_root(), create=True,
+                                        mode=0o700)
+            except (OSError, MstmError) as err:
+                cause = err.__context__ if isinstance(err, MstmError) else err
+                if not isinstance(cause, OSError) or cause.errno not in _NO_SPACE:
+                    raise
+                # a full file system: a receipt that says so, the sender tries again later
+                results = [_Result(Status.IO_ERROR, f"cannot stage: {cause.strerror}")
+                           ] * len(control.items)
+                for item, result in zip(control.items, results, strict=True):
+                    self._log_item(job, item, result)
+            else:
+                results = self._receive_all(job, control.items)
         finally:
             if job.stage_fd >= 0:
                 os.close(job.stage_fd)
@@ -1458,6 +1497,12 @@ class Receiver:
             elif st.st_size != item.size:
                 bad = _Result(Status.BAD_SIZE, f"{st.st_size} bytes, expected {item.size}")
             else:
+                try:
+                    _plain_mode(fd)  # no setuid, setgid or sticky bit is ever published
+                except OSError as err:
+                    bad = _Result(Status.REFUSED, "its setuid, setgid or sticky bit cannot"
+                                  f" be cleared: {err.strerror}")
+            if bad is None:
                 try:
                     digest, size = _digest(fd, job.algorithm, self.notifier.watchdog,
                                            self._buf)

@@ -312,3 +312,207 @@ def test_leftover_staging_of_a_crash_is_removed_at_start_but_nobody_elses_data(
     assert sorted(os.listdir(staging)) == ["notes", "old-batch"]
     assert (mine / "keep.txt").read_bytes() == b"user data"
     assert "not something mstm-receive staged" in target.log.read_text()
+
+
+# ------------------------------------------------------------------ 3: a full file system
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 8 MiB tmpfs, with room for 1,000 inodes."""
+    need_root()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=1000,mode=0755",
+                    "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write into *path* until the file system is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == 28  # ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("layout", ["incoming-elsewhere", "incoming-inside"])
+def test_after_enospc_a_batch_fails_leaves_nothing_behind_and_the_next_succeeds(
+        tmp_path: Path, small_fs: Path, layout: str) -> None:
+    incoming = tmp_path / "incoming" if layout == "incoming-elsewhere" else None
+    t = Target(tmp_path, directory=small_fs / "D", incoming=incoming)
+    files = {"big/one.dat": os.urandom(3 << 20), "big/two.dat": os.urandom(2 << 20)}
+    batch = t.send(files)
+    fill(small_fs / "filler")
+    r = t.once()
+    answered(r)
+    if layout == "incoming-inside":  # publishing is a rename: no space needed but for
+        answered(t.once())  # the receipt, written once there is room again
+        assert not (t.I / f"{batch}.{RCPT}").exists()
+        (small_fs / "filler").unlink()
+        answered(t.once())
+        assert t.receipt(batch) == dict.fromkeys(files, Status.OK)
+    else:  # the copy into D's file system failed: a failure receipt, nothing left
+        assert set(t.receipt(batch).values()) == {Status.IO_ERROR}, t.log.read_text()
+        assert t.published() == {}
+        assert sorted(os.listdir(small_fs)) == ["D", "filler"]
+        assert os.listdir(small_fs / "D") == []
+        (small_fs / "filler").unlink()
+        t.thank(batch)
+        answered(t.once())
+        batch = t.send(files)  # the sender's retry, in a new batch
+        answered(t.once())
+        assert t.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert t.published() == files
+    t.thank(batch)
+    answered(t.once())
+    assert os.listdir(t.I) == []
+    assert sorted(os.listdir(small_fs / "D")) == (
+        ["big"] if incoming is not None else [".mstm-incoming", "big"])
+
+
+def test_with_no_inode_left_for_staging_a_batch_gets_a_failure_receipt_not_a_hang(
+        tmp_path: Path, small_fs: Path) -> None:
+    t = Target(tmp_path, directory=small_fs / "D", incoming=tmp_path / "incoming")
+    files = {"a/x": b"x" * 1000, "b": b"b"}
+    batch = t.send(files)
+    fillers = small_fs / "fillers"
+    fillers.mkdir()
+    n = 0
+    try:
+        while True:
+            (fillers / str(n)).touch()
+            n += 1
+    except OSError as err:
+        assert err.errno == 28
+    answered(t.once())
+    assert t.receipt(batch) == dict.fromkeys(files, Status.IO_ERROR), t.log.read_text()
+    assert "No space left" in t.log.read_text()
+    subprocess.run(["rm", "-rf", str(fillers)], check=True)
+    t.thank(batch)
+    answered(t.once())
+    batch = t.send(files)
+    answered(t.once())
+    assert t.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert t.published() == files
+    t.thank(batch)
+    answered(t.once())
+    assert os.listdir(t.I) == [] and sorted(os.listdir(t.D)) == ["a", "b"]
+
+
+# ------------------------------------------------------------------ 5: permissions
+
+
+def test_setuid_setgid_and_sticky_bits_never_survive_publication(target: Target) -> None:
+    need_root()
+    target.D.chmod(0o2775)  # an admin's setgid directory: its new subdirectories inherit it
+    batch = p.new_batch_id()
+    files = {"bin/suid": b"#!/bin/sh\n", "bin/sgid": b"x", "tmp/sticky": b"y",
+             "sticky-dir/f": b"z", "plain": b"p"}
+    items = target.put(batch, files)
+    src = target.I / batch
+    for name, mode in (("bin/suid", 0o4755), ("bin/sgid", 0o2755), ("tmp/sticky", 0o1777),
+                       ("plain", 0o640)):
+        os.chmod(src / name, mode)
+    os.chmod(src / "sticky-dir", 0o1777)
+    os.chown(src / "bin/suid", 0, 0)  # a root-owned setuid file: the worst case
+    target.control(batch, items)
+    answered(target.once())
+    assert target.receipt(batch) == dict.fromkeys(files, Status.OK)
+    modes = {}
+    for rel in [*files, "bin", "tmp", "sticky-dir"]:
+        modes[rel] = stat.S_IMODE((target.D / rel).lstat().st_mode)
+    assert {rel: m & 0o7000 for rel, m in modes.items()} == dict.fromkeys(modes, 0)
+    assert modes["bin/suid"] == 0o755 and modes["plain"] == 0o640
+    assert modes["tmp/sticky"] == 0o777
+
+
+# ------------------------------------------------------------------ 4, 6: merge, never replace
+
+
+def test_a_second_delivery_of_a_directory_merges_into_it_and_removes_nothing(
+        target: Target) -> None:
+    first = target.send({"run42/a": b"1", "run42/sub/b": b"2"})
+    answered(target.once())
+    (target.D / "run42" / "local-notes").write_bytes(b"the user's own file")
+    second = target.send({"run42/c": b"3", "run42/sub/d": b"4", "run42/a": b"1"})
+    answered(target.once())
+    assert target.receipt(first) == dict.fromkeys(["run42/a", "run42/sub/b"], Status.OK)
+    assert target.receipt(second) == dict.fromkeys(["run42/c", "run42/sub/d", "run42/a"],
+                                                   Status.OK)
+    assert target.published() == {"run42/a": b"1", "run42/sub/b": b"2", "run42/c": b"3",
+                                  "run42/sub/d": b"4", "run42/local-notes":
+                                  b"the user's own file"}
+    assert not (target.D / ".mstm-staging").exists()
+
+
+def test_type_conflicts_and_symlinked_directories_leave_the_target_untouched(
+        target: Target, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (target.D / "run" / "isdir").mkdir(parents=True)
+    (target.D / "run" / "isdir" / "keep").write_bytes(b"k")
+    (target.D / "run" / "isfile").write_bytes(b"f")
+    os.symlink(outside, target.D / "run" / "link")
+    files = {"run/isdir": b"file where a directory is", "run/isfile/x": b"under a file",
+             "run/link/escape": b"through a symlink", "run/new": b"n"}
+    batch = target.send(files)
+    answered(target.once())
+    got = target.receipt(batch)
+    assert got == {"run/isdir": Status.REFUSED, "run/isfile/x": Status.REFUSED,
+                   "run/link/escape": Status.REFUSED, "run/new": Status.OK}
+    assert os.listdir(outside) == []
+    assert (target.D / "run" / "isdir" / "keep").read_bytes() == b"k"
+    assert (target.D / "run" / "isfile").read_bytes() == b"f"
+    log = target.log.read_text()
+    assert "non-file" in log and "non-directory" in log
+
+
+def test_a_different_file_is_replaced_only_with_overwrite_and_only_that_file(
+        tmp_path: Path) -> None:
+    t = Target(tmp_path, overwrite="true")
+    t.send({"run/a": b"old", "run/b": b"other"})
+    answered(t.once())
+    batch = t.send({"run/a": b"new"})
+    answered(t.once())
+    assert t.receipt(batch) == {"run/a": Status.OK}
+    assert t.published() == {"run/a": b"new", "run/b": b"other"}
+
+
+def test_a_watcher_never_sees_a_partial_or_unverified_file_under_its_final_name(
+        target: Target) -> None:
+    import threading
+
+    files = {f"run/f{i}": os.urandom(200_000) for i in range(20)}
+    bad = target.put("evil", {"run/evil": b"good"})
+    (target.I / "evil" / "run" / "evil").write_bytes(b"bad!")
+    target.control("evil", bad)
+    batch = target.send(files)
+    seen: dict[str, bytes] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:  # the incoming area changes under the walk: look again
+                now = target.published()
+            except OSError:
+                continue
+            for rel, data in now.items():
+                seen.setdefault(rel, data)
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    answered(target.once())
+    done.set()
+    w.join()
+    assert target.receipt(batch) == dict.fromkeys(files, Status.OK)
+    assert target.receipt("evil") == {"run/evil": Status.BAD_CHECKSUM}
+    assert seen and all(files[rel] == data for rel, data in seen.items()), "a partial file"
+    assert "run/evil" not in target.published()
