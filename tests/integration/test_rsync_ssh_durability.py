@@ -27,8 +27,11 @@ from tests.harness.sshd import SSHD, LoopbackSshd
 from tests.harness.streams import StreamEnv
 
 from mstm.errors import TargetUnavailable
-from mstm.transports.rsync_ssh import STAGING, RsyncSsh
+from mstm.protocol import new_batch_id
+from mstm.transports.base import STAGING, Item, staging_dir
+from mstm.transports.rsync_ssh import RsyncSsh
 from mstm.transports.ssh import SshConnection, SshTarget
+from mstm.transports.stream import temp_name
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +40,7 @@ HOSTILE = [b"plain.dat", b"with space.dat", b"new\nline.dat", b"-leading-dash.da
            b"star*and?glob[1].dat", b"deep/sub dir/-x/file.dat", b"tab\there.dat"]
 # what the remote shell needs when PATH holds nothing else (no python3 there)
 TOOLBOX = ["sh", "bash", "cat", "mktemp", "rm", "xargs", "stat", "sha256sum", "head", "mv",
-           "rsync", "printf", "sleep", "dirname", "mkdir", "test", "env"]
+           "rsync", "printf", "sleep", "dirname", "mkdir", "test", "env", "chmod", "find"]
 
 
 def strace_works() -> bool:
@@ -98,7 +101,19 @@ class Target:
         conn = SshConnection(SshTarget(host="127.0.0.1", port=self.sshd.port,
                                        identity_file=self.sshd.client_key,
                                        known_hosts=self.sshd.known_hosts, connect_timeout=5))
-        return RsyncSsh(conn=conn, source_dir=source, target_dir=str(self.dir))
+        log = self.log
+
+        class Quiet(RsyncSsh):  # the calls of open() (staging set-up) are not logged
+            def open(self) -> None:
+                super().open()
+                log.unlink(missing_ok=True)
+
+        return Quiet(conn=conn, source_dir=source, target_dir=str(self.dir))
+
+    def part(self, relpath: str) -> Path:
+        """Where stream.py keeps the partial data of *relpath*."""
+        return self.dir / ".mstm-partial" / os.fsdecode(temp_name("", relpath,
+                                                                  final=str(self.dir)))
 
     def put(self, where: Path, name: bytes, data: bytes) -> None:
         p = os.path.join(os.fsencode(where), name)
@@ -146,11 +161,13 @@ def test_inspect_syncs_the_filesystem_first_then_hashes_with_python(target: Targ
 
 
 def test_inspect_of_staged_items_syncs_too(target: Target, tmp_path: Path) -> None:
-    target.put(target.dir / STAGING, b"tree/a b/c.dat", b"staged")
+    batch = new_batch_id()
+    target.put(target.dir / STAGING / batch, b"tree/a b/c.dat", b"staged")
+    target.put(target.dir, b"tree/a b/c.dat", b"final")
     t = target.transport(tmp_path)
     t.open()
     try:
-        found = t.inspect(["tree/a b/c.dat"], staged=True)
+        found = t.inspect(["tree/a b/c.dat"], staged=batch)
     finally:
         t.close()
     assert answers(found) == {"tree/a b/c.dat": (6, hashlib.sha256(b"staged").hexdigest())}
@@ -233,9 +250,10 @@ def test_mstm_send_move_deletes_only_after_the_target_synced(target: Target,
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["delivered"] == len(data) + 1
     assert stream.files(stream.source) == {}
-    calls = [c.split()[0] for c in target.calls()]
-    assert calls and calls[0] == "sync" and "python3" in calls
-    assert calls.index("sync") < calls.index("python3")
+    calls = target.calls()
+    syncs = [i for i, c in enumerate(calls) if c.startswith("sync")]
+    hashes = [i for i, c in enumerate(calls) if c.startswith("python3") and "mstm-split" in c]
+    assert syncs and hashes and syncs[0] < hashes[0]
 
 
 # -- large files: stream.py (hashed and flushed while they arrive) ---------------------
@@ -278,60 +296,62 @@ def test_a_256_mib_file_is_streamed_byte_identical_with_mode_and_mtime(
     st = out.stat()
     assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)
     assert not src.exists()  # moved: verified first
-    assert [n for n in os.listdir(target.dir) if n != "big one.dat"] == []
+    assert set(os.listdir(target.dir)) == {"big one.dat", STAGING, ".mstm-partial"}
+    assert os.listdir(target.dir / STAGING) == os.listdir(target.dir / ".mstm-partial") == []
     # streamed (the receiver program ran), and the digest was not computed again by a
     # second reading: the hasher ran once, for the inspect, and answered from the report
     pythons = [c for c in target.calls() if c.startswith("python3")]
-    assert len(pythons) == 2 and "MSTM-STREAM-1" in pythons[0]
+    assert len([c for c in pythons if "MSTM-STREAM-2" in c]) == 1
+    assert len([c for c in pythons if "mstm-split" in c]) == 1
 
 
 def test_a_later_inspect_trusts_the_streamed_digest_only_while_the_file_is_unchanged(
         target: Target, tmp_path: Path) -> None:
-    from mstm.transports.base import Item
-
     digest = big(tmp_path / "src" / "f.dat", 4 * MiB)
     t = target.transport(tmp_path / "src")
     t.stream_min = 1
+    batch = new_batch_id()
+    dest = staging_dir(str(target.dir), batch)
     t.open()
     try:
-        assert t.send([Item("f.dat", 4 * MiB)]).exit_code == 0
-        assert t.inspect(["f.dat"])["f.dat"].sha256 == digest
+        assert t.send([Item("f.dat", 4 * MiB)], dest=dest).exit_code == 0
+        assert t.inspect(["f.dat"], staged=batch)["f.dat"].sha256 == digest
         # rewritten in place, same size and mtime and inode: the report is still used
-        out = target.dir / "f.dat"
+        out = target.dir / STAGING / batch / "f.dat"
         st = out.stat()
         with open(out, "r+b") as f:
             f.write(b"X")
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert t.send([Item("f.dat", 4 * MiB, force=True)]).exit_code == 0
+        assert t.send([Item("f.dat", 4 * MiB, force=True)], dest=dest).exit_code == 0
         assert file_sha(out) == digest
         with open(out, "r+b") as f:
             f.write(b"Y")
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # mtime differs: re-read
-        assert t.inspect(["f.dat"])["f.dat"].sha256 == file_sha(out) != digest
+        assert t.inspect(["f.dat"], staged=batch)["f.dat"].sha256 == file_sha(out) != digest
     finally:
         t.close()
 
 
 def test_streamed_hostile_names_arrive_byte_identical(target: Target, tmp_path: Path) -> None:
-    from mstm.transports.base import Item
-
     src = tmp_path / "src"
     data = payloads()
     for n, d in data.items():
         target.put(src, n, d)
     t = target.transport(src)
     t.stream_min = 1  # every file through stream.py
+    batch = new_batch_id()
     t.open()
     try:
-        r = t.send([Item(os.fsdecode(n), len(d)) for n, d in data.items()])
+        r = t.send([Item(os.fsdecode(n), len(d)) for n, d in data.items()],
+                   dest=staging_dir(str(target.dir), batch))
         assert (r.exit_code, r.files) == (0, len(data)), r.error
         assert len(t._streamed) == len(data)
-        found = t.inspect([os.fsdecode(n) for n in data])
+        found = t.inspect([os.fsdecode(n) for n in data], staged=batch)
     finally:
         t.close()
     assert answers(found) == expected(data)
     for n, d in data.items():
-        with open(os.path.join(os.fsencode(target.dir), n), "rb") as f:
+        with open(os.path.join(os.fsencode(target.dir / STAGING / batch), n), "rb") as f:
             assert f.read() == d
     assert not (Path.cwd() / "PWNED").exists()
     leftovers = [p for p in target.dir.rglob("*") if b"mstm-stream" in os.fsencode(p)]
@@ -346,12 +366,20 @@ def test_a_name_that_would_climb_out_is_refused_by_the_receiver(target: Target,
     (tmp_path / "x").write_bytes(b"x")
     t = target.transport(tmp_path)
     t.open()
+    fd = os.open(tmp_path / "x", os.O_RDONLY)
     try:
         for bad in ("../escape.dat", "a/../../escape.dat", "/etc/escape.dat", "a//b"):
             with pytest.raises(StreamItemError, match="refused"):
-                Stream(t.conn).send(os.fsencode(tmp_path / "x"), dest=str(target.dir),
-                                    relpath=bad, force=False, monitor=Monitor())
+                # past the sender's own check (safefs refuses such a path to begin with)
+                Stream(t.conn)._send(fd, os.fstat(fd), dest=str(target.dir), relpath=bad,
+                                     force=False, monitor=Monitor(), chunk=1 << 20,
+                                     final="", partial="")
+        with pytest.raises(StreamItemError, match="refused"):
+            Stream(t.conn)._send(fd, os.fstat(fd), dest=str(target.dir), relpath="ok",
+                                 force=False, monitor=Monitor(), chunk=1 << 20,
+                                 final="relative", partial="")
     finally:
+        os.close(fd)
         t.close()
     assert not (target.dir.parent / "escape.dat").exists()
 
@@ -373,26 +401,28 @@ def test_nothing_appears_under_the_final_name_before_it_is_complete_and_durable(
         seen: list[int] = []
         stop = [False]
 
+        batch = new_batch_id()
+        staged = tgt.dir / STAGING / batch / "slow.dat"
+
         def watch() -> None:
             while not stop[0]:
+                assert not (tgt.dir / "slow.dat").exists()  # only publish puts it there
                 with contextlib.suppress(FileNotFoundError):
-                    seen.append((tgt.dir / "slow.dat").stat().st_size)
+                    seen.append(staged.stat().st_size)
                 time.sleep(0.005)
-
-        from mstm.transports.base import Item
 
         w = threading.Thread(target=watch)
         w.start()
         t.open()
         try:
             t0 = time.monotonic()
-            r = t.send([Item("slow.dat", 24 * MiB)])
+            r = t.send([Item("slow.dat", 24 * MiB)], dest=staging_dir(str(tgt.dir), batch))
             took = time.monotonic() - t0
         finally:
             stop[0] = True
             w.join()
             t.close()
-        assert r.exit_code == 0 and file_sha(tgt.dir / "slow.dat") == digest
+        assert r.exit_code == 0 and file_sha(staged) == digest
         assert took >= 2.2  # bwlimit honoured (24 MiB at 8 MiB/s, the first chunk free)
         assert seen and set(seen) == {24 * MiB}
         trace = Path(f"{tgt.log}.py.strace").read_text().splitlines()
@@ -412,7 +442,7 @@ def test_a_send_killed_mid_file_resumes_where_it_stopped(target: Target,
     digest = big(stream.source / "resume.dat", 128 * MiB)
     proc = stream.popen("mstm-send", "--once", stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL)
-    part = target.dir / ".resume.dat.mstm-stream"
+    part = target.part("resume.dat")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if part.exists() and part.stat().st_size >= 40 * MiB:
@@ -434,15 +464,14 @@ def test_a_send_killed_mid_file_resumes_where_it_stopped(target: Target,
 
 
 def test_a_stalled_stream_is_cut_then_resumed(tmp_path: Path) -> None:
-    from mstm.transports.base import Item
-
     tgt = Target(tmp_path / "t")
     try:
         digest = big(tmp_path / "src" / "stall.dat", 64 * MiB)
         t = tgt.transport(tmp_path / "src")
         t.stream_min, t.stall_seconds, t.bwlimit = 1, 2, 16 * 1024
         t.open()
-        part = tgt.dir / ".stall.dat.mstm-stream"
+        part = tgt.part("stall.dat")
+        dest = staging_dir(str(tgt.dir), new_batch_id())
 
         def pause_when_started() -> None:
             deadline = time.monotonic() + 30
@@ -457,7 +486,7 @@ def test_a_stalled_stream_is_cut_then_resumed(tmp_path: Path) -> None:
         pauser.start()
         t0 = time.monotonic()
         try:
-            r = t.send([Item("stall.dat", 64 * MiB)])
+            r = t.send([Item("stall.dat", 64 * MiB)], dest=dest)
         finally:
             pauser.join()
             for pid in _session_pids(tgt.sshd):
@@ -468,10 +497,11 @@ def test_a_stalled_stream_is_cut_then_resumed(tmp_path: Path) -> None:
         assert took < 30
         t.bwlimit = 0
         t.open()
-        r = t.send([Item("stall.dat", 64 * MiB)])
+        r = t.send([Item("stall.dat", 64 * MiB)], dest=dest)
         t.close()
         assert r.exit_code == 0, r.error
-        assert file_sha(tgt.dir / "stall.dat") == digest
+        assert t._streamed[(dest, "stall.dat")].offset >= 8 * MiB  # resumed
+        assert file_sha(Path(dest) / "stall.dat") == digest
     finally:
         tgt.sshd.cleanup()
 
@@ -485,8 +515,6 @@ def _session_pids(sshd: LoopbackSshd) -> list[int]:
 
 
 def test_without_python3_large_files_go_through_rsync(tmp_path: Path) -> None:
-    from mstm.transports.base import Item
-
     tgt = Target(tmp_path / "t", path_rest="")
     try:
         for name in TOOLBOX:
@@ -499,10 +527,16 @@ def test_without_python3_large_files_go_through_rsync(tmp_path: Path) -> None:
         t.stream_min = 1
         t.open()
         try:
-            r = t.send([Item("f.dat", 2 * MiB)])
+            batch = new_batch_id()
+            r = t.send([Item("f.dat", 2 * MiB)], dest=staging_dir(str(tgt.dir), batch))
             assert r.exit_code == 0 and r.files == 1, r.error
             assert not t._can_stream
-            assert t.inspect(["f.dat"])["f.dat"].sha256 == digest
+            assert t.inspect(["f.dat"], staged=batch)["f.dat"].sha256 == digest
+            # publish and discard work without python3 too
+            assert t.publish([Item("f.dat", 2 * MiB)], staged=batch) == {}
+            t.discard(batch)
+            assert file_sha(tgt.dir / "f.dat") == digest
+            assert os.listdir(tgt.dir / STAGING) == []
         finally:
             t.close()
     finally:
@@ -516,17 +550,16 @@ def test_a_file_an_earlier_transfer_still_writes_at_the_target_waits_never_goes_
     meanwhile by rsync could be verified, its source deleted, and then be overwritten."""
     import fcntl
 
-    from mstm.transports.base import Item
-
     src = tmp_path / "src"
     target.put(src, b"big.dat", os.urandom(4096))
-    held = os.open(target.dir / ".big.dat.mstm-stream", os.O_RDWR | os.O_CREAT, 0o600)
+    target.part("big.dat").parent.mkdir(mode=0o700)
+    held = os.open(target.part("big.dat"), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(held, fcntl.LOCK_EX)  # what the orphaned receiver holds
     t = target.transport(src)
     t.stream_min = 1
     t.open()
     try:
-        r = t.send([Item("big.dat", 4096)])
+        r = t.send([Item("big.dat", 4096)], dest=staging_dir(str(target.dir), new_batch_id()))
     finally:
         t.close()
         os.close(held)
@@ -538,20 +571,22 @@ def test_a_large_file_already_complete_at_the_target_is_not_streamed_again(
         target: Target, tmp_path: Path) -> None:
     """A cut between the rename at the target and its answer: the next attempt finds the
     file there, complete, and answers with its digest instead of sending it again."""
-    from mstm.transports.base import Item
-
     src = tmp_path / "src"
     data = os.urandom(3 << 20)
     target.put(src, b"big.dat", data)
     for attempt in range(2):
         t = target.transport(src)  # a new sender: nothing remembered from the first
         t.stream_min = 1
+        batch = new_batch_id()
+        dest = staging_dir(str(target.dir), batch)
         t.open()
         try:
-            r = t.send([Item("big.dat", len(data))])
+            r = t.send([Item("big.dat", len(data))], dest=dest)
             assert r.exit_code == 0, r.error
-            got = t._streamed[(str(target.dir), "big.dat")]
-            found = t.inspect(["big.dat"])
+            got = t._streamed[(dest, "big.dat")]
+            found = t.inspect(["big.dat"], staged=batch)
+            assert t.publish([Item("big.dat", len(data))], staged=batch) == {}
+            t.discard(batch)
         finally:
             t.close()
         if attempt == 0:

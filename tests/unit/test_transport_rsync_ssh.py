@@ -8,7 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mstm.transports.rsync_ssh import _HASH_PY, _INSPECT_SCRIPT, _looks, parse_inspect
+from mstm.transports.rsync_ssh import (
+    _HASH_PY,
+    _INSPECT_SCRIPT,
+    _STAGE_PY,
+    RsyncSsh,
+    _looks,
+    parse_inspect,
+    parse_publish,
+)
+from mstm.transports.ssh import SshConnection, SshTarget
 from mstm.transports.stream import header, parse_done
 
 NAMES = [b"plain", b"with space", b"new\nline", b"-leading-dash", b"--rsh=x",
@@ -83,9 +92,82 @@ def test_the_polling_scripts_look_often_at_first() -> None:
 
 
 def test_the_stream_header_carries_names_as_data() -> None:
-    h = header("/t dir", "a\nb", size=5, mode=0o640, mtime_ns=7, force=True)
+    h = header("/t dir/.mstm-staging/b", "a\nb", size=5, mode=0o640, mtime_ns=7, force=True,
+               final="/t dir", partial="/t dir/.mstm-partial")
     first, rest = h.split(b"\n", 1)
-    assert first == b"MSTM-STREAM-1 6 3 5 416 7 1" and rest == b"/t dira\nb"
+    assert first == b"MSTM-STREAM-2 22 3 6 20 5 416 7 1"
+    assert rest == b"/t dir/.mstm-staging/ba\nb/t dir/t dir/.mstm-partial"
+
+
+def _transport(tmp_path: Path, **kw: object) -> RsyncSsh:
+    conn = SshConnection(SshTarget(host="archive.example.org"))
+    return RsyncSsh(conn=conn, source_dir=tmp_path, target_dir="/data/in/", **kw)  # type: ignore[arg-type]
+
+
+def test_rsync_never_creates_devices_fifos_setuid_bits_or_foreign_owners(tmp_path: Path
+                                                                          ) -> None:
+    t = _transport(tmp_path)
+    t.conn._dir = str(tmp_path)  # a control path, without connecting
+    for follow in (False, True):
+        t.follow_symlinks = follow
+        argv = t.rsync_argv("/data/in/.mstm-staging/b", force=False)
+        assert "--chmod=a-st" in argv and "--perms" in argv
+        assert {"--no-devices", "--no-specials"} <= set(argv)
+        for bad in ("-D", "--devices", "--specials", "--copy-devices", "--write-devices",
+                    "-a", "--archive", "-o", "-g", "--owner", "--group", "--super",
+                    "--fake-super", "-A", "-X"):
+            assert bad not in argv
+        assert not [a for a in argv[:argv.index("--")] if a.startswith("-") and
+                    not a.startswith("--") and "D" in a]
+        assert "--partial-dir=/data/in/.mstm-partial" in argv  # absolute: shared by batches
+        assert argv[-1] == "archive.example.org:/data/in/.mstm-staging/b/"
+
+
+def test_send_refuses_to_write_anywhere_but_a_staging_directory(tmp_path: Path) -> None:
+    import pytest
+
+    from mstm.transports.base import Item
+
+    with pytest.raises(ValueError):
+        _transport(tmp_path).send([Item("a", 1)])
+
+
+def test_parse_publish_reads_one_answer_per_item() -> None:
+    out = b"O\0a b\0\0E\0run42\0run42/sub at the target is a symbolic link\0E\0\0x\0"
+    assert parse_publish(out) == {"a b": (True, ""),
+                                  "run42": (False, "run42/sub at the target is a symbolic link")}
+
+
+def run_stage(target: Path, mode: str, batch: str, stdin: bytes = b"") -> bytes:
+    r = subprocess.run([sys.executable, "-I", "-c", _STAGE_PY, str(target), mode, batch],
+                       input=stdin, capture_output=True, check=True, timeout=60)
+    assert r.stdout.endswith(b"MSTM-OK\n"), r.stderr
+    return r.stdout[:-8]
+
+
+def test_the_publish_program_merges_and_never_follows_a_link(tmp_path: Path) -> None:
+    target, outside = tmp_path / "t", tmp_path / "outside"
+    outside.mkdir()
+    staged = target / ".mstm-staging" / "b1"
+    for rel, data in (("run/a", b"a"), ("run/sub/b", b"b"), ("f", b"f"), ("w/x", b"x"),
+                      ("deep/new/y", b"y")):
+        p = staged / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    (staged / "run/a").chmod(0o4755)
+    (target / "run/sub").mkdir(parents=True)
+    (target / "run/theirs").write_bytes(b"theirs")
+    (target / "w").symlink_to(outside)
+    names = b"".join([b"Drun\0", b"Ff\0", b"Fw/x\0", b"Ddeep\0"])
+    got = parse_publish(run_stage(target, "publish", "b1", names))
+    assert got["run"] == got["f"] == got["deep"] == (True, "")
+    assert not got["w/x"][0] and "symbolic link" in got["w/x"][1]
+    assert os.listdir(outside) == []
+    assert (target / "run/theirs").read_bytes() == b"theirs"
+    assert (target / "run/sub/b").read_bytes() == b"b" and (target / "deep/new/y").exists()
+    assert (target / "run/a").stat().st_mode & 0o7777 == 0o755
+    run_stage(target, "discard", "b1")
+    assert os.listdir(target / ".mstm-staging") == []
 
 
 def test_parse_done_accepts_one_well_formed_line_only() -> None:

@@ -3,24 +3,32 @@
 rsync_ssh sends files of `STREAM_MIN` bytes or more this way instead of through rsync:
 one `python3` at the target (started over the stream's ControlMaster connection, its
 program on the command line, never a file name there) reads a small binary header from
-stdin -- the target directory and the item's relative path travel as data, so any name
+stdin -- the destination directory (the batch's staging directory), the item's relative
+path, the target directory and the partial directory travel as data, so any name
 works -- and answers the offset it can resume from.  Then the file's bytes follow.  The
-target writes them to a hidden temporary name beside the final one
-(`.<name>.mstm-stream`), hashes them (sha256) and starts their writeback as they come
-(sync_file_range every 8 MiB, so the closing fdatasync is short), sets mode and mtime
-as rsync's `--perms --times` would, fdatasyncs, renames the file into place and fsyncs
-the directory.  Only then does it answer `DONE <sha256> <size> <mtime_ns> <inode>`.
-So nothing is ever visible under the final name before it is complete and durable,
-and the digest of what was written comes back without reading the file again.
+target writes them to a hidden temporary file in the partial directory
+(`<target_dir>/.mstm-partial/.<40 hex>.mstm-stream`, mode 0600, the directory 0700),
+hashes them (sha256) and starts their writeback as they come (sync_file_range every
+8 MiB, so the closing fdatasync is short), sets mode (`& 0o777`: setuid, setgid and
+sticky never survive, even for root) and mtime as rsync's `--perms --chmod=a-st
+--times` would, fdatasyncs, renames the file into the *staging* directory and fsyncs
+that directory.  Only then does it answer `DONE <sha256> <size> <mtime_ns> <inode>`.
+Nothing reaches the final name here: the sender verifies the staged file and
+rsync_ssh's `publish` renames it into place.  The file belongs to the remote user.
 
-Resume: an interrupted transfer leaves the temporary file (flushed) with the source's
-size and mtime in an extended attribute (`user.mstm.version`).  The next attempt for
-the same version resumes at its length -- after re-reading and hashing the bytes
-already there (nothing a partial file claims is trusted); an item sent again after a
-failed verification (`force`) starts from zero.  Without user xattrs at the target
-there is no resume, only restarts.
+Resume: an interrupted transfer leaves the temporary file (flushed) in the partial
+directory, which every batch shares, with the source's size and mtime in an extended
+attribute (`user.mstm.version`).  The next attempt for the same version (in whatever
+batch) resumes at its length -- after re-reading and hashing the bytes already there
+(nothing a partial file claims is trusted); an item sent again after a failed
+verification (`force`) starts from zero.  Without user xattrs at the target there is
+no resume, only restarts.  A file already complete under its final name with the
+source's size and mtime is hashed there and hard-linked into the staging directory
+instead of being sent again.
 
-The sender's side pushes the file with sendfile(2) (no copy through Python), in chunks
+The sender's side opens the source with safefs.open_regular from a descriptor of the
+stream directory (no symbolic link followed below it; the last component only with
+`follow_symlinks`) and pushes it with sendfile(2) (no copy through Python), in chunks
 paced by `bwlimit`; `run_watched` cuts a transfer that makes no progress (no chunk
 written, no word from the target) for `stall_seconds`, and stops it when asked.  The
 target's answers are untrusted: `parse_done` accepts exactly one well-formed line.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -41,13 +50,14 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
+from mstm import safefs
 from mstm.transports.common import Monitor
 from mstm.transports.ssh import SshConnection, spawn
 
 log = logging.getLogger("mstm.stream")
 
 STREAM_MIN = 64 << 20  # files this large (or larger) are streamed
-MAGIC = b"MSTM-STREAM-1"
+MAGIC = b"MSTM-STREAM-2"
 TEMP_SUFFIX = b".mstm-stream"
 CHUNK = 1 << 20
 
@@ -85,14 +95,16 @@ line = b""
 while not line.endswith(b"\n") and len(line) < 256:
     line += readn(1)
 head = line.split()
-if len(head) != 7 or head[0] != b"MSTM-STREAM-1" or not all(w.isdigit() for w in head[1:]):
+if len(head) != 9 or head[0] != b"MSTM-STREAM-2" or not all(w.isdigit() for w in head[1:]):
     fail("bad header")
-ldest, lrel, size, mode, mtime_ns, force = [int(w) for w in head[1:]]
-dest, rel = readn(ldest), readn(lrel)
+ldest, lrel, lfinal, lpart, size, mode, mtime_ns, force = [int(w) for w in head[1:]]
+dest, rel, final, part = readn(ldest), readn(lrel), readn(lfinal), readn(lpart)
 parts = rel.split(b"/")
-if not dest.startswith(b"/") or rel.startswith(b"/") or b"\0" in dest + rel or \
-        any(p in (b"", b".", b"..") for p in parts):
+if not dest.startswith(b"/") or rel.startswith(b"/") or b"\0" in dest + rel + final + part or \
+        any(p in (b"", b".", b"..") for p in parts) or \
+        any(d and not d.startswith(b"/") for d in (final, part)):
     fail("refused name")
+DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 try:
     os.makedirs(dest, exist_ok=True)
     dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
@@ -107,14 +119,30 @@ try:
 except OSError as e:
     fail("cannot make the directory: %s" % e.strerror)
 base = parts[-1]
-if len(base) > 200:
-    base_tmp = base[:150] + hashlib.sha256(base).hexdigest()[:16].encode()
+# The partial data waits in the target's partial directory (private, shared by every
+# batch: an interrupted file resumes in the next batch) under a name derived from the
+# final directory and the relative path; else (no partial directory) beside the file.
+if part:
+    tmp = b"." + hashlib.sha256((final or dest) + b"\0" + rel).hexdigest()[:40].encode() \
+        + b".mstm-stream"
+    try:
+        try:
+            os.mkdir(part, 0o700)
+        except FileExistsError:
+            pass
+        pfd = os.open(part, DIRF)
+    except OSError as e:
+        fail("cannot open the partial directory: %s" % e.strerror)
 else:
-    base_tmp = base
-tmp = b"." + base_tmp + b".mstm-stream"
+    if len(base) > 200:
+        base_tmp = base[:150] + hashlib.sha256(base).hexdigest()[:16].encode()
+    else:
+        base_tmp = base
+    tmp = b"." + base_tmp + b".mstm-stream"
+    pfd = dfd
 try:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=dfd)
+                 dir_fd=pfd)
 except OSError as e:
     fail("cannot create the temporary file: %s" % e.strerror)
 if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -126,11 +154,25 @@ except OSError:
     sys.exit(1)
 version = ("%d %d" % (size, mtime_ns)).encode()
 
-# The final file is this version, complete (a cut came between its rename and our
-# answer): hash it, flush it, and answer without a transfer.
+# The file under its final name (in *final*, reached with no link followed) is this
+# version, complete (a cut came between its publication and our answer, or the same
+# version is sent again): hash it, flush it, hard-link it into the staging directory
+# (the sender verifies and publishes that name: a rename onto itself) and answer
+# without a transfer.
 def already_here():
+    if not final:
+        return False
     try:
-        ffd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        qfd = os.open(final, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for p in parts[:-1]:
+                nfd = os.open(p, DIRF, dir_fd=qfd)
+                os.close(qfd)
+                qfd = nfd
+            ffd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=qfd)
+        except OSError:
+            os.close(qfd)
+            return False
     except OSError:
         return False
     try:
@@ -150,14 +192,26 @@ def already_here():
                 say(b"AT", str(done).encode())  # still alive
         os.fsync(ffd)
         fst = os.fstat(ffd)
+        if fst.st_size != size:
+            return False
+        if fst.st_mode & 0o7000:
+            os.fchmod(ffd, stat.S_IMODE(fst.st_mode) & 0o777)
+        try:
+            os.unlink(base, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        os.link(base, base, src_dir_fd=qfd, dst_dir_fd=dfd, follow_symlinks=False)
+        lst = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+        if (lst.st_dev, lst.st_ino) != (fst.st_dev, fst.st_ino):
+            return False
+        os.fsync(dfd)
     except OSError:
         return False
     finally:
         os.close(ffd)
-    if fst.st_size != size:
-        return False
+        os.close(qfd)
     try:
-        os.unlink(tmp, dir_fd=dfd)  # any partial copy of it is garbage now
+        os.unlink(tmp, dir_fd=pfd)  # any partial copy of it is garbage now
     except OSError:
         pass
     say(b"OFFSET", str(size).encode())
@@ -253,7 +307,7 @@ q.put(None)
 t.join()
 if err:
     try:
-        os.unlink(tmp, dir_fd=dfd)  # a full disk should not stay full of a partial file
+        os.unlink(tmp, dir_fd=pfd)  # a full disk should not stay full of a partial file
     except OSError:
         pass
     fail("cannot write: %s" % err[0].strerror)
@@ -262,13 +316,13 @@ if left:
     sys.exit(2)
 try:
     os.fdatasync(fd)
-    os.fchmod(fd, mode & 0o7777)
+    os.fchmod(fd, mode & 0o777)  # never setuid, setgid or sticky
     os.utime(fd, ns=(mtime_ns, mtime_ns))
     try:
         os.removexattr(fd, XATTR)
     except OSError:
         pass
-    os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=dfd)
     os.fsync(dfd)
     st = os.fstat(fd)
 except OSError as e:
@@ -315,10 +369,17 @@ def parse_done(line: bytes) -> tuple[str, int, int, int] | None:
 
 
 def header(dest: str, relpath: str, *, size: int, mode: int, mtime_ns: int,
-           force: bool) -> bytes:
-    d, r = os.fsencode(dest), os.fsencode(relpath)
+           force: bool, final: str = "", partial: str = "") -> bytes:
+    d, r, f, p = (os.fsencode(x) for x in (dest, relpath, final, partial))
     return b" ".join([MAGIC, *(str(n).encode() for n in (
-        len(d), len(r), size, mode, mtime_ns, int(force)))]) + b"\n" + d + r
+        len(d), len(r), len(f), len(p), size, mode, mtime_ns, int(force)))]) + b"\n" \
+        + d + r + f + p
+
+
+def temp_name(dest: str, relpath: str, *, final: str = "") -> bytes:
+    """The name of a file's partial data in the partial directory (see RECEIVER_PY)."""
+    key = os.fsencode(final or dest) + b"\0" + os.fsencode(relpath)
+    return b"." + hashlib.sha256(key).hexdigest()[:40].encode() + TEMP_SUFFIX
 
 
 class Stream:
@@ -338,26 +399,29 @@ class Stream:
             with contextlib.suppress(OSError):
                 p.kill()
 
-    def send(self, source: bytes, *, dest: str, relpath: str, force: bool,
-             monitor: Monitor, chunk: int = CHUNK, follow_symlinks: bool = False) -> Streamed:
-        """Send *source* to *dest*/*relpath* at the target; raises StreamItemError
-        (target's refusal), StreamBroken (connection), or Cancelled (stop asked)."""
-        flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    def send(self, root_fd: int, relpath: str, *, dest: str, force: bool,
+             monitor: Monitor, chunk: int = CHUNK, follow_symlinks: bool = False,
+             final: str = "", partial: str = "") -> Streamed:
+        """Send item *relpath* of the stream directory *root_fd* (opened with
+        safefs.open_regular: no link followed on the way, the last component only with
+        *follow_symlinks*) to *dest*/*relpath* at the target, its partial data kept in
+        *partial* (absolute; "" = beside it) and a complete copy looked for under
+        *final* ("" = none); raises StreamItemError (the source, or the target's
+        refusal), StreamBroken (connection), or Cancelled (stop asked)."""
         try:
-            fd = os.open(source, flags)
-        except OSError as err:
-            raise StreamItemError(f"cannot open the source: {err.strerror}") from None
+            fd = safefs.open_regular(root_fd, relpath, follow_symlinks=follow_symlinks)
+        except (OSError, ValueError) as err:
+            why = getattr(err, "strerror", None) or str(err)
+            raise StreamItemError(f"cannot open the source: {why}") from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise StreamItemError("the source is not a regular file")
             return self._send(fd, st, dest=dest, relpath=relpath, force=force,
-                              monitor=monitor, chunk=chunk)
+                              monitor=monitor, chunk=chunk, final=final, partial=partial)
         finally:
             os.close(fd)
 
     def _send(self, fd: int, st: os.stat_result, *, dest: str, relpath: str, force: bool,
-              monitor: Monitor, chunk: int) -> Streamed:
+              monitor: Monitor, chunk: int, final: str, partial: str) -> Streamed:
         if not self.conn.alive():
             raise StreamBroken(f"ssh connection to {self.conn.target.host} is closed")
         argv = [*self.conn.argv(), self.conn.target.host, "--",
@@ -375,7 +439,8 @@ class Stream:
             try:
                 proc.stdin.write(header(dest, relpath, size=st.st_size,
                                         mode=stat.S_IMODE(st.st_mode),
-                                        mtime_ns=st.st_mtime_ns, force=force))
+                                        mtime_ns=st.st_mtime_ns, force=force,
+                                        final=final, partial=partial))
                 proc.stdin.flush()
             except OSError:
                 pass  # the answer (or its absence) says why
