@@ -16,14 +16,16 @@ Nothing here looks at file modes (MiStaMover skipped streams whose file was not 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import difflib
 import logging
 import os
 import re
 import socket
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,6 +44,22 @@ DEFAULT_PORTS = {"rsync_ssh": 22, "sftp": 22, "rsync_native": 873, "ftp": 21, "f
                  "local": 22}
 
 _REFERENCE = re.compile(r"\$\(([^)]*)(\)?)")
+
+# Limits (stated in conf/global.ini and mstm.conf(5)).  Every value is bounded when it is
+# loaded, so that nothing later (time.sleep, select, threading waits, timedelta, a read
+# of that many bytes) can overflow or wait for ever on a value the file allowed.
+MAX_SECONDS = 365 * 86400  # the longest duration: 1 year
+MAX_INT = 10**9  # an integer with no tighter bound of its own
+MAX_SIZE = 1 << 50  # 1 PiB (1024T)
+MAX_MEGABYTES = 10**12  # a free-space level: 10^12 MB (1 EB)
+MAX_STREAM_NAME = 100  # characters (a unit instance name and a file name)
+MAX_PATH_BYTES = 4095  # PATH_MAX less its NUL
+MAX_NAME_BYTES = 255  # NAME_MAX
+MAX_REFERENCE_DEPTH = 32  # $(section:key) nested this deep at most
+MAX_VALUE_CHARS = 65536  # a value after every $(section:key) is replaced
+MAX_FILE_BYTES = 1 << 20  # a configuration file
+MAX_SECRET_BYTES = 4096  # a password file
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # configparser's DEFAULT section would leak its keys into every section; a name that no
 # header line can spell turns that feature off, so "[DEFAULT]" is just an unknown section.
 _NO_DEFAULT_SECTION = "\n"
@@ -69,12 +87,35 @@ class Kind:
         return text
 
     def wrong(self, text: str) -> Invalid:
-        return Invalid(f"expected {self.describe()}, got {text!r}")
+        return Invalid(f"expected {self.describe()}, got {show(text)}")
+
+
+def show(text: str, limit: int = 60) -> str:
+    """*text* quoted for a message: one line, at most about *limit* characters."""
+    quoted = repr(text if len(text) <= limit else text[:limit])
+    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"
+
+
+def _no_controls(text: str, what: str = "control characters") -> None:
+    m = _CONTROL.search(text)
+    if m:
+        raise Invalid(f"may not contain {what} (found {m.group(0)!r} in {show(text)})")
+
+
+def _unquoted(text: str) -> None:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        raise Invalid(f"values are not quoted: write it without the quotes, got {show(text)}")
 
 
 @dataclass(frozen=True)
 class Text(Kind):
+    """One line of text (no control characters)."""
+
     empty_ok: bool = True
+
+    def parse(self, text: str) -> str:
+        _no_controls(text)
+        return text
 
 
 class Word(Kind):
@@ -86,8 +127,9 @@ class Word(Kind):
         return "one word (no spaces, not starting with '-')"
 
     def parse(self, text: str) -> str:
-        if text.startswith("-") or any(c.isspace() for c in text):
+        if text.startswith("-") or any(c.isspace() for c in text) or _CONTROL.search(text):
             raise self.wrong(text)
+        _unquoted(text)
         return text
 
 
@@ -100,34 +142,39 @@ class FileName(Kind):
         return "a plain file name (no '/')"
 
     def parse(self, text: str) -> str:
-        if "/" in text or "\0" in text or text in (".", ".."):
+        if "/" in text or text in (".", ".."):
             raise self.wrong(text)
+        _no_controls(text)
+        _unquoted(text)
+        if len(os.fsencode(text)) > MAX_NAME_BYTES:
+            raise Invalid(f"a file name is at most {MAX_NAME_BYTES} bytes, got {show(text)}")
         return text
+
+
+_INT = re.compile(r"[-+]?[0-9]{1,30}")
 
 
 @dataclass(frozen=True)
 class Int(Kind):
-    min: int | None = None
-    max: int | None = None
+    """A whole number from min to max (default: -MAX_INT to MAX_INT)."""
+
+    min: int = -MAX_INT
+    max: int = MAX_INT
     empty_ok = False
 
     def describe(self) -> str:
-        if self.min is not None and self.max is not None:
-            return f"an integer from {self.min} to {self.max}"
-        if self.min is not None:
-            return f"an integer >= {self.min}"
-        return "an integer"
+        return f"an integer from {self.min} to {self.max}"
 
     def parse(self, text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise self.wrong(text) from None
-        if (self.min is not None and value < self.min) or (
-            self.max is not None and value > self.max
-        ):
+        if not _INT.fullmatch(text):
+            raise self.wrong(text)
+        value = int(text, 10)
+        if not self.min <= value <= self.max:
             raise self.wrong(text)
         return value
+
+
+_DECIMAL = re.compile(r"[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30}")
 
 
 @dataclass(frozen=True)
@@ -135,22 +182,22 @@ class Number(Kind):
     """A plain decimal number (MiStaMover wrote "1000.")."""
 
     min: float = 0.0
+    max: float = float(MAX_INT)
     empty_ok = False
 
     def describe(self) -> str:
-        return f"a number >= {self.min:g}"
+        return f"a number from {self.min:.0f} to {self.max:.0f}"
 
     def parse(self, text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise self.wrong(text) from None
-        if not value >= self.min:  # also rejects nan
+        if not _DECIMAL.fullmatch(text):
+            raise self.wrong(text)
+        value = float(text)
+        if not self.min <= value <= self.max:  # also rejects inf
             raise self.wrong(text)
         return value
 
 
-_SECONDS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)", re.IGNORECASE)
+_SECONDS = re.compile(r"([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([smh]?)", re.IGNORECASE)
 _SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
@@ -160,11 +207,14 @@ class Seconds(Kind):
 
     min: float = 0.0
     positive: bool = False  # must be more than min, not just at least
+    max: float = MAX_SECONDS
     empty_ok = False
 
     def describe(self) -> str:
         bound = "more than" if self.positive else "at least"
-        return f"a duration of {bound} {self.min:g} s (e.g. 30, 90s, 5m, 1h)"
+        most = "1 year" if self.max == MAX_SECONDS else f"{self.max:g} s"
+        return (f"a duration of {bound} {self.min:g} s and at most {most}"
+                " (e.g. 30, 90s, 5m, 1h)")
 
     def parse(self, text: str) -> float:
         m = _SECONDS.fullmatch(text)
@@ -173,6 +223,9 @@ class Seconds(Kind):
         value = float(m.group(1)) * _SECONDS_PER[m.group(2).lower()]
         if value < self.min or (self.positive and value == self.min):
             raise self.wrong(text)
+        if value > self.max:
+            most = "1 year" if self.max == MAX_SECONDS else f"{self.max:g} s"
+            raise Invalid(f"{show(text)} is too long: at most {most} ({self.max:g} s)")
         return value
 
 
@@ -195,26 +248,39 @@ class Bool(Kind):
         raise self.wrong(text)
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
+@dataclass(frozen=True)
 class Size(Kind):
     """A size in bytes, with binary multiples: 4096, 10K, 4M, 2G, 1T."""
 
+    max: int = MAX_SIZE
     empty_ok = False
 
     def describe(self) -> str:
-        return "a size in bytes (e.g. 4096, 10K, 4M, 2G, 1T)"
+        return f"a size in bytes of at most {_size_text(self.max)} (e.g. 4096, 10K, 4M, 2G, 1T)"
 
     def parse(self, text: str) -> int:
         m = _SIZE.fullmatch(text)
         if not m:
             raise self.wrong(text)
-        return int(float(m.group(1)) * 1024 ** _SIZE_POWER[m.group(2).lower()])
+        # exact arithmetic: no float, so no overflow and no rounding of large sizes
+        value = int(Fraction(m.group(1)) * 1024 ** _SIZE_POWER[m.group(2).lower()])
+        if value > self.max:
+            raise Invalid(f"{show(text)} is too large: at most {_size_text(self.max)}")
+        return value
 
 
-_LEVEL = re.compile(r"(\d+(?:\.\d+)?)\s*(%?)")
+def _size_text(size: int) -> str:
+    for suffix, power in (("T", 4), ("G", 3), ("M", 2), ("K", 1)):
+        if size % 1024**power == 0:
+            return f"{size // 1024**power}{suffix}"
+    return str(size)
+
+
+_LEVEL = re.compile(r"([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*(%?)")
 
 
 class Level(Kind):
@@ -223,11 +289,12 @@ class Level(Kind):
     empty_ok = False
 
     def describe(self) -> str:
-        return "megabytes (e.g. 1500) or a percentage (e.g. 10%)"
+        return (f"megabytes (e.g. 1500; at most {MAX_MEGABYTES}) or a percentage"
+                " (e.g. 10%)")
 
     def parse(self, text: str) -> str:
         m = _LEVEL.fullmatch(text)
-        if not m or (m.group(2) and float(m.group(1)) > 100):
+        if not m or float(m.group(1)) > (100 if m.group(2) else MAX_MEGABYTES):
             raise self.wrong(text)
         return m.group(1) + m.group(2)
 
@@ -258,7 +325,7 @@ class Choice(Kind):
         for choice in self.planned:
             if text.lower() == choice.lower():
                 raise Invalid(self.planned_reason.format(choice))
-        raise Invalid(f"expected {self.describe()}, got {text!r}" + _did_you_mean(
+        raise Invalid(f"expected {self.describe()}, got {show(text)}" + _did_you_mean(
             text, self.choices + self.planned, fold=True))
 
 
@@ -271,13 +338,26 @@ class AbsPath(Kind):
         return "an absolute path"
 
     def parse(self, text: str) -> Path:
+        _unquoted(text)
+        _no_controls(text)
         try:
             path = Path(text).expanduser()
         except RuntimeError:  # ~ with no home directory
             raise self.wrong(text) from None
-        if not path.is_absolute() or "\0" in text:
+        if not path.is_absolute():
             raise self.wrong(text)
+        _path_length(str(path))
         return path
+
+
+def _path_length(text: str) -> None:
+    data = os.fsencode(text)
+    if len(data) > MAX_PATH_BYTES:
+        raise Invalid(f"a path is at most {MAX_PATH_BYTES} bytes, got {len(data)}")
+    longest = max(data.split(b"/"), key=len)
+    if len(longest) > MAX_NAME_BYTES:
+        raise Invalid(f"a path's component is at most {MAX_NAME_BYTES} bytes, got"
+                      f" {show(os.fsdecode(longest))}")
 
 
 class RemoteDir(Kind):
@@ -289,8 +369,13 @@ class RemoteDir(Kind):
         return "an absolute path on the target host"
 
     def parse(self, text: str) -> str:
-        if not text.startswith("/") or "\0" in text or "\n" in text:
+        _unquoted(text)
+        _no_controls(text)
+        if not text.startswith("/"):
             raise self.wrong(text)
+        if ".." in text.split("/"):
+            raise Invalid(f"may not contain '..', got {show(text)}")
+        _path_length(text)
         return text
 
 
@@ -313,8 +398,11 @@ class StreamNames(Words):
         for name in names:
             if not STREAM_NAME.fullmatch(name):
                 raise Invalid(
-                    f"{name!r} is not a valid stream name (letters, digits, '_', '.', '-';"
+                    f"{show(name)} is not a valid stream name (letters, digits, '_', '.', '-';"
                     " starting with a letter or digit)")
+            if len(name) > MAX_STREAM_NAME:
+                raise Invalid(f"{show(name)} is too long for a stream name (at most"
+                              f" {MAX_STREAM_NAME} characters)")
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise Invalid(f"stream {name!r} is listed twice")
@@ -322,20 +410,35 @@ class StreamNames(Words):
 
 
 class Marker(Kind):
-    """A ready-marker file name template: must contain {name}."""
+    """A ready-marker file name template: {name} once, and something around it.
+
+    The marker lies next to its item, so it is a plain file name: no '/', no braces
+    other than the one {name} (no format fields: {0}, {name.x}, {{ or }}).
+    """
 
     empty_ok = False
 
     def describe(self) -> str:
-        return "a file name containing {name} (e.g. {name}.done)"
+        return "a file name containing {name} once (e.g. {name}.done)"
 
     def parse(self, text: str) -> str:
-        if "{name}" not in text:
-            raise self.wrong(text)
-        try:
-            text.format(name="x")
-        except (KeyError, IndexError, ValueError):
-            raise Invalid(f"only {{name}} may appear in braces, got {text!r}") from None
+        rest = text.replace("{name}", "")
+        if "{" in rest or "}" in rest:
+            raise Invalid(f"only {{name}} may appear in braces (no other field), got"
+                          f" {show(text)}")
+        if text.count("{name}") != 1:
+            raise Invalid(f"expected a file name containing {{name}} exactly once (e.g."
+                          f" {{name}}.done), got"
+                          f" {show(text)}")
+        if "/" in text:
+            raise Invalid(f"must be a plain file name next to the item (no '/'), got"
+                          f" {show(text)}")
+        if not rest:
+            raise Invalid("{name} alone is the item itself; add something, e.g. {name}.done")
+        _no_controls(text)
+        if len(os.fsencode(rest)) > MAX_NAME_BYTES // 2:
+            raise Invalid(f"too long (at most {MAX_NAME_BYTES // 2} bytes besides {{name}}),"
+                          f" got {show(text)}")
         return text
 
 
@@ -348,10 +451,13 @@ class Regex(Kind):
         return "a regular expression"
 
     def parse(self, text: str) -> str:
+        if len(text) > 1000:
+            raise Invalid(f"a regular expression is at most 1000 characters, got {len(text)}")
         try:
             re.compile(text)
-        except re.error as err:
-            raise Invalid(f"not a valid regular expression ({err}): {text!r}") from None
+        except (re.error, OverflowError, RecursionError, ValueError) as err:
+            reason = str(err).replace("\n", " ")
+            raise Invalid(f"not a valid regular expression ({reason}): {show(text)}") from None
         return text
 
 
@@ -374,11 +480,13 @@ class PullMap(Kind):
             pattern, arrow, dest = line.rpartition("->")
             pattern, dest = pattern.strip(), dest.strip()
             if not arrow or not pattern or not dest:
-                raise Invalid(f"expected 'REGEX -> DESTINATION', got {line!r}")
+                raise Invalid(f"expected 'REGEX -> DESTINATION', got {show(line)}")
             Regex().parse(pattern)
             parts = dest.split("/")
-            if "\0" in dest or (not dest.startswith("/") and ".." in parts):
-                raise Invalid(f"a relative destination may not contain '..': {line!r}")
+            _no_controls(dest)
+            if not dest.startswith("/") and ".." in parts:
+                raise Invalid(f"a relative destination may not contain '..': {show(line)}")
+            _path_length(dest)
             rules.append((pattern, dest))
         return tuple(rules)
 
@@ -469,7 +577,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                            "the target runs mstm-receive (handshake files)"),
         "target_incoming_dir": Key(RemoteDir(), "$(outgoing:target_dir)/.mstm-incoming",
                                    "with the arrival monitor: the receiver's incoming area"),
-        "retry_count": Key(Int(0), "3", "attempts per item before it is parked as failed"),
+        "retry_count": Key(Int(0, 1_000_000), "3",
+                           "attempts per item before it is parked as failed"),
         "retry_backoff": Key(Seconds(), "2", "first wait before a retry (doubles each time)"),
         "retry_backoff_max": Key(Seconds(), "600", "longest wait between retries"),
         "batch_max_items": Key(Int(1), "10000", "most items sent in one transfer"),
@@ -484,7 +593,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "stop_file_poll_interval": Key(Seconds(positive=True), "30",
                                        "how often a paused stream checks its stop file"),
         "bwlimit": Key(Int(0), "0", "bandwidth limit in KiB/s (0: none)"),
-        "receipt_file_poll_count": Key(Int(1), "100", "how many times to look for a receipt"),
+        "receipt_file_poll_count": Key(Int(1, 1_000_000), "100",
+                                       "how many times to look for a receipt"),
         "receipt_file_poll_interval": Key(Seconds(positive=True), "5",
                                           "wait between looks for a receipt"),
         "control_file_extension": Key(FileName(), "mstm-ctrl", "extension of control files"),
@@ -509,7 +619,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "receipt_file_extension": Key(FileName(), "mstm-rcpt", "extension of receipt files"),
         "overwrite": Key(Bool(), "false",
                          "replace a published file whose content differs (else: refused)"),
-        "max_control_bytes": Key(Size(), "8M", "larger control files are quarantined unread"),
+        "max_control_bytes": Key(Size(1 << 30), "8M",
+                                 "larger control files are quarantined unread"),
         "abandoned_batch_seconds": Key(Seconds(), "86400",
                                        "a batch directory without a control file, receipt or"
                                        " thank-you, in which nothing changed for this long,"
@@ -566,7 +677,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "source_dir": Key(RemoteDir(), None,
                           "pull: the remote directory whose entries are the items (required)"),
         "item_pattern": Key(Regex(), "^[^.]", "pull: only items whose name matches"),
-        "max_age_days": Key(Int(0), "0",
+        "max_age_days": Key(Int(0, 36500), "0",
                             "pull: skip items unchanged for longer than this (0: no limit)"),
         "max_tasks": Key(Int(1, 64), "1", "pull: items fetched at the same time"),
         "ledger": Key(AbsPath(), "$(data_stream:spool_dir)/ledger.jsonl",
@@ -855,15 +966,58 @@ def _read_layer(path: Path) -> _Layer:
 
 
 def _read_text(path: Path) -> str:
+    data = _read_regular_file(path, MAX_FILE_BYTES, "", file=str(path))
     try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read: {err.strerror or err}", file=str(path)) from None
-    try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ConfigError(f"line {line}: not valid UTF-8", file=str(path)) from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise ConfigError(f"line {line}: a NUL byte (not a text file)", file=str(path))
+    return text
+
+
+def _read_regular_file(path: Path, limit: int, label: str, **where: str) -> bytes:
+    """The content of *path*, which must be a regular file of at most *limit* bytes.
+
+    Opened without blocking, so a FIFO or a device named by mistake is refused at once
+    instead of hanging; a directory, a symlink loop or a missing file is one clear error.
+    Every reason starts with *label* (the path, when the error's file is another one).
+    """
+    cannot = "not a readable file" if label else "cannot read"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as err:
+        raise ConfigError(f"{label}{cannot}: {_fs_reason(err)}", **where) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode)
+                    else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise ConfigError(f"{label}{cannot}: it is {kind}, not a regular file", **where)
+        if st.st_size > limit:
+            raise ConfigError(f"{label}too large ({st.st_size} bytes; at most {limit})", **where)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ConfigError(f"{label}too large (more than {limit} bytes)", **where)
+        return b"".join(chunks)
+    except OSError as err:
+        raise ConfigError(f"{label}{cannot}: {_fs_reason(err)}", **where) from None
+    finally:
+        os.close(fd)
+
+
+def _fs_reason(err: OSError) -> str:
+    return (err.strerror or str(err)).replace("\n", " ")
 
 
 def _syntax_error(err: configparser.Error, path: Path, lines: list[str]) -> ConfigError:
@@ -973,6 +1127,7 @@ class _View:
         self.implicit = implicit
         self._text: dict[Ref, str | None] = {}
         self._values: dict[Ref, object] = {}
+        self.last: Ref | None = None  # the key read last: where an unforeseen error points
 
     def file_of(self, section: str, key: str) -> Path:
         entry = self.entries.get((section, key))
@@ -1006,24 +1161,35 @@ class _View:
             return None
         raw, file = source
         stack = (*stack, ref)
+        where = {"file": str(file), "section": section, "key": key}
+        if len(stack) > MAX_REFERENCE_DEPTH:
+            raise ConfigError(f"references nested more than {MAX_REFERENCE_DEPTH} deep ("
+                              + " -> ".join(f"$({s}:{k})" for s, k in stack[:3])
+                              + " -> ...); refer to the value more directly", **where)
 
         def replace(m: re.Match[str]) -> str:
-            where = {"file": str(file), "section": section, "key": key}
             target = _parse_reference(m.group(1))
             if not m.group(2) or target is None:
-                raise ConfigError(f"malformed reference {m.group(0)!r} (write $(section:key))",
-                                  **where)
+                raise ConfigError(f"malformed reference {show(m.group(0))} (write"
+                                  " $(section:key))", **where)
             if target in stack:
                 loop = (*stack[stack.index(target):], target)
                 raise ConfigError("interpolation cycle: " + " -> ".join(
                     f"$({s}:{k})" for s, k in loop), **where)
             value = self.text(*target, stack=stack)
             if value is None:
-                raise ConfigError(f"$({target[0]}:{target[1]}) refers to a key that is not"
-                                  " set" + self._ref_hint(*target), **where)
+                raise ConfigError(f"$({show(target[0], 40)[1:-1]}:{show(target[1], 40)[1:-1]})"
+                                  " refers to a key that is not set"
+                                  + self._ref_hint(*target), **where)
+            if len(value) > MAX_VALUE_CHARS:
+                raise ConfigError(f"longer than {MAX_VALUE_CHARS} characters once"
+                                  " $(section:key) references are replaced", **where)
             return value
 
         result = _REFERENCE.sub(replace, raw)
+        if len(result) > MAX_VALUE_CHARS:
+            raise ConfigError(f"longer than {MAX_VALUE_CHARS} characters once $(section:key)"
+                              " references are replaced", **where)
         self._text[ref] = result
         return result
 
@@ -1037,6 +1203,7 @@ class _View:
         """The key's value parsed by its schema type; None when unset and optional."""
         ref = (section, key)
         if ref not in self._values:
+            self.last = ref
             self._values[ref] = self._parse(section, key)
         return self._values[ref]
 
@@ -1051,6 +1218,8 @@ class _View:
             return spec.kind.parse(text)
         except Invalid as err:
             raise self.error(section, key, str(err)) from None
+        except _UNFORESEEN as err:  # a type's own check missed it: still a config error
+            raise self.error(section, key, _unforeseen(err, text)) from None
 
     def validate(self, sections: Iterable[str]) -> None:
         """Parse every key of *sections*: written ones first, in schema order."""
@@ -1082,8 +1251,39 @@ class _GlobalSetup:
     warnings: list[str]
 
 
+# What a value that no check foresaw may raise while it is parsed or used to build the
+# configuration.  It is still the configuration's fault, so it becomes a ConfigError
+# (exit 78, one line) naming the key read last, never an internal error (exit 70).
+_UNFORESEEN = (ValueError, ArithmeticError, RecursionError, OSError, LookupError,
+               MemoryError)
+
+
+def _unforeseen(err: BaseException, text: str | None = None) -> str:
+    detail = " ".join(str(err).split())[:200]
+    value = f" {show(text)}" if text is not None else ""
+    return f"cannot use the value{value} ({type(err).__name__}: {detail})"
+
+
+@contextlib.contextmanager
+def _net(view: _View | None, file: Path) -> Iterator[None]:
+    """Turn what escaped every check while *view* was built into a ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except _UNFORESEEN as err:
+        if view is not None and view.last is not None:
+            raise view.error(*view.last, _unforeseen(err)) from None
+        raise ConfigError(_unforeseen(err), file=str(file)) from None
+
+
 def _open_global(path: Path | None) -> _GlobalSetup:
     gpath = default_config_path(path).absolute()
+    with _net(None, gpath):
+        return _open_global_file(gpath)
+
+
+def _open_global_file(gpath: Path) -> _GlobalSetup:
     layer = _read_layer(gpath)
     implicit = {
         ("global", "config_dir"): str(gpath.parent),
@@ -1091,14 +1291,15 @@ def _open_global(path: Path | None) -> _GlobalSetup:
         ("email", "from"): f"mstm@{socket.gethostname()}",
     }
     view = _View([layer], gpath, implicit)
-    config_dir = view.get("global", "config_dir", Path)
-    names = view.get("global", "data_stream_list", tuple)
-    # Keys used only through references are allowed "anywhere" they are referenced, so the
-    # other stream files count too; one that cannot be read simply adds nothing here.
-    refs = _references([layer, *_readable_stream_layers(config_dir, names, gpath)])
-    warnings = _check_structure(layer, refs)
-    view.validate(GLOBAL_SECTIONS)
-    config = _build_global(view, gpath)
+    with _net(view, gpath):
+        config_dir = view.get("global", "config_dir", Path)
+        names = view.get("global", "data_stream_list", tuple)
+        # Keys used only through references are allowed "anywhere" they are referenced, so
+        # the other stream files count too; one that cannot be read adds nothing here.
+        refs = _references([layer, *_readable_stream_layers(config_dir, names, gpath)])
+        warnings = _check_structure(layer, refs)
+        view.validate(GLOBAL_SECTIONS)
+        config = _build_global(view, gpath)
     return _GlobalSetup(gpath, layer, implicit, refs, config, warnings)
 
 
@@ -1124,7 +1325,9 @@ def _readable_stream_layers(config_dir: Path, names: Iterable[str],
 def _stream_file(config_dir: Path, name: str, global_file: Path) -> Path | None:
     for pattern in STREAM_FILE_NAMES:
         candidate = config_dir / pattern.format(name)
-        if candidate.exists() and candidate.resolve() != global_file.resolve():
+        # lexists: a dangling link or a symlink loop is found, then reported when read
+        if os.path.lexists(candidate) and (
+                os.path.realpath(candidate) != os.path.realpath(global_file)):
             return candidate
     return None
 
@@ -1178,7 +1381,7 @@ def _build_email(v: _View) -> EmailConfig:
         starttls=v.get(s, "starttls", bool),
         ssl=v.get(s, "ssl", bool),
         username=username or None,
-        password_file=v.opt(s, "password_file", Path),
+        password_file=_secret_file(v, s, "password_file", mailer=True),
         email_timer=v.get("logging", "email_timer", float),
         password_credential=v.get(s, "password_credential", str),
         ca_file=v.opt(s, "ca_file", Path),
@@ -1207,16 +1410,18 @@ def _load_stream(setup: _GlobalSetup, name: str,
     warnings = _check_structure(layer, setup.refs)
     implicit = {**setup.implicit, ("data_stream", "name"): name}
     view = _View([setup.layer, layer], spath, implicit)
-    # role "receive" (mstm-receive): [outgoing] may be absent; what is written is checked.
-    # A pull stream needs only target_host (and port) of [outgoing]: checked when built.
-    pull = view.get("data_stream", "direction", str) == "pull"
-    view.validate(SCHEMA if role == "send" and not pull
-                  else [s for s in SCHEMA if s != "outgoing"])
-    if role == "receive" or pull:
-        for key, spec in SCHEMA["outgoing"].items():
-            if ("outgoing", key) in view.entries and not (spec.ignored or spec.refused):
-                view.value("outgoing", key)
-    return _build_stream(view, name, setup.path, spath, role), warnings
+    with _net(view, spath):
+        # role "receive" (mstm-receive): [outgoing] may be absent; what is written is
+        # checked.  A pull stream needs only target_host (and port) of [outgoing]: checked
+        # when built.
+        pull = view.get("data_stream", "direction", str) == "pull"
+        view.validate(SCHEMA if role == "send" and not pull
+                      else [s for s in SCHEMA if s != "outgoing"])
+        if role == "receive" or pull:
+            for key, spec in SCHEMA["outgoing"].items():
+                if ("outgoing", key) in view.entries and not (spec.ignored or spec.refused):
+                    view.value("outgoing", key)
+        return _build_stream(view, name, setup.path, spath, role), warnings
 
 
 def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path,
@@ -1276,7 +1481,7 @@ def _check_spool_dir(v: _View, directory: Path) -> Path:
     if real_spool.is_relative_to(real_dir):
         raise v.error("data_stream", "spool_dir",
                       f"{spool} is inside the stream's directory {directory}; put it elsewhere")
-    if not spool.parent.is_dir():
+    if not os.path.isdir(spool.parent):
         raise v.error("data_stream", "spool_dir",
                       f"its parent directory {spool.parent} does not exist")
     return spool
@@ -1352,10 +1557,10 @@ def _transfer_mode(v: _View) -> str:
 def _build_rsync_ssh(v: _View) -> RsyncSshConfig:
     s = "rsync_ssh"
     identity = v.opt(s, "identity_file", Path)
-    if identity is not None and not (identity.is_file() and os.access(identity, os.R_OK)):
+    if identity is not None and not (os.path.isfile(identity) and os.access(identity, os.R_OK)):
         raise v.error(s, "identity_file", f"{identity}: not a readable file")
     known_hosts = v.opt(s, "known_hosts", Path)
-    if known_hosts is not None and not known_hosts.exists():
+    if known_hosts is not None and not os.path.exists(known_hosts):
         raise v.error(s, "known_hosts", f"{known_hosts}: no such file")
     return RsyncSshConfig(
         cmd=v.get(s, "cmd", str),
@@ -1370,8 +1575,40 @@ def _build_rsync_ssh(v: _View) -> RsyncSshConfig:
 
 def _readable_file(v: _View, section: str, key: str) -> Path | None:
     path = v.opt(section, key, Path)
-    if path is not None and not (path.is_file() and os.access(path, os.R_OK)):
+    if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
         raise v.error(section, key, f"{path}: not a readable file")
+    return path
+
+
+def _secret_file(v: _View, section: str, key: str, *, mailer: bool = False) -> Path | None:
+    """A password file: a regular file of one line of text, at most MAX_SECRET_BYTES.
+
+    Its content never appears in a message.  One trailing newline is allowed (the
+    readers drop it).  For [email] (*mailer*) a file that is missing, that this user may
+    not read, or that is empty is left to mstm-alert, which says so (exit 78) when it
+    needs the password: the other commands load [email] too but never read it, and
+    mstm-alert may get the password from its systemd credential instead.
+    """
+    path = v.opt(section, key, Path)
+    if path is None or (mailer and not (os.path.exists(path) and os.access(path, os.R_OK))):
+        return path
+    where = {"file": str(v.file_of(section, key)), "section": section, "key": key}
+    label = f"{path}: "
+    data = _read_regular_file(path, MAX_SECRET_BYTES, label, **where)
+    unshown = " (its content is not shown)"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{label}not UTF-8 text{unshown}", **where) from None
+    secret = text[:-1] if text.endswith("\n") else text
+    if "\n" in secret:
+        raise ConfigError(f"{label}holds more than one line; write the password alone on one"
+                          f" line{unshown}", **where)
+    if _CONTROL.search(secret):
+        raise ConfigError(f"{label}holds a control character (a NUL byte, a carriage return,"
+                          f" ...){unshown}", **where)
+    if not secret and not mailer:
+        raise ConfigError(f"{label}is empty (leave {key} unset for no password)", **where)
     return path
 
 
@@ -1382,13 +1619,13 @@ def _build_rsync_native(v: _View) -> RsyncNativeConfig:
         raise v.error(s, "module", "is required with transfer_protocol rsync_native")
     return RsyncNativeConfig(cmd=v.get(s, "cmd", str), module=module,
                              username=v.opt(s, "username", str),
-                             password_file=_readable_file(v, s, "password_file"))
+                             password_file=_secret_file(v, s, "password_file"))
 
 
 def _build_sftp(v: _View) -> SftpConfig:
     s = "sftp"
     known_hosts = v.opt(s, "known_hosts", Path)
-    if known_hosts is not None and not known_hosts.exists():
+    if known_hosts is not None and not os.path.exists(known_hosts):
         raise v.error(s, "known_hosts", f"{known_hosts}: no such file")
     return SftpConfig(username=v.opt(s, "username", str),
                       identity_file=_readable_file(v, s, "identity_file"),
@@ -1400,7 +1637,7 @@ def _build_sftp(v: _View) -> SftpConfig:
 def _build_ftp(v: _View) -> FtpConfig:
     s = "ftp"
     return FtpConfig(username=v.get(s, "username", str),
-                     password_file=_readable_file(v, s, "password_file"),
+                     password_file=_secret_file(v, s, "password_file"),
                      tls=v.get(s, "tls", bool) or
                      v.get("outgoing", "transfer_protocol", str) == "ftps",
                      ca_file=_readable_file(v, s, "ca_file"),

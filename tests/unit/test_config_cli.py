@@ -154,7 +154,8 @@ BROKEN = {
                                         "stream", "outgong", None,
                                         "unknown section (did you mean 'outgoing'?)"),
     "wrong_int": Broken(_set("stream", "outgoing", "retry_count", "three"), "stream",
-                        "outgoing", "retry_count", "expected an integer >= 0, got 'three'"),
+                        "outgoing", "retry_count",
+                        "expected an integer from 0 to 1000000, got 'three'"),
     "negative_int_in_stream_overriding_global": Broken(
         _also(_set("global", "outgoing", "retry_count", "3"),
               _set("stream", "outgoing", "retry_count", "-1")),

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from mstm import __version__
-from mstm.errors import EXIT_SOFTWARE, EXIT_TEMPFAIL, MstmError
+from mstm.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_TEMPFAIL, MstmError
 from mstm.log import setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,7 +31,9 @@ def config_option(func: F) -> F:
         "--config",
         "-c",
         "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        # not click's own checks (exit 2, several lines): mstm.config reports a missing
+        # file, a directory or a FIFO as a configuration error (exit 78, one line)
+        type=click.Path(path_type=Path),
         envvar="MSTM_CONFIG",
         show_envvar=True,
         help="Global configuration file [default: /etc/mstm/global.ini].",
@@ -67,12 +69,16 @@ def run_command(tool: str, body: Callable[[], int | None], *, verbose: int = 0,
 
     Known errors print one line (``mstm-send: reason``) and exit with their code;
     anything unexpected is a bug: one line, exit 70, the traceback only with -vv.
+    A configuration error (exit 78) is exactly one line, its hint included.
     """
     setup_logging(tool, level_from_flags(verbose, quiet))
     try:
         code = body()
     except MstmError as err:
-        _print_error(tool, err.message, err.hint)
+        if err.exit_code == EXIT_CONFIG:
+            _print_error(tool, _one_line(err.message, err.hint), None)
+        else:
+            _print_error(tool, err.message, err.hint)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -88,6 +94,11 @@ def run_command(tool: str, body: Callable[[], int | None], *, verbose: int = 0,
                      "run again with -vv for the traceback and report it")
         sys.exit(EXIT_SOFTWARE)
     sys.exit(code or 0)
+
+
+def _one_line(message: str, hint: str | None) -> str:
+    text = f"{message} (hint: {hint})" if hint else message
+    return " ".join(text.split())  # no line breaks, whatever a reason quoted
 
 
 def _print_error(tool: str, message: str, hint: str | None) -> None:
