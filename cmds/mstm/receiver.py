@@ -1069,6 +1069,8 @@ class Receiver:
             log.warning("%s: %s: %s", self.s.stream, show(name), err,
                         extra=fields(stream=self.s.stream, item=name, result="io-error",
                                      reason=str(err)))
+        except MstmError:  # our own areas are unusable (not this batch's fault)
+            raise
         except Exception as err:  # a bug, or an input nobody foresaw: never fatal
             reason = f"internal error: {type(err).__name__}: {err}"
             log.error("%s: %s: %s; set aside in %s", self.s.stream, show(name), reason,
