@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mstm.errors import TargetUnavailable
-from mstm.transports.base import Item
+from mstm.protocol import new_batch_id
+from mstm.transports.base import Item, staging_dir
 from mstm.transports.local import Local
 
 
@@ -35,18 +36,21 @@ def test_files_arrive_with_mode_and_mtime_and_inspect_hashes_the_copy(tmp_path: 
     os.chmod(src / "d" / "a b.dat", 0o640)
     os.utime(src / "d" / "a b.dat", ns=(1, 1_000_000_000))
     t.open()
-    r = t.send([Item("d/a b.dat", 5000)])
+    batch = new_batch_id()
+    r = t.send([Item("d/a b.dat", 5000)], dest=staging_dir(str(dst), batch))
     assert (r.files, r.bytes, r.error) == (1, 5000, "")
+    assert not (dst / "d").exists()  # nothing under its final name before publish
+    got = t.inspect(["d/a b.dat", "d", "missing"], staged=batch)
+    assert got["d/a b.dat"].sha256 == hashlib.sha256(b"x" * 5000).hexdigest()
+    assert got["d"].sha256 is None and "missing" not in got
+    assert t.publish([Item("d/a b.dat", 5000)], staged=batch) == {}
+    t.discard(batch)
     st = os.stat(dst / "d" / "a b.dat")
     assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o640, 1_000_000_000)
     assert sorted(os.listdir(dst / "d")) == ["a b.dat"]  # no temporary file left
-    got = t.inspect(["d/a b.dat", "missing"])
-    assert got["d/a b.dat"].sha256 == hashlib.sha256(b"x" * 5000).hexdigest()
-    assert "missing" not in got
-    again = t.send([Item("d/a b.dat", 5000)])  # same size and mtime: not copied again
-    assert again.files == 0
-    forced = t.send([Item("d/a b.dat", 5000, force=True)])
-    assert forced.files == 1
+    assert os.listdir(dst / ".mstm-staging") == []
+    final = t.inspect(["d/a b.dat"])
+    assert final["d/a b.dat"].size == 5000
 
 
 def test_a_hung_copy_is_cut_after_stall_seconds_and_nothing_appears(
@@ -83,22 +87,33 @@ def test_an_error_of_the_file_system_fails_the_batch_not_the_item(
     assert not t.alive()
 
 
-def test_directories_are_staged_then_published_replacing_an_older_copy(tmp_path: Path) -> None:
+def test_directories_are_staged_then_merged_keeping_what_was_there(tmp_path: Path) -> None:
     t, src, dst = make(tmp_path)
     (src / "run" / "sub").mkdir(parents=True)
     (src / "run" / "sub" / "f").write_bytes(b"new")
-    os.symlink("sub/f", src / "run" / "link")
     (dst / "run").mkdir()
     (dst / "run" / "old").write_bytes(b"old")
     t.open()
-    r = t.send([Item("run", 3, is_dir=True)])
-    assert r.files == 1 and (dst / "run" / "old").exists()  # not visible yet
-    staged = t.inspect(["run/sub/f"], staged=True)
-    assert staged["run/sub/f"].size == 3
-    assert t.publish([Item("run", 3, is_dir=True)]) == {}
-    assert sorted(os.listdir(dst / "run")) == ["link", "sub"]
-    assert os.readlink(dst / "run" / "link") == "sub/f"
+    batch = new_batch_id()
+    r = t.send([Item("run", 3, is_dir=True)], dest=staging_dir(str(dst), batch))
+    assert r.files == 1 and not (dst / "run" / "sub").exists()  # not visible yet
+    staged = t.inspect(["run/sub/f", "run/sub"], staged=batch)
+    assert staged["run/sub/f"].size == 3 and staged["run/sub"].sha256 is None
+    assert t.publish([Item("run", 3, is_dir=True)], staged=batch) == {}
+    t.discard(batch)
+    assert sorted(os.listdir(dst / "run")) == ["old", "sub"]
+    assert (dst / "run" / "sub" / "f").read_bytes() == b"new"
     assert os.listdir(dst / ".mstm-staging") == []
+
+
+def test_without_dest_a_file_goes_to_its_final_name_through_a_hidden_one(
+        tmp_path: Path) -> None:
+    t, src, dst = make(tmp_path)
+    (src / "f").write_bytes(b"f")
+    t.open()
+    r = t.send([Item("f", 1), Item("f", 1, is_dir=True)])
+    assert r.files == 1 and set(r.item_errors) == {"f"}
+    assert os.listdir(dst) == ["f"]
 
 
 def test_the_handshake_files_and_the_stop_file(tmp_path: Path) -> None:

@@ -2,27 +2,52 @@
 
 What it guarantees:
 
-* **Nothing half-written under a final name.**  Each file is written to a hidden
-  `.<name>.mstm-part` beside its final name, `fsync`'d, given the source's mode and
-  mtime, then renamed over the final name (`rename(2)`, atomic within a directory also
-  on NFS), and the directory is `fsync`'d.  A crash leaves at most the `.mstm-part`
-  file, which the next attempt replaces.
-* **Directory items** (`transfer_unit = dir`) are copied into
-  `<target_dir>/.mstm-staging/<name>` and renamed into place by `publish` after they
-  were verified; a directory already there is replaced (moved aside, then removed).
-  Symbolic links inside them are copied as links, never followed.
-* **Symbolic links as file items** (`follow_symlinks = true`): the file a link points to
-  is copied (and so verified); otherwise a source that is a link is refused (the
-  scanner never queues one then).  Only regular files are ever opened: a FIFO or device
-  is refused, never read.
-* **Verification** (`inspect`): size from `stat` and sha256 computed by reading the
-  file under its final name (or in the staging area) after the copy was `fsync`'d.  The
-  page cache is dropped for the file first (`posix_fadvise(DONTNEED)`), so on a network
-  file system the bytes are fetched again from the server where the kernel honours
-  that; where it does not (the pages may stay cached), the check proves what this host
-  sees, which on NFS's close-to-open consistency is what the server acknowledged.
-* **Quick check**: a file whose target already has the source's size and mtime is not
-  copied again (as rsync does) unless the sender forces it after a failed check.
+* **Nothing unverified under a final name.**  The sender sends every item (file or
+  directory) into a batch directory of its own, ``<target_dir>/.mstm-staging/<batch>/``
+  (made mode 0700), verifies it there (`inspect`), and only then has it `publish`ed:
+  renamed into place, the target directories `fsync`'d before `publish` returns.  Each
+  staged file is `fsync`'d before it is reported sent.  A file rewritten while it was
+  being copied is refused at once (its size, mtime or ctime moved); in any case the
+  sender's own hash of the source would not match, so nothing is published.
+  `discard` removes what is left of a batch; a batch a killed sender left behind is
+  removed by `open` once nothing in it changed for a day (only names of the exact
+  shape of :func:`mstm.protocol.new_batch_id`; nothing else in ``.mstm-staging`` is
+  ever touched).
+* **File items** replace a same-named file (or link) by `rename(2)` (atomic); a
+  directory of that name is a type conflict: the item fails, nothing changes.
+* **Directory items** are *merged*: a directory the target lacks is renamed into
+  place whole (``renameat2(RENAME_NOREPLACE)``: the item's tree appears at once);
+  into an existing directory each file is renamed over a same-named non-directory,
+  missing subdirectories are moved in, and nothing else there is touched or removed.
+  All type conflicts are looked for first: a file where the item has a directory, a
+  directory where it has a file, or a symbolic link where it needs a directory fail
+  the item with nothing changed.  (A conflict created by someone else *during* the
+  merge fails the item with what was already merged left in place; nothing is lost.)
+* **Links at the target are never written through.**  Every path below target_dir is
+  opened from a descriptor with ``O_NOFOLLOW | O_DIRECTORY`` one component at a time
+  (or :func:`mstm.safefs.open_beneath`): a planted ``target/run42 -> elsewhere``, or a
+  parent component that is a link, fails the item (ELOOP); no window: the kernel
+  checks at each open.  target_dir itself may be reached through a link (the
+  administrator's configuration).
+* **The source is read only through** :mod:`mstm.safefs`: no component below the
+  stream directory is ever followed (a file item's last component only with
+  ``follow_symlinks``), a directory item is walked from descriptors (no depth limit),
+  and only regular files are opened.  A directory item holding a symbolic link, FIFO,
+  socket or device fails as a whole (the sender refuses those items too): such a thing
+  is never created at the target.
+* **Modes and ownership**: a file gets its source's permission bits ``& 0o777``; a
+  directory of a directory item gets ``(source mode & 0o777) | 0o700`` (the owner must
+  be able to write into it, for this merge and the next); directories above an item
+  are made with the default mode (0777 less the umask).  setuid, setgid and sticky
+  bits never survive, also when running as root.  Ownership is never copied: files
+  belong to whoever writes them.  The mtime is kept.
+* **Verification** (`inspect`): size and sha256 computed by reading the staged file
+  (or the file under its final name) after it was `fsync`'d, through no link.  The
+  page cache is dropped for the file first (`posix_fadvise(DONTNEED)`), so on a
+  network file system the bytes are fetched again from the server where the kernel
+  honours that; where it does not, the check proves what this host sees, which on
+  NFS's close-to-open consistency is what the server acknowledged.  A directory is
+  reported present with ``sha256=None``.
 * **bwlimit** is honoured by pacing the copy loop; **stall_seconds**: a copy that
   completes no chunk for that long (a hung mount) is abandoned, the transport reports
   itself dead and the sender backs off; **connect_timeout** bounds the check that
@@ -35,22 +60,23 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import logging
 import os
-import secrets
-import shutil
+import resource
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.scan import open_regular
-from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.protocol import BATCH_RE, OUR_BATCH_RE
+from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
-    STAGING,
     Monitor,
     Throttle,
     call_watched,
@@ -71,10 +97,36 @@ UNAVAILABLE = frozenset({
 })
 _BIG_CHUNK = 8 << 20
 _HASH_BLOCK = 1 << 20
+STALE_SECONDS = 86400.0  # a staging batch untouched this long was left by a killed sender
+DIR_FLAGS = safefs.DIR_FLAGS
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_RENAME_NOREPLACE = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
 
 
 class TargetGone(Exception):
     """Raised inside the worker when the file system fails as a whole."""
+
+
+class ItemProblem(Exception):
+    """One item cannot be sent or published; the message says why."""
+
+
+def file_mode(mode: int) -> int:
+    """The permission bits a file gets at the target: never setuid, setgid or sticky."""
+    return stat.S_IMODE(mode) & 0o777
+
+
+def dir_mode(mode: int) -> int:
+    """A directory of a directory item: its bits, never s/t, always owner rwx."""
+    return (stat.S_IMODE(mode) & 0o777) | 0o700
+
+
+def split_path(path: str | bytes) -> list[bytes]:
+    raw = os.fsencode(path).strip(b"/")
+    return safefs.split(raw) if raw else []
 
 
 class Local:
@@ -93,6 +145,7 @@ class Local:
         self.stop_file = stop_file
         self.stop_dirs = [os.fsencode(d) for d in stop_dirs] or [self.target]
         self._open = False
+        self._unfinished: set[str] = set()  # staging batches sent into, not discarded yet
 
     # -- connection -------------------------------------------------------------
     def open(self) -> None:
@@ -116,6 +169,48 @@ class Local:
         if problem:
             raise TargetUnavailable(problem)
         self._open = True
+        for batch in sorted(self._unfinished):
+            with contextlib.suppress(OSError, TargetUnavailable):
+                self.discard(batch)
+        try:
+            call_watched(self._clean_stale, stall_seconds=self.stall_seconds,
+                         abort=lambda: None, what=f"cleaning {STAGING} at {os.fsdecode(target)}")
+        except (OSError, TargetUnavailable) as err:
+            log.warning("%s: cannot clean old staging batches: %s", os.fsdecode(target), err)
+
+    def _clean_stale(self, mon: Monitor) -> None:
+        """Remove the staging batches a killed sender left: batch-shaped names only,
+        nothing in them changed for STALE_SECONDS."""
+        with safefs.opened_root(self.target) as root:
+            try:
+                fd = safefs.open_beneath(root, STAGING)
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    log.warning("%s/%s is a symbolic link: not used, not cleaned",
+                                os.fsdecode(self.target), STAGING)
+                    return
+                raise
+            try:
+                names = os.listdir(fd)
+            finally:
+                os.close(fd)
+            limit = time.time() - STALE_SECONDS
+            for name in names:
+                if not OUR_BATCH_RE.match(name) or name in self._unfinished:
+                    continue
+                rel = f"{STAGING}/{name}"
+                try:
+                    fresh = any(e.st.st_mtime > limit
+                                for e in safefs.walk(root, rel))
+                except OSError:
+                    continue
+                if not fresh:
+                    log.info("removing the abandoned staging batch %s/%s",
+                             os.fsdecode(self.target), rel)
+                    safefs.prune(root, rel, lambda _rel, _st: True)
+                mon.alive_now()
 
     def close(self) -> None:
         self._open = False
@@ -127,31 +222,59 @@ class Local:
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
              should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
              dest: str | None = None) -> SendResult:
-        """Send *items* under target_dir (directories into the staging area), or all
-        of them, directories as trees, into *dest*."""
-        root = os.fsencode(dest) if dest is not None else self.target
+        """Send *items* into *dest* (a staging batch, or the arrival monitor's batch
+        directory), directories as trees.  Without *dest*, file items go straight to
+        target_dir (a hidden name, then a rename) and directory items are refused."""
         monitor = Monitor(progress=progress, throttle=Throttle(self.bwlimit))
         cut = threading.Event()
+        staging_batch = self._staging_batch(dest)
+        if staging_batch:
+            self._unfinished.add(staging_batch)
 
         def work(mon: Monitor) -> SendResult:
             result = SendResult()
-            for item in items:
+            try:
+                src_fd = safefs.open_root(self.source)
+            except OSError as err:
+                for item in items:
+                    result.item_errors[item.relpath] = \
+                        f"cannot open the stream directory: {err.strerror or err}"
+                return result
+            try:
                 try:
-                    if item.is_dir:
-                        tree = root if dest is not None else os.path.join(
-                            root, STAGING.encode())
-                        self._copy_tree(item, tree, mon, cut)
-                    else:
-                        src = os.path.join(self.source, os.fsencode(item.relpath))
-                        dst = os.path.join(root, os.fsencode(item.relpath))
-                        self._copy_file(src, dst, mon, cut, force=item.force, staged=False)
+                    dest_fd = self._open_dest(dest, private=staging_batch is not None)
                 except OSError as err:
-                    if err.errno in UNAVAILABLE or cut.is_set():
-                        self._open = False
-                        result.error = f"{os.fsdecode(self.target)}: {err.strerror or err}"
-                        result.exit_code = 1
-                        break
-                    result.item_errors[item.relpath] = err.strerror or str(err)
+                    if err.errno in UNAVAILABLE:
+                        raise
+                    why = ("a symbolic link on the way" if err.errno == errno.ELOOP
+                           else err.strerror or str(err))
+                    for item in items:
+                        result.item_errors[item.relpath] = f"cannot make {dest}: {why}"
+                    return result
+                try:
+                    for item in items:
+                        try:
+                            if item.is_dir and dest is None:
+                                raise ItemProblem("a directory item needs a staging batch")
+                            if item.is_dir:
+                                self._copy_tree(src_fd, item, dest_fd, mon, cut)
+                            else:
+                                self._copy_item_file(src_fd, item, dest_fd, mon, cut,
+                                                     direct=dest is None)
+                        except ItemProblem as err:
+                            result.item_errors[item.relpath] = str(err)
+                        except OSError as err:
+                            if err.errno in UNAVAILABLE or cut.is_set():
+                                raise
+                            result.item_errors[item.relpath] = _why(err)
+                finally:
+                    os.close(dest_fd)
+            except OSError as err:
+                self._open = False
+                result.error = f"{os.fsdecode(self.target)}: {err.strerror or err}"
+                result.exit_code = 1
+            finally:
+                os.close(src_fd)
             result.files, result.bytes = mon.files, mon.bytes
             return result
 
@@ -165,41 +288,73 @@ class Local:
             self._open = False
         return note_item_errors(result)
 
-    def _copy_file(self, src: bytes, dst: bytes, mon: Monitor, cut: threading.Event, *,
-                   force: bool, staged: bool) -> None:
-        # a file of a directory item (staged) is never read through a link
-        fin = open_regular(src, follow_symlinks=self.follow_symlinks and not staged)
+    def _staging_batch(self, dest: str | None) -> str | None:
+        """The batch id when *dest* is a staging batch directory of target_dir."""
+        if dest is None:
+            return None
+        head, _, batch = os.fsencode(dest).rstrip(b"/").rpartition(b"/")
+        if head == os.path.join(self.target, STAGING.encode()) and BATCH_RE.match(
+                os.fsdecode(batch)):
+            return os.fsdecode(batch)
+        return None
+
+    def _open_dest(self, dest: str | None, *, private: bool) -> int:
+        """A descriptor of *dest*, made if missing (0700 for staging), reached below
+        target_dir with no link followed."""
+        if dest is None:
+            return safefs.open_root(self.target)
+        raw = os.fsencode(dest).rstrip(b"/") or b"/"
+        prefix = self.target.rstrip(b"/") + b"/"
+        if raw.startswith(prefix) or raw == self.target:
+            base, rel = self.target, raw[len(prefix):] if raw != self.target else b""
+        else:  # the arrival monitor's incoming directory: the configured path may be a link
+            base, rel = os.path.split(raw)
+            os.makedirs(base, exist_ok=True)
+        with safefs.opened_root(base) as base_fd:
+            return _makedirs_at(base_fd, split_path(rel), 0o700 if private else 0o777)
+
+    def _copy_item_file(self, src_fd: int, item: Item, dest_fd: int, mon: Monitor,
+                        cut: threading.Event, *, direct: bool) -> None:
+        parts = split_path(item.relpath)
+        parent = _makedirs_at(dest_fd, parts[:-1], 0o777 if direct else 0o700)
+        try:
+            self._copy_file(src_fd, item.relpath, parent, parts[-1], mon, cut,
+                            follow=self.follow_symlinks, direct=direct)
+            if direct:
+                _fsync_fd(parent)
+        finally:
+            os.close(parent)
+
+    def _copy_file(self, src_fd: int, relpath: str, dir_fd: int, name: bytes, mon: Monitor,
+                   cut: threading.Event, *, follow: bool, direct: bool = False) -> None:
+        """Copy the source file *relpath* to *name* in *dir_fd*; *direct*: through a
+        hidden name renamed over it."""
+        fin = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)
+        tmp = os.fsencode(part_name(os.fsdecode(name))) if direct else name
         try:
             st = os.fstat(fin)
-            if not force:
-                with contextlib.suppress(OSError):
-                    t = os.stat(dst, follow_symlinks=False)
-                    if stat.S_ISREG(t.st_mode) and (t.st_size, t.st_mtime_ns) == (
-                            st.st_size, st.st_mtime_ns):
-                        return
-            parent = os.path.dirname(dst)
-            os.makedirs(parent, exist_ok=True)
-            # inside the staging area nothing is visible: write under the final name there
-            tmp = dst if staged else os.fsencode(part_name(os.fsdecode(dst)))
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                os.unlink(tmp, dir_fd=dir_fd)
+            fout = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=dir_fd)
             try:
                 self._pump(fin, fout, mon, cut)
-                os.fchmod(fout, stat.S_IMODE(st.st_mode))
+                os.fchmod(fout, file_mode(st.st_mode))
                 os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
                 os.fsync(fout)
+                changed = safefs.Version.of(st).same_file(os.fstat(fin))
+                if changed:
+                    raise ItemProblem(f"{relpath}: the source changed while it was being "
+                                      f"sent ({changed})")
             except BaseException:
                 os.close(fout)
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                    os.unlink(tmp, dir_fd=dir_fd)
                 raise
             os.close(fout)
         finally:
             os.close(fin)
-        if tmp != dst:
-            os.replace(tmp, dst)
-        _fsync_dir(parent)
+        if tmp != name:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         mon.file_done()
 
     def _pump(self, fin: int, fout: int, mon: Monitor, cut: threading.Event) -> None:
@@ -230,83 +385,165 @@ class Local:
                 return
             mon.advance(n)
 
-    def _copy_tree(self, item: Item, tree: bytes, mon: Monitor, cut: threading.Event) -> None:
-        rel = os.fsencode(item.relpath)
-        src_root = os.path.join(self.source, rel)
-        dst_root = os.path.join(tree, rel)
-        os.makedirs(dst_root, exist_ok=True)
-        for dirpath, dirnames, filenames in os.walk(src_root):
-            sub = os.path.relpath(dirpath, src_root)
-            out_dir = os.path.normpath(os.path.join(dst_root, sub))
-            for d in dirnames:
-                p = os.path.join(dirpath, d)
-                if os.path.islink(p):
-                    _copy_link(p, os.path.join(out_dir, d))
+    def _copy_tree(self, src_fd: int, item: Item, dest_fd: int, mon: Monitor,
+                   cut: threading.Event) -> None:
+        """A directory item, walked with :func:`mstm.safefs.walk` (nothing followed),
+        into *dest_fd*: directories made, regular files copied, anything else refused."""
+        parts = split_path(item.relpath)
+        stack = [_makedirs_at(dest_fd, parts[:-1], 0o700)]  # stack[d]: parent of depth d
+        try:
+            for entry in safefs.walk(src_fd, item.relpath):
+                while len(stack) > entry.depth + 1:
+                    os.close(stack.pop())
+                name = os.fsencode(entry.relpath.rsplit("/", 1)[-1])
+                parent = stack[entry.depth]
+                if entry.is_dir:
+                    _fd_headroom(2 * len(stack) + 64)
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, 0o700, dir_fd=parent)
+                    fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+                    os.fchmod(fd, dir_mode(entry.st.st_mode))
+                    stack.append(fd)
+                elif entry.is_file:
+                    self._copy_file(src_fd, entry.relpath, parent, name, mon, cut,
+                                    follow=False)
                 else:
-                    os.makedirs(os.path.join(out_dir, d), exist_ok=True)
-            for f in filenames:
-                p = os.path.join(dirpath, f)
-                st = os.lstat(p)
-                if stat.S_ISLNK(st.st_mode):
-                    _copy_link(p, os.path.join(out_dir, f))
-                elif stat.S_ISREG(st.st_mode):
-                    self._copy_file(p, os.path.join(out_dir, f), mon, cut, force=item.force,
-                                    staged=True)
-            mon.alive_now()
+                    raise ItemProblem(
+                        f"{entry.relpath} is a {safefs.special_reason(entry.st.st_mode)}: a "
+                        f"directory item carries only regular files and directories")
+                mon.alive_now()
+        finally:
+            for fd in stack:
+                os.close(fd)
 
     # -- verification -----------------------------------------------------------
-    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+    def inspect(self, relpaths: Sequence[str], *, staged: str | None = None
+                ) -> dict[str, RemoteFile]:
         if not relpaths:
             return {}
-        base = os.path.join(self.target, STAGING.encode()) if staged else self.target
+        base = _staged_rel(staged) if staged is not None else ""
 
         def look(mon: Monitor) -> dict[str, RemoteFile]:
             found: dict[str, RemoteFile] = {}
-            for rel in relpaths:
-                path = os.path.join(base, os.fsencode(rel))
-                try:
-                    found[rel] = _hash(path, mon)
-                except OSError as err:
-                    if err.errno in UNAVAILABLE:
-                        raise TargetUnavailable(f"{os.fsdecode(path)}: {err.strerror}"
-                                                ) from None
-                mon.alive_now()
+            try:
+                with safefs.opened_root(self.target) as root:
+                    try:
+                        base_fd = safefs.open_beneath(root, base)
+                    except (FileNotFoundError, NotADirectoryError):
+                        return found
+                    try:
+                        for rel in relpaths:
+                            got = _look_at(base_fd, rel, mon)
+                            if got is not None:
+                                found[rel] = got
+                            mon.alive_now()
+                    finally:
+                        os.close(base_fd)
+            except OSError as err:
+                if err.errno in UNAVAILABLE:
+                    raise TargetUnavailable(f"{os.fsdecode(self.target)}: {err.strerror}"
+                                            ) from None
+                if err.errno != errno.ELOOP:
+                    raise
             return found
 
         return call_watched(look, stall_seconds=self.stall_seconds, abort=self.close,
                             what=f"reading back from {os.fsdecode(self.target)}")
 
-    def publish(self, items: Sequence[Item]) -> dict[str, str]:
-        errors: dict[str, str] = {}
-        staging = os.path.join(self.target, STAGING.encode())
-        for item in items:
-            if not item.is_dir:
-                continue
-            rel = os.fsencode(item.relpath)
-            final = os.path.join(self.target, rel)
-            staged = os.path.join(staging, rel)
-            old = None
-            try:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                if os.path.lexists(final):
-                    old = os.path.join(staging, b".replaced." + secrets.token_hex(6).encode())
-                    os.rename(final, old)
+    # -- publishing -------------------------------------------------------------
+    def publish(self, items: Sequence[Item], *, staged: str) -> dict[str, str]:
+        """Rename the verified *items* of batch *staged* into place (see the module
+        docstring: files replace, directories merge, links on the way refused)."""
+        if not items:
+            return {}
+        rel = _staged_rel(staged)
+
+        def work(mon: Monitor) -> dict[str, str]:
+            errors: dict[str, str] = {}
+            with safefs.opened_root(self.target) as root:
                 try:
-                    os.rename(staged, final)
-                except OSError:
-                    if old:
-                        os.rename(old, final)
-                        old = None
-                    raise
-                _fsync_dir(os.path.dirname(final))
-            except OSError as err:
-                errors[item.relpath] = f"could not be moved into place: {err.strerror or err}"
-                continue
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    os.unlink(old)
-        return errors
+                    stage_fd = safefs.open_beneath(root, rel)
+                except OSError as err:
+                    return {i.relpath: f"the staging batch cannot be opened: {_why(err)}"
+                            for i in items}
+                dirty: dict[tuple[int, int], int] = {}
+                try:
+                    for item in items:
+                        try:
+                            if item.is_dir:
+                                self._merge(root, stage_fd, item.relpath, dirty, mon)
+                            else:
+                                self._place(root, stage_fd, item.relpath, dirty)
+                        except ItemProblem as err:
+                            errors[item.relpath] = str(err)
+                        except OSError as err:
+                            if err.errno in UNAVAILABLE:
+                                raise TargetUnavailable(
+                                    f"{os.fsdecode(self.target)}: {err.strerror}") from None
+                            errors[item.relpath] = (f"could not be moved into place: "
+                                                    f"{_why(err)}")
+                        mon.alive_now()
+                    for fd in dirty.values():
+                        _fsync_fd(fd)  # the renames are durable before we return
+                        mon.alive_now()
+                finally:
+                    for fd in dirty.values():
+                        os.close(fd)
+                    os.close(stage_fd)
+            return errors
+
+        return call_watched(work, stall_seconds=self.stall_seconds, abort=self.close,
+                            what=f"publishing at {os.fsdecode(self.target)}")
+
+    def _place(self, root: int, stage_fd: int, relpath: str,
+               dirty: dict[tuple[int, int], int]) -> None:
+        """A file item: renamed over its final name (a file or link, never a directory)."""
+        parts = split_path(relpath)
+        src_dir, _name = safefs.open_parent(stage_fd, relpath)
+        try:
+            dst_dir = _target_dir_at(root, parts[:-1], relpath, dirty)
+            try:
+                _refuse_dir(dst_dir, parts[-1], relpath, "a file")
+                os.rename(parts[-1], parts[-1], src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+            finally:
+                _keep_dirty(dst_dir, dirty)
+        finally:
+            os.close(src_dir)
+
+    def _merge(self, root: int, stage_fd: int, relpath: str,
+               dirty: dict[tuple[int, int], int], mon: Monitor) -> None:
+        """A directory item: conflicts looked for first (nothing changes if there is
+        one), then merged."""
+        parts = split_path(relpath)
+        src_dir, _ = safefs.open_parent(stage_fd, relpath)
+        try:
+            dst_dir = _target_dir_at(root, parts[:-1], relpath, dirty)
+            try:
+                problems = _merge_tree(src_dir, dst_dir, parts[-1], relpath, None, mon)
+                if problems:
+                    raise ItemProblem("; ".join(problems[:3]) + (
+                        f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
+                problems = _merge_tree(src_dir, dst_dir, parts[-1], relpath, dirty, mon)
+                if problems:
+                    raise ItemProblem("changed at the target during the merge: " +
+                                      "; ".join(problems[:3]))
+            finally:
+                _keep_dirty(dst_dir, dirty)
+        finally:
+            os.close(src_dir)
+
+    def discard(self, staged: str) -> None:
+        rel = _staged_rel(staged)
+
+        def work(mon: Monitor) -> None:
+            with safefs.opened_root(self.target) as root:
+                out = safefs.prune(root, rel, lambda _rel, _st: True)
+            for where, why in out.errors[:5]:
+                log.warning("%s: cannot remove %s: %s", os.fsdecode(self.target), where, why)
+
+        call_watched(work, stall_seconds=self.stall_seconds, abort=self.close,
+                     what=f"discarding at {os.fsdecode(self.target)}")
+        self._unfinished.discard(staged)
 
     # -- small files (the arrival monitor's handshake) ---------------------------
     def put_file(self, directory: str, name: str, data: bytes) -> None:
@@ -347,12 +584,221 @@ class Local:
         return None
 
 
-def _hash(path: bytes, mon: Monitor) -> RemoteFile:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+# -- helpers ----------------------------------------------------------------------------------
+def _why(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "a symbolic link on the way (never followed at the target)"
+    return err.strerror or str(err)
+
+
+def _staged_rel(staged: str) -> str:
+    if not BATCH_RE.match(staged):
+        raise ValueError(f"not a batch name: {staged!r}")
+    return f"{STAGING}/{staged}"
+
+
+def _fd_headroom(want: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want += 256
+    if soft != resource.RLIM_INFINITY and want > soft:
+        new = want * 2 if hard == resource.RLIM_INFINITY else min(hard, want * 2)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def _makedirs_at(base_fd: int, parts: Sequence[bytes], mode: int,
+                 created: Callable[[int], None] | None = None) -> int:
+    """A descriptor of base/parts..., each missing directory made with *mode*, no link
+    followed (ELOOP for a link on the way, ENOTDIR for a file).  *created(parent_fd)*
+    is told of each directory that got a new entry."""
+    cur = os.open(".", DIR_FLAGS, dir_fd=base_fd)
     try:
-        st = os.fstat(fd)
+        for part in parts:
+            try:
+                below = os.open(part, DIR_FLAGS, dir_fd=cur)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, mode, dir_fd=cur)
+                    if created is not None:
+                        created(cur)
+                below = os.open(part, DIR_FLAGS, dir_fd=cur)
+            os.close(cur)
+            cur = below
+    except BaseException:
+        os.close(cur)
+        raise
+    return cur
+
+
+def _keep_dirty(fd: int, dirty: dict[tuple[int, int], int]) -> None:
+    """Remember directory *fd* for the fsync at the end of publish (takes it over)."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in dirty:
+        os.close(fd)
+    else:
+        dirty[key] = fd
+
+
+def _target_dir_at(root: int, parts: Sequence[bytes], relpath: str,
+                   dirty: dict[tuple[int, int], int]) -> int:
+    """The target directory holding an item (made if missing), no link followed."""
+    try:
+        return _makedirs_at(root, parts, 0o777,
+                            created=lambda fd: _keep_dirty(os.dup(fd), dirty))
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            what = "a symbolic link" if err.errno == errno.ELOOP else "not a directory"
+            raise ItemProblem(f"{relpath}: a component of its directory at the target is "
+                              f"{what}; left as it is") from None
+        raise
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return f"a {safefs.special_reason(mode)}"
+
+
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _refuse_dir(dir_fd: int, name: bytes, relpath: str, what: str) -> None:
+    st = _lstat_at(dir_fd, name)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ItemProblem(f"{relpath}: the target has a directory where the item has {what}; "
+                          f"left as it is")
+
+
+def _rename_noreplace(src_dir: int, name: bytes, dst_dir: int, mode: int) -> bool:
+    """Move directory *name* in whole unless something is there already (False)."""
+    if _renameat2 is not None:
+        rc = _renameat2(src_dir, ctypes.c_char_p(name), dst_dir, ctypes.c_char_p(name),
+                        _RENAME_NOREPLACE)
+        if rc == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), os.fsdecode(name))
+    # no renameat2 here: make the directory and merge into it
+    try:
+        os.mkdir(name, 0o700, dir_fd=dst_dir)
+    except FileExistsError:
+        return False
+    fd = os.open(name, DIR_FLAGS, dir_fd=dst_dir)
+    try:
+        os.fchmod(fd, dir_mode(mode))
+    finally:
+        os.close(fd)
+    return False
+
+
+def _merge_tree(src_parent: int, dst_parent: int, name: bytes, relpath: str,
+                dirty: dict[tuple[int, int], int] | None, mon: Monitor) -> list[str]:
+    """Merge staged directory *name* of *src_parent* into *dst_parent*: with *dirty*
+    None only look for conflicts; else move things (and note the touched directories).
+    Iterative, two descriptors per level, nothing followed.  The conflicts, in words."""
+    apply = dirty is not None
+    problems: list[str] = []
+    # a frame: (staged dir fd, target dir fd, relpath, names still to do)
+    frames: list[tuple[int, int, str, list[bytes]]] = []
+
+    def enter(sp: int, dp: int, child: bytes, rel: str) -> None:
+        st = _lstat_at(dp, child)
+        sst = os.stat(child, dir_fd=sp, follow_symlinks=False)
+        if st is None:
+            if not apply:
+                return
+            if _rename_noreplace(sp, child, dp, sst.st_mode):
+                assert dirty is not None
+                _keep_dirty(os.dup(dp), dirty)
+                return
+            st = _lstat_at(dp, child)
+            if st is None:
+                problems.append(f"{rel}: vanished at the target during the merge")
+                return
+        if not stat.S_ISDIR(st.st_mode):
+            problems.append(f"{rel}: the target has {_kind(st.st_mode)} where the item has a "
+                            f"directory; left as it is")
+            return
+        _fd_headroom(2 * len(frames) + 64)
+        s_fd = os.open(child, DIR_FLAGS, dir_fd=sp)
+        try:
+            d_fd = os.open(child, DIR_FLAGS, dir_fd=dp)
+        except BaseException:
+            os.close(s_fd)
+            raise
+        frames.append((s_fd, d_fd, rel, sorted(map(os.fsencode, os.listdir(s_fd)), reverse=True)))
+
+    try:
+        enter(src_parent, dst_parent, name, relpath)
+        while frames:
+            s_fd, d_fd, rel, names = frames[-1]
+            if not names:
+                frames.pop()
+                os.close(s_fd)
+                if apply:
+                    assert dirty is not None
+                    _keep_dirty(d_fd, dirty)
+                else:
+                    os.close(d_fd)
+                continue
+            child = names.pop()
+            crel = f"{rel}/{os.fsdecode(child)}"
+            sst = os.stat(child, dir_fd=s_fd, follow_symlinks=False)
+            if stat.S_ISDIR(sst.st_mode):
+                enter(s_fd, d_fd, child, crel)
+                continue
+            if not stat.S_ISREG(sst.st_mode):
+                continue  # never staged by us: not brought
+            tst = _lstat_at(d_fd, child)
+            if tst is not None and stat.S_ISDIR(tst.st_mode):
+                problems.append(f"{crel}: the target has a directory where the item has a "
+                                f"file; left as it is")
+            elif apply:
+                os.rename(child, child, src_dir_fd=s_fd, dst_dir_fd=d_fd)
+            mon.alive_now()
+    finally:
+        for s_fd, d_fd, _rel, _names in frames:
+            os.close(s_fd)
+            os.close(d_fd)
+    return problems
+
+
+def _look_at(base_fd: int, relpath: str, mon: Monitor) -> RemoteFile | None:
+    """What *relpath* below *base_fd* is, through no link: None if missing (or a link,
+    or anything but a file or directory)."""
+    try:
+        dir_fd, name = safefs.open_parent(base_fd, relpath)
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return None
+        raise
+    try:
+        st = _lstat_at(dir_fd, os.fsencode(name))
+        if st is None:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return RemoteFile(size=0, sha256=None)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EISDIR, "not a regular file")
+            return None
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         h = hashlib.sha256()
@@ -366,10 +812,12 @@ def _hash(path: bytes, mon: Monitor) -> RemoteFile:
         os.close(fd)
 
 
-def _copy_link(src: bytes, dst: bytes) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(dst)
-    os.symlink(os.readlink(src), dst)
+def _fsync_fd(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF):  # some file systems refuse
+            raise
 
 
 def _fsync_dir(path: bytes) -> None:
@@ -378,9 +826,6 @@ def _fsync_dir(path: bytes) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.EBADF):  # some file systems refuse
-            raise
+        _fsync_fd(fd)
     finally:
         os.close(fd)
