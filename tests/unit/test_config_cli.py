@@ -319,3 +319,360 @@ def test_valid_configuration_makes_mstm_send_check_exit_0(tmp_path: Path) -> Non
     result = _check(conf, "proj1")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- hostile values
+# Issue #12, class 7: values that once escaped as ValueError, OverflowError,
+# RecursionError or OSError (exit 70 with a traceback under -vv), or hung, or were
+# accepted and crashed later (time.sleep, timedelta).  Each must be one ConfigError.
+
+HUGE = "9" * 400
+SECRET = "hunter2-SECRET"
+
+
+def _chain(n: int, where: str = "target_dir") -> Callable[[Conf], None]:
+    def edit(c: Conf) -> None:
+        c.glob["global"].update({f"k{i}": f"$(global:k{i + 1})" for i in range(n)})
+        c.glob["global"][f"k{n}"] = "/x"
+        c.stream["outgoing"][where] = "$(global:k0)"
+    return edit
+
+
+def _doubling(c: Conf) -> None:  # each level doubles the text: 2**30 characters
+    c.glob["global"].update({f"k{i}": f"$(global:k{i + 1})$(global:k{i + 1})"
+                             for i in range(30)})
+    c.glob["global"]["k30"] = "xy"
+    c.stream["outgoing"]["target_dir"] = "/$(global:k0)"
+
+
+def _global_is(kind: str) -> Callable[[Conf], None]:
+    def edit(c: Conf) -> None:
+        c.write_global = False
+        odd = c.root / "odd.ini"
+        if kind == "directory":
+            odd.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(odd)
+        elif kind == "loop":
+            os.symlink(c.root / "loop2.ini", odd)
+            os.symlink(odd, c.root / "loop2.ini")
+        elif kind == "huge":
+            odd.write_bytes(b"#" * (2 << 20))
+        elif kind == "latin1":
+            odd.write_bytes(b"[global]\ndata_stream_list = proj1\n# caf\xe9\n")
+        elif kind == "nul":
+            odd.write_bytes(b"[global]\ndata_stream_list = proj1\x00\n")
+        c.global_file = odd
+    return edit
+
+
+def _stream_is(kind: str) -> Callable[[Conf], None]:
+    def edit(c: Conf) -> None:
+        c.stream_text = ""
+        original = c.write
+
+        def write() -> None:
+            original()
+            c.stream_file.unlink()
+            if kind == "fifo":
+                os.mkfifo(c.stream_file)
+            elif kind == "directory":
+                c.stream_file.mkdir()
+            elif kind == "loop":
+                os.symlink(c.root / "loop2.ini", c.stream_file)
+                os.symlink(c.stream_file, c.root / "loop2.ini")
+            elif kind == "latin1":
+                c.stream_file.write_bytes(b"[data_stream]\ndirectory = /caf\xe9\n")
+        c.write = write  # type: ignore[method-assign]
+    return edit
+
+
+def _password(section: str, content: bytes | str) -> Callable[[Conf], None]:
+    def edit(c: Conf) -> None:
+        pw = c.root / "pw"
+        if content == "fifo":
+            os.mkfifo(pw)
+        elif content == "directory":
+            pw.mkdir()
+        else:
+            assert isinstance(content, bytes)
+            pw.write_bytes(content)
+        if section == "email":
+            c.glob["email"] = {"username": "mstm", "password_file": str(pw)}
+        else:
+            c.stream["outgoing"]["transfer_protocol"] = "rsync_native"
+            c.stream["rsync_native"] = {"module": "data", "username": "u",
+                                        "password_file": str(pw)}
+    return edit
+
+
+def _h(where: str, section: str, key: str, value: str, reason: str) -> Broken:
+    file = "global" if where == "global" else "stream"
+    return Broken(_set(where, section, key, value), file, section, key, reason)
+
+
+YEAR = "at most 1 year"
+HOSTILE: dict[str, Broken] = {
+    # durations: anything later given to time.sleep, select, waits or timedelta
+    **{f"duration_{key}_{label}": _h("stream", section, key, value, reason)
+       for section, key in (("data_stream", "settle_seconds"), ("data_stream", "poll_interval"),
+                            ("outgoing", "retry_backoff"), ("outgoing", "connect_timeout"),
+                            ("outgoing", "stall_seconds"), ("outgoing", "lease_seconds"),
+                            ("incoming", "abandoned_batch_seconds"))
+       for label, value, reason in (("400_digits", HUGE, YEAR), ("1e30", "1e30", YEAR),
+                                    ("1e308", "1e308", YEAR), ("inf", "inf", YEAR),
+                                    ("nan", "nan", YEAR), ("negative", "-5", YEAR),
+                                    ("over_a_year", "8761h", YEAR))},
+    "duration_email_timer_huge": _h("global", "logging", "email_timer", HUGE, YEAR),
+    "duration_email_timeout_1e30": _h("global", "email", "timeout", "1e30", YEAR),
+    "duration_diskwatch_poll_huge": _h("global", "disk_space_monitor", "poll_interval",
+                                       "99999999999999999999h", YEAR),
+    "duration_general_poll_huge": _h("global", "global", "general_poll_interval", HUGE, YEAR),
+    # integers
+    "int_400_digits": _h("stream", "outgoing", "retry_count", HUGE, "from 0 to 1000000"),
+    "int_5000_digits": _h("stream", "outgoing", "batch_max_items", "9" * 5000,
+                          "(5000 characters)"),
+    "int_float_text": _h("stream", "outgoing", "retry_count", "1e3", "got '1e3'"),
+    "int_underscores": _h("stream", "outgoing", "retry_count", "1_000", "got '1_000'"),
+    "int_priority_huge": _h("stream", "data_stream", "priority", "1" + "0" * 30,
+                            "from -1000000000 to 1000000000"),
+    "int_negative_bwlimit": _h("stream", "outgoing", "bwlimit", "-1", "from 0 to"),
+    "int_max_age_days_overflows_timedelta": _h("stream", "pull", "max_age_days", "1000000000",
+                                               "from 0 to 36500"),
+    "number_inf": _h("stream", "outgoing", "dir_size_limit", "inf", "got 'inf'"),
+    "number_1e400": _h("stream", "outgoing", "dir_size_limit", "1e400", "got '1e400'"),
+    "level_huge": _h("global", "disk_space_monitor", "level_good", HUGE, "at most"),
+    # ports
+    **{f"port_{label}": _h("stream", "outgoing", "target_port", value, "from 1 to 65535")
+       for label, value in (("0", "0"), ("65536", "65536"), ("negative", "-22"),
+                            ("huge", HUGE), ("float", "22.0"))},
+    "port_email": _h("global", "email", "port", "70000", "from 1 to 65535"),
+    # sizes
+    "size_tib_overflow": _h("stream", "outgoing", "batch_max_bytes",
+                            "99999999999999999999999 TiB", "too large: at most 1024T"),
+    "size_exponent": _h("stream", "outgoing", "batch_max_bytes", "1e400k", "a size in bytes"),
+    "size_400_digits": _h("stream", "outgoing", "batch_max_bytes", HUGE, "a size in bytes"),
+    "size_just_over": _h("stream", "outgoing", "batch_max_bytes", "1025T", "too large"),
+    "size_control_file": _h("stream", "incoming", "max_control_bytes", "2G", "at most 1G"),
+    # references
+    "reference_chain_400": Broken(_chain(400), "global", "global", "k31",
+                                  "references nested more than 32 deep"),
+    "reference_chain_400_to_a_path": Broken(_chain(400, "target_incoming_dir"), "global",
+                                            "global", "k31", "nested more than 32 deep"),
+    "reference_doubling": Broken(_doubling, "global", "global", "k14",
+                                 "longer than 65536 characters"),
+    "reference_to_itself": _h("stream", "outgoing", "target_dir", "/a/$(outgoing:target_dir)",
+                              "interpolation cycle: $(outgoing:target_dir) -> "
+                              "$(outgoing:target_dir)"),
+    "reference_missing_section": _h("stream", "outgoing", "target_dir", "$(nowhere:x)",
+                                    "refers to a key that is not set"),
+    "reference_unclosed": _h("stream", "outgoing", "target_dir", "/a/$(global",
+                             "malformed reference"),
+    "reference_empty": _h("stream", "outgoing", "target_dir", "/a/$()", "malformed reference"),
+    "reference_no_key": _h("stream", "outgoing", "target_dir", "/a/$(global:)",
+                           "malformed reference"),
+    # paths
+    "path_quoted": _h("stream", "data_stream", "directory", '"/data/proj1"',
+                      "values are not quoted"),
+    "path_single_quoted": _h("stream", "data_stream", "spool_dir", "'/var/spool'",
+                             "values are not quoted"),
+    "path_relative_directory": _h("stream", "data_stream", "directory", "data/proj1",
+                                  "an absolute path"),
+    "path_relative_spool_dir": _h("stream", "data_stream", "spool_dir", "spool",
+                                  "an absolute path"),
+    "path_relative_identity_file": _h("stream", "rsync_ssh", "identity_file", "id_ed25519",
+                                      "an absolute path"),
+    "path_newline": _h("stream", "data_stream", "spool_dir", "/var/spool\n  mstm",
+                       "may not contain control characters"),
+    "path_tab": _h("stream", "data_stream", "directory", "/data/a\tb", "control characters"),
+    "path_too_long": _h("stream", "data_stream", "spool_dir", "/" + "a/" * 2100,
+                        "at most 4095 bytes"),
+    "path_component_too_long": _h("stream", "rsync_ssh", "identity_file", "/" + "k" * 300,
+                                  "component is at most 255 bytes"),
+    "target_dir_dotdot": _h("stream", "outgoing", "target_dir", "/archive/../etc",
+                            "may not contain '..'"),
+    "target_dir_quoted": _h("stream", "outgoing", "target_dir", "'/archive'",
+                            "values are not quoted"),
+    "target_dir_newline": _h("stream", "outgoing", "target_dir", "/archive\n  x",
+                             "control characters"),
+    "stop_file_newline": _h("stream", "outgoing", "stop_file", ".stop\n  x",
+                            "control characters"),
+    "host_quoted": _h("stream", "outgoing", "target_host", '"archive"', "not quoted"),
+    "subject_newline": _h("global", "email", "subject", "alert\n  Bcc: x@example.org",
+                          "control characters"),
+    # password files: never shown
+    **{f"password_{section}_{label}": Broken(_password(section, content),
+                                             "global" if section == "email" else "stream",
+                                             section, "password_file", reason)
+       for section in ("email", "rsync_native")
+       for label, content, reason in (
+           ("two_lines", f"{SECRET}\n{SECRET}\n".encode(), "more than one line"),
+           ("binary", b"\xff\xfe" + SECRET.encode(), "not UTF-8"),
+           ("nul", SECRET.encode() + b"\0\n", "control character"),
+           ("carriage_return", SECRET.encode() + b"\r\n", "control character"),
+           ("huge", SECRET.encode() * 1000, "too large"),
+           ("fifo", "fifo", "FIFO"),
+           ("directory", "directory", "a directory"))},
+    "password_rsync_native_empty": Broken(_password("rsync_native", b"\n"), "stream",
+                                          "rsync_native", "password_file", "is empty"),
+    # ready_marker: only the literal {name}
+    **{f"ready_marker_{label}": _h("stream", "data_stream", "ready_marker", value, reason)
+       for label, value, reason in (
+           ("index", "{0}", "only {name} may appear in braces"),
+           ("attribute", "{name.__class__}", "only {name} may appear in braces"),
+           ("conversion", "{name!r}", "only {name} may appear in braces"),
+           ("format_spec", "{name:>300}", "only {name} may appear in braces"),
+           ("open_brace", "{name}{", "only {name} may appear in braces"),
+           ("close_brace", "}{name}", "only {name} may appear in braces"),
+           ("escaped", "{{name}}", "only {name} may appear in braces"),
+           ("misspelt", "{nam}.done", "only {name} may appear in braces"),
+           ("twice", "{name}{name}", "exactly once"),
+           ("climbs", "{name}/../x", "no '/'"),
+           ("absolute", "/tmp/{name}.done", "no '/'"),
+           ("alone", "{name}", "add something"),
+           ("too_long", "{name}" + "x" * 200, "too long"))},
+    # stream names
+    **{f"stream_name_{label}": _h("global", "global", "data_stream_list", f"proj1 {value}",
+                                  reason)
+       for label, value, reason in (("slash", "a/b", "not a valid stream name"),
+                                    ("dots", "..", "not a valid stream name"),
+                                    ("hidden", ".x", "not a valid stream name"),
+                                    ("dash", "-x", "not a valid stream name"),
+                                    ("duplicate", "proj1", "listed twice"),
+                                    ("300_characters", "x" * 300, "at most 100 characters"),
+                                    ("255_characters", "y" * 255, "at most 100 characters"))},
+    # files
+    "global_is_a_directory": Broken(_global_is("directory"), "missing", None, None,
+                                    "is a directory"),
+    "global_is_a_fifo": Broken(_global_is("fifo"), "missing", None, None, "is a FIFO"),
+    "global_is_a_symlink_loop": Broken(_global_is("loop"), "missing", None, None,
+                                       "Too many levels of symbolic links"),
+    "global_is_huge": Broken(_global_is("huge"), "missing", None, None, "too large"),
+    "global_not_utf8": Broken(_global_is("latin1"), "missing", None, None,
+                              "line 3: not valid UTF-8"),
+    "global_nul_byte": Broken(_global_is("nul"), "missing", None, None, "line 2: a NUL byte"),
+    "stream_file_is_a_fifo": Broken(_stream_is("fifo"), "stream", None, None, "is a FIFO"),
+    "stream_file_is_a_directory": Broken(_stream_is("directory"), "stream", None, None,
+                                         "is a directory"),
+    "stream_file_is_a_symlink_loop": Broken(_stream_is("loop"), "stream", None, None,
+                                            "Too many levels of symbolic links"),
+    "stream_file_not_utf8": Broken(_stream_is("latin1"), "stream", None, None,
+                                   "line 2: not valid UTF-8"),
+    "duplicate_section": Broken(_raw_stream("[data_stream]\ndirectory = {data}\n"
+                                            "[data_stream]\nstatus = RUNNING\n"),
+                                "stream", "data_stream", None, "line 3: section given twice"),
+    "duplicate_key_differing_case": Broken(_raw_stream("[data_stream]\ndirectory = {data}\n"
+                                                       "DIRECTORY = {data}\n"),
+                                           "stream", "data_stream", "directory",
+                                           "key given twice"),
+}
+HOSTILE_CASES = [pytest.param(name, id=name) for name in HOSTILE]
+# a few of them through the real executable too: no traceback, no hang, exit 78
+SUBPROCESS_CASES = ["duration_settle_seconds_400_digits", "size_tib_overflow",
+                    "reference_chain_400", "reference_doubling", "password_email_two_lines",
+                    "global_is_a_fifo", "stream_file_is_a_fifo", "stream_name_255_characters",
+                    "ready_marker_attribute", "global_not_utf8"]
+
+
+def _prepare_hostile(tmp_path: Path, name: str) -> tuple[Conf, Broken, Path]:
+    BROKEN[name] = HOSTILE[name]
+    try:
+        return _prepare(tmp_path, name)
+    finally:
+        del BROKEN[name]
+
+
+def _assert_one_line(result: subprocess.CompletedProcess[str], case: Broken,
+                     expected_file: Path) -> None:
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mstm-")
+    assert str(expected_file) in lines[0]
+    if case.section:
+        assert f"[{case.section}]" + (f" {case.key}" if case.key else "") in lines[0]
+    assert case.reason in lines[0], lines[0]
+    assert SECRET not in result.stderr
+    assert len(lines[0]) < 600, "a value is quoted shortened"
+    assert result.returncode == EXIT_CONFIG, result.stderr
+
+
+@pytest.mark.parametrize("name", HOSTILE_CASES)
+def test_hostile_value_is_a_config_error_naming_file_section_key_and_reason(
+        tmp_path: Path, name: str) -> None:
+    conf, case, expected_file = _prepare_hostile(tmp_path, name)
+    with pytest.raises(ConfigError) as info:
+        load_stream(case.stream, conf.global_file)
+    err = info.value
+    assert (err.file, err.section, err.key) == (str(expected_file), case.section, case.key)
+    assert case.reason in err.reason
+    assert "\n" not in str(err) and SECRET not in str(err)
+
+
+@pytest.mark.parametrize("name", HOSTILE_CASES)
+def test_hostile_value_makes_check_exit_78_with_one_line(tmp_path: Path, name: str) -> None:
+    conf, case, expected_file = _prepare_hostile(tmp_path, name)
+    _assert_one_line(_check_in_process(conf, case.stream), case, expected_file)
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_hostile_value_makes_the_installed_command_exit_78_without_traceback(
+        tmp_path: Path, name: str) -> None:
+    conf, case, expected_file = _prepare_hostile(tmp_path, name)
+    _assert_one_line(_check(conf, case.stream), case, expected_file)
+
+
+def _run(command: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    from click.testing import CliRunner
+
+    module = {"mstm-scan": "scan", "mstm-send": "send", "mstm-receive": "receive",
+              "mstm-diskwatch": "diskwatch", "mstm-alert": "alert"}[command]
+    main = __import__(f"mstm.cli.{module}", fromlist=["main"]).main
+    r = CliRunner().invoke(main, args)
+    return subprocess.CompletedProcess([], r.exit_code, r.stdout, r.stderr)
+
+
+EVERY_COMMAND = [("mstm-scan", ["--check", "proj1"]), ("mstm-send", ["--check", "proj1"]),
+                 ("mstm-receive", ["--check", "proj1"]), ("mstm-diskwatch", ["--once"]),
+                 ("mstm-alert", ["--check"])]
+
+
+@pytest.mark.parametrize(("command", "args"), EVERY_COMMAND, ids=[c for c, _ in EVERY_COMMAND])
+@pytest.mark.parametrize("name", ["global_is_a_fifo", "global_is_a_directory",
+                                  "duration_email_timer_huge", "password_email_binary",
+                                  "stream_name_300_characters", "reference_doubling"])
+def test_every_command_reports_a_bad_global_file_in_one_line_with_78(
+        tmp_path: Path, command: str, args: list[str], name: str) -> None:
+    conf, case, expected_file = _prepare_hostile(tmp_path, name)
+    if name == "reference_doubling":  # in the global file itself
+        conf.glob["email"] = {"subject": "$(global:k0)"}
+        conf.write()
+        case = Broken(case.edit, "global", "global", "k14", case.reason)
+    result = _run(command, ["--config", str(conf.global_file), *args])
+    _assert_one_line(result, case, expected_file)
+
+
+@pytest.mark.parametrize("command", ["mstm-send", "mstm-receive", "mstm-diskwatch",
+                                     "mstm-alert"])
+def test_every_installed_command_says_a_missing_global_file_in_one_line_with_78(
+        tmp_path: Path, command: str) -> None:
+    args = dict(EVERY_COMMAND)[command]
+    r = subprocess.run([str(MSTM_SEND.parent / command), "--config", "/nonexistent/g.ini",
+                        *args], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    assert r.stderr == f"{command}: /nonexistent/g.ini: cannot read: No such file or directory\n"
+
+
+def test_a_config_error_with_a_hint_is_still_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from mstm.cli.common import run_command
+
+    def body() -> int:
+        raise ConfigError("is wrong", file="/etc/mstm/g.ini", section="email", key="port",
+                          hint="write a number\nfrom 1 to 65535")
+
+    with pytest.raises(SystemExit) as info:
+        run_command("mstm-alert", body)
+    assert info.value.code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err == ("mstm-alert: /etc/mstm/g.ini: [email] port: is wrong (hint: write a number"
+                   " from 1 to 65535)\n")
