@@ -212,7 +212,7 @@ def _delete_tree(stream: Any, root_fd: int, relpath: str, verified: Verified,
         _kept(stream, relpath, "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
     if pruned.kept or changed:
         log.info("%s: %s: the verified files were deleted; %d other entr(y/ies) stay",
-                 stream.name, show(relpath), len(pruned.kept),
+                 stream.name, show(relpath), pruned.kept,
                  extra=fields(stream=stream.name, item=relpath))
         return Deletion(False)
     remove_marker(stream, root_fd, relpath)

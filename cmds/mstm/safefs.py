@@ -281,10 +281,20 @@ class Entry:
 
 @dataclass
 class _Frame:
-    rel: str
+    name: str  # the last component (the top frame: the top's relative path, maybe "")
     fd: int
-    names: list[str]
+    names: list[str]  # entries still to visit, last first
     st: os.stat_result
+
+
+def _rel(stack: list[_Frame], name: str | None = None) -> str:
+    """The relative path of the directory on top of *stack* (or of *name* in it): built
+    when needed, never stored per level, so a deep tree of long names costs memory in
+    proportion to its depth, not to its depth squared."""
+    parts = [f.name for f in stack if f.name]
+    if name is not None:
+        parts.append(name)
+    return "/".join(parts)
 
 
 def _fd_headroom(depth: int) -> None:
@@ -297,12 +307,9 @@ def _fd_headroom(depth: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
-def _join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
-
-
-def _frame(root_fd: int, rel: str, parent: _Frame | None, name: str) -> _Frame:
-    fd = (open_beneath(root_fd, rel, DIR_FLAGS) if parent is None
+def _frame(root_fd: int, top: str, parent: _Frame | None, name: str) -> _Frame:
+    """The frame of *top* (below *root_fd*) or of directory *name* in *parent*."""
+    fd = (open_beneath(root_fd, top, DIR_FLAGS) if parent is None
           else os.open(name, DIR_FLAGS, dir_fd=parent.fd))
     try:
         st = os.fstat(fd)
@@ -310,7 +317,7 @@ def _frame(root_fd: int, rel: str, parent: _Frame | None, name: str) -> _Frame:
     except BaseException:
         os.close(fd)
         raise
-    return _Frame(rel, fd, sorted(names, reverse=True), st)
+    return _Frame(top if parent is None else name, fd, sorted(names, reverse=True), st)
 
 
 def walk(root_fd: int, top: str = "", *, on_error: Callable[[str, OSError], None] | None = None
@@ -335,7 +342,7 @@ def walk(root_fd: int, top: str = "", *, on_error: Callable[[str, OSError], None
                 os.close(stack.pop().fd)
                 continue
             name = frame.names.pop()
-            rel = _join(frame.rel, name)
+            rel = _rel(stack, name)
             try:
                 st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
             except FileNotFoundError as err:  # vanished since the listing
@@ -363,11 +370,26 @@ def regular_files(root_fd: int, top: str) -> list[Entry]:
 
 
 # -- deleting ------------------------------------------------------------------------------
+_SAMPLE = 10  # names kept of what a prune refused or failed: a tree may be huge
+
+
 @dataclass
 class Pruned:
-    removed: list[str] = field(default_factory=list)  # relpaths of what was removed
-    kept: list[str] = field(default_factory=list)  # entries the predicate refused
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why)
+    removed: int = 0  # entries removed, directories included
+    kept: int = 0  # entries the predicate refused
+    kept_sample: list[str] = field(default_factory=list)  # the first few of them
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (relpath, why), first few
+    failed: int = 0  # removals that failed
+
+    def keep(self, rel: str) -> None:
+        self.kept += 1
+        if len(self.kept_sample) < _SAMPLE:
+            self.kept_sample.append(rel)
+
+    def error(self, rel: str, err: OSError) -> None:
+        self.failed += 1
+        if len(self.errors) < _SAMPLE:
+            self.errors.append((rel, err.strerror or str(err)))
 
 
 def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool]) -> Pruned:
@@ -389,14 +411,14 @@ def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool])
         if not stat.S_ISDIR(st.st_mode):
             if remove(top, st):
                 os.unlink(name, dir_fd=dir_fd)
-                out.removed.append(top)
+                out.removed += 1
             else:
-                out.kept.append(top)
+                out.keep(top)
             return out
     except FileNotFoundError:
         return out
     except OSError as err:
-        out.errors.append((top, err.strerror or str(err)))
+        out.error(top, err)
         return out
     finally:
         os.close(dir_fd)
@@ -407,7 +429,7 @@ def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool])
             frame = stack[-1]
             if frame.names:
                 name = frame.names.pop()
-                rel = _join(frame.rel, name)
+                rel = _rel(stack, name)
                 try:
                     st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
@@ -415,30 +437,30 @@ def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool])
                         stack.append(_frame(root_fd, rel, frame, name))
                     elif remove(rel, st):
                         os.unlink(name, dir_fd=frame.fd)
-                        out.removed.append(rel)
+                        out.removed += 1
                     else:
-                        out.kept.append(rel)
+                        out.keep(rel)
                 except FileNotFoundError:
                     continue
                 except OSError as err:
-                    out.errors.append((rel, err.strerror or str(err)))
+                    out.error(rel, err)
                 continue
+            rel = _rel(stack)
             stack.pop()
             os.close(frame.fd)
-            last = frame.rel.rsplit("/", 1)[-1]
             try:
                 if stack:
-                    os.rmdir(last, dir_fd=stack[-1].fd)
+                    os.rmdir(frame.name, dir_fd=stack[-1].fd)
                 else:
-                    pfd, pname = open_parent(root_fd, frame.rel)
+                    pfd, pname = open_parent(root_fd, top)
                     try:
                         os.rmdir(pname, dir_fd=pfd)
                     finally:
                         os.close(pfd)
-                out.removed.append(frame.rel)
+                out.removed += 1
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    out.errors.append((frame.rel, err.strerror or str(err)))
+                    out.error(rel, err)
     finally:
         for frame in stack:
             os.close(frame.fd)

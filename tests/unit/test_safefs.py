@@ -147,7 +147,7 @@ def test_a_tree_1500_levels_deep_is_walked_and_pruned(tmp_path: Path, resolver: 
         files = safefs.regular_files(root, "top")
         assert [e.relpath for e in files] == [f"top/{rel}"]
         pruned = safefs.prune(root, "top", lambda _rel, _st: True)
-    assert not pruned.errors and len(pruned.removed) == 1502
+    assert not pruned.errors and pruned.removed == 1502
     assert not (tmp_path / "s" / "top").exists()
 
 
@@ -161,7 +161,7 @@ def test_prune_removes_exactly_what_it_is_told_then_the_directories_left_empty(
     verified = {"run/a", "run/sub/b", "run/sub2/c"}
     with safefs.opened_root(tmp_path) as root:
         pruned = safefs.prune(root, "run", lambda rel, _st: rel in verified)
-    assert sorted(pruned.kept) == ["run/late", "run/sub2/ln"]
+    assert pruned.kept == 2 and sorted(pruned.kept_sample) == ["run/late", "run/sub2/ln"]
     assert sorted(os.listdir(tmp_path / "run")) == ["late", "sub2"]
     assert (tmp_path / "outside" / "keep").exists()  # a link is removed as a link at most
 
