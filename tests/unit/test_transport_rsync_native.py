@@ -45,7 +45,7 @@ def test_the_password_travels_in_the_environment_never_on_the_command_line(
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     t = make(tmp_path, password_file=pw, bwlimit=100)
-    argv = t.rsync_argv("in/proj1", force=False, delay=False)
+    argv = t.rsync_argv("in/proj1", force=False)
     assert not any("s3cret" in a for a in argv)
     assert t.env()["RSYNC_PASSWORD"] == "s3cret"
     assert argv[-1] == "rsync://mstm@archive.example.org:8730/data/in/proj1/"
@@ -79,15 +79,13 @@ def test_fsync_is_asked_for_when_the_local_rsync_knows_it(tmp_path: Path) -> Non
     fake.chmod(0o755)
     rsync_native._FSYNC_SUPPORT.clear()
     old = make(tmp_path, rsync_cmd=str(fake))
-    assert "--fsync" not in old.rsync_argv("in", force=False, delay=False)
+    assert "--fsync" not in old.rsync_argv("in", force=False)
     new = tmp_path / "new-rsync"
     new.write_text("#!/bin/sh\necho ' --fsync                  fsync every written file'\n")
     new.chmod(0o755)
-    assert "--fsync" in make(tmp_path, rsync_cmd=str(new)).rsync_argv("in", force=False,
-                                                                         delay=False)
+    assert "--fsync" in make(tmp_path, rsync_cmd=str(new)).rsync_argv("in", force=False)
     fake.write_text("#!/bin/sh\necho --fsync\n")  # asked once per program, then cached
-    assert "--fsync" not in make(tmp_path, rsync_cmd=str(fake)).rsync_argv(
-        "in", force=False, delay=False)
+    assert "--fsync" not in make(tmp_path, rsync_cmd=str(fake)).rsync_argv("in", force=False)
 
 
 def test_a_daemon_refusing_fsync_is_recognised() -> None:
@@ -97,3 +95,33 @@ def test_a_daemon_refusing_fsync_is_recognised() -> None:
                           b"rsync error: requested action not supported (code 4)\n")
     assert _refuses_fsync(b"rsync: on remote machine: --fsync: unknown option\n")
     assert not _refuses_fsync(b"rsync: write failed on \"x\": No space left on device (28)\n")
+
+
+def test_rsync_never_creates_devices_fifos_setuid_bits_or_foreign_owners(tmp_path: Path
+                                                                          ) -> None:
+    for dirs in (False, True):
+        argv = make(tmp_path, follow_symlinks=True).rsync_argv("in/.mstm-staging/b", force=False,
+                                                               dirs=dirs)
+        assert "--chmod=a-st" in argv and "--perms" in argv
+        assert {"--no-devices", "--no-specials"} <= set(argv)
+        for bad in ("-D", "--devices", "--specials", "--copy-devices", "--write-devices",
+                    "-a", "--archive", "-o", "-g", "--owner", "--group", "--super",
+                    "--delete", "--delay-updates"):
+            assert bad not in argv
+
+
+def test_send_refuses_to_write_anywhere_but_a_staging_directory(tmp_path: Path) -> None:
+    from mstm.transports.base import Item
+
+    with pytest.raises(ValueError):
+        make(tmp_path).send([Item("a", 1)])
+
+
+def test_the_listing_tells_directories_links_and_files_apart() -> None:
+    from mstm.transports.rsync_native import parse_types
+
+    out = (b"drwxr-xr-x          4,096 2026/01/01 12:00:00 run42\n"
+           b"lrwxrwxrwx              3 2026/01/01 12:00:00 run42/l -> x\n"
+           b"-rw-r--r--              5 2026/01/01 12:00:00 run42/a b\n"
+           b"prw-r--r--              0 2026/01/01 12:00:00 fifo\n")
+    assert parse_types(out) == {"run42": "d", "run42/l": "l", "run42/a b": "f", "fifo": "x"}

@@ -9,19 +9,40 @@ never a log line.
 
 What it guarantees:
 
-* **Nothing half-written under a final name**: rsync writes each file to a hidden
-  temporary name beside its final one and renames it when its own whole-file checksum
-  matched; an interrupted large file is kept in `.mstm-partial/` and resumed next time.
-* **Directory items**: a daemon offers no rename, so there is no staging area and
-  `publish` has nothing to do.  Each directory is sent as a tree straight to its final
-  place with `--delay-updates`: every file of the run is held back in `.~tmp~` and all
-  are renamed into place together at the end of the run.  The directory therefore
-  appears (empty, or with its older content) before the run ends, and its new files
-  all arrive within moments of each other -- weaker than rsync_ssh's single rename.
-* **Verification** (`inspect`) -- better than sizes alone, without reading the data
-  back over the network: size from the daemon's listing (`--list-only`), then a
-  dry run with `--checksum` in which *the daemon* computes rsync's whole-file checksum
-  (xxh128 or MD5, whichever both sides prefer) of every file under its final name and
+* **Nothing unverified under a final name** (a daemon cannot rename on request): every
+  item, file or directory, is sent into the batch's staging directory
+  `<target_dir>/.mstm-staging/<batch>/` (one rsync run); `inspect(staged=batch)`
+  checks it there; `publish` then has the daemon *hard-link* each verified staged file
+  into its final place (a second run, `--link-dest=.mstm-staging/<batch>`), fed from a
+  local scratch tree of empty sparse files carrying exactly the attributes (size,
+  mtime, mode) the verified version had -- never from the live source, so a source
+  rewritten since cannot slip through.  A dry run of that second run comes first: an
+  item for which rsync would transfer any data instead of linking (or copying locally
+  from the staged file), or whose paths have another type at the target (a file, a
+  link or a directory where the item has something else), is not published (error).
+  `discard` empties the staging batch with a run of `--delete` from an empty directory
+  and removes the batch directory itself (`--remove-source-files` is not needed).
+  **Windows left**: (1) between the dry run and the real run, a staged file altered or
+  a path's type changed at the target (only by the daemon's user, or whoever writes its
+  module directly) would make rsync transfer the scratch file's zeros, or replace a
+  link or empty directory, under a final name -- the real run's itemized output reports
+  it (error for the item), but it has happened; (2) a final file that already has the
+  verified version's size, mtime and mode is taken to be it (rsync's quick check);
+  (3) the daemon's links are not fsynced (rsync has no way to ask): after a crash of
+  the target a published name may be missing again -- never wrong, the staged copy is
+  then gone too, and the next attempt sends it again; (4) a directory item's files
+  appear one by one.  Interrupted files are kept in the batch's own `.mstm-partial/`
+  (a daemon makes an absolute `--partial-dir` relative to each directory), so a
+  transfer cut off is not resumed by the next batch: it starts again.
+* **Merging, modes, ownership**: rsync never deletes at the target (no --delete) so a
+  directory item is merged into an existing one; `--chmod=a-st` clears setuid, setgid
+  and sticky on everything sent and linked; no -o/-g (files belong to the daemon's
+  user), no -D (`--no-devices --no-specials`): no device or FIFO is ever created.
+* **Verification** (`inspect`, in the staging directory) -- better than sizes alone,
+  without reading the data back over the network: size from the daemon's listing
+  (`--list-only`), then a dry run with `--checksum` in which *the daemon* computes
+  rsync's whole-file checksum
+  (xxh128 or MD5, whichever both sides prefer) of every file (staged) and
   compares it with the same checksum of the local source.  When they agree the file
   is reported with the sha256 of the local source, computed here around that dry run
   (and only if the source did not change meanwhile); when they differ, sha256 is None
@@ -51,14 +72,24 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.transports.base import (
+    STAGING,
+    Item,
+    Progress,
+    RemoteFile,
+    SendResult,
+    ShouldStop,
+    staging_dir,
+)
 from mstm.transports.common import read_secret
 from mstm.transports.rsyncrun import PROGRESS_FORMAT, run_rsync
 from mstm.transports.ssh import spawn
@@ -115,6 +146,30 @@ def parse_listing(out: bytes) -> dict[str, int]:
     return found
 
 
+def parse_types(out: bytes) -> dict[str, str]:
+    """Every entry of `rsync --list-only` output: name -> "d", "l", "f" or "x"."""
+    found: dict[str, str] = {}
+    for line in out.split(b"\n"):
+        parts = line.split(None, 4)
+        if len(parts) < 5 or len(parts[0]) != 10:
+            continue
+        name = parts[4].split(b" -> ", 1)[0] if line.startswith(b"l") else parts[4]
+        found[os.fsdecode(unescape(name))] = {"d": "d", "l": "l", "-": "f"}.get(
+            chr(line[0]), "x")
+    return found
+
+
+def parse_itemized_all(out: bytes) -> dict[str, str]:
+    """A `-ii` run's itemized lines: name -> the 11 flag characters."""
+    found: dict[str, str] = {}
+    for line in out.split(b"\n"):
+        if line.startswith(_TAG) and len(line) > len(_TAG) + 12:
+            body = line[len(_TAG):]
+            found[os.fsdecode(unescape(body[12:])).rstrip("/")] = body[:11].decode(
+                "ascii", "replace")
+    return found
+
+
 def parse_itemized(out: bytes) -> dict[str, bool]:
     """A `-n -c -ii` dry run: name -> content identical (True) or not (False)."""
     result: dict[str, bool] = {}
@@ -155,6 +210,8 @@ class RsyncNative:
         self.follow_symlinks = follow_symlinks
         self._alive = False
         self._env: dict[str, str] | None = None
+        # (batch, relpath) -> the source version inspect verified in that batch's staging
+        self._verified: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._fsync = supports_fsync(rsync_cmd)
         if not self._fsync:
             _warn_once(f"local {rsync_cmd}", "%s has no --fsync (rsync < 3.2.4): durability "
@@ -224,20 +281,20 @@ class RsyncNative:
         return self._alive
 
     # -- transfer ---------------------------------------------------------------
-    def rsync_argv(self, dest: str, *, force: bool, delay: bool) -> list[str]:
+    def rsync_argv(self, dest: str, *, force: bool, dirs: bool = False) -> list[str]:
         # as rsync_ssh's: with follow_symlinks the file items' links go as the files they
-        # point to, nothing recursed into; directory items (delay) keep their links
-        links = (["--copy-links", "--no-dirs"] if self.follow_symlinks and not delay
+        # point to, nothing recursed into (unless the batch has directory items, whose
+        # links travel as links).  Modes: --perms --chmod=a-st; never -o/-g/-D.
+        links = (["--copy-links", "--no-dirs"] if self.follow_symlinks and not dirs
                  else ["--recursive", "--links"])
         argv = [
             *self._base_argv(),
-            *links, "--perms", "--times",
+            *links, "--perms", "--chmod=a-st", "--times",
+            "--no-devices", "--no-specials",
             "--from0", "--files-from=-", "--mkpath",
             f"--partial-dir={PARTIAL}",
             PROGRESS_FORMAT,
         ]
-        if delay:
-            argv.append("--delay-updates")
         if self._fsync:
             argv.append("--fsync")
         if force:
@@ -250,32 +307,22 @@ class RsyncNative:
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
              should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
              dest: str | None = None) -> SendResult:
-        result = SendResult()
-        where = self._inside(dest) if dest is not None else self.target_dir
-        files = [i for i in items if not i.is_dir]
-        dirs = [i for i in items if i.is_dir]
-        for group, delay in ((files, False), (dirs, True)):
-            if not group:
-                continue
-            r = self._transfer(group, where, delay=delay, progress=progress,
-                               should_stop=should_stop, tick=tick,
-                               done=(result.files, result.bytes))
-            result.files += r.files
-            result.bytes += r.bytes
-            if r.exit_code and not result.exit_code:
-                result.exit_code, result.error = r.exit_code, r.error
-            if r.stopped:
-                result.stopped = True
-                break
-            if r.exit_code in CONNECTION_CODES or r.exit_code < 0:
-                self._alive = False
-                break
-        return result
+        if dest is None:
+            raise ValueError("rsync_native sends into a staging (or incoming) directory only")
+        items = list(items)
+        if not items:
+            return SendResult()
+        r = self._transfer(items, self._inside(dest), dirs=any(i.is_dir for i in items),
+                           progress=progress, should_stop=should_stop, tick=tick,
+                           done=(0, 0))
+        if not r.stopped and (r.exit_code in CONNECTION_CODES or r.exit_code < 0):
+            self._alive = False
+        return r
 
-    def _transfer(self, items: Sequence[Item], dest: str, *, delay: bool,
+    def _transfer(self, items: Sequence[Item], dest: str, *, dirs: bool,
                   progress: Progress | None, should_stop: ShouldStop | None,
                   tick: Callable[[], None] | None, done: tuple[int, int]) -> SendResult:
-        argv = self.rsync_argv(dest, force=any(i.force for i in items), delay=delay)
+        argv = self.rsync_argv(dest, force=any(i.force for i in items), dirs=dirs)
         names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
         run = run_rsync(argv, names, env=self.env(), progress=progress,
                         should_stop=should_stop, tick=tick, done=done)
@@ -284,7 +331,7 @@ class RsyncNative:
             self._fsync = False
             _warn_once(f"daemon {self.peer}", "%s refuses --fsync (rsync < 3.2.4): "
                        "durability of files at this target is not guaranteed", self.peer)
-            return self._transfer(items, dest, delay=delay, progress=progress,
+            return self._transfer(items, dest, dirs=dirs, progress=progress,
                                   should_stop=should_stop, tick=tick, done=done)
         code, error = run.exit_code, run.stderr_tail
         if code:
@@ -294,41 +341,180 @@ class RsyncNative:
                           exit_code=code, stopped=run.stopped)
 
     # -- verification -----------------------------------------------------------
-    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+    def inspect(self, relpaths: Sequence[str], *, staged: str | None = None
+                ) -> dict[str, RemoteFile]:
         """Sizes from the daemon's listing; content by the daemon's own checksum compared
-        with the source's (see the module's docstring).  *staged* changes nothing: a
-        daemon has no staging area, directories are sent to their final place."""
+        with the source's (see the module's docstring), under the final names or in
+        batch *staged*'s staging directory.  A directory is present with sha256 None."""
         if not relpaths:
             return {}
+        base = self._inside(staging_dir(self.target_dir, staged)) if staged \
+            else self.target_dir
         names = b"".join(os.fsencode(p) + b"\0" for p in relpaths)
         with tempfile.TemporaryDirectory(prefix="mstm-rsync-") as scratch:
             listing = self._run([*self._base_argv(), "--list-only", "--from0",
-                                 "--files-from=-", "--", self.url(self.target_dir) + "/",
+                                 "--files-from=-", "--", self.url(base) + "/",
                                  os.path.join(scratch, "none") + "/"], input=names)
         sizes = parse_listing(listing.stdout)
+        types = parse_types(listing.stdout)
+        dirs = {p: RemoteFile(size=0, sha256=None) for p in relpaths if types.get(p) == "d"}
         present = [p for p in relpaths if p in sizes]
         if not present:
-            return {}
+            return dirs
         before = {p: _version(self.source_dir, p) for p in present}
         # (a followed link is compared as the file it points to, as it was sent)
         follow = ["--copy-links", "--no-dirs"] if self.follow_symlinks else ["--recursive"]
         check = self._run([*self._base_argv(), "--dry-run", "--checksum", "-ii",
                            *follow, "--from0", "--files-from=-",
                            f"--out-format={_TAG.decode()}%i %n", "--",
-                           f"{self.source_dir}/", self.url(self.target_dir) + "/"],
+                           f"{self.source_dir}/", self.url(base) + "/"],
                           input=b"".join(os.fsencode(p) + b"\0" for p in present))
         same = parse_itemized(check.stdout)
-        found: dict[str, RemoteFile] = {}
+        found: dict[str, RemoteFile] = dict(dirs)
         for p in present:
             digest = None
             version = before[p]
             if same.get(p) and version is not None:
                 digest = _sha256(self.source_dir, p, version)
+                if digest is not None and staged:
+                    # what publish will link: exactly this version's attributes
+                    self._verified[(staged, p)] = version
             found[p] = RemoteFile(size=sizes[p], sha256=digest)
         return found
 
-    def publish(self, items: Sequence[Item]) -> dict[str, str]:
-        return {}  # directories went to their final place (--delay-updates)
+    # -- publishing: the daemon hard-links the verified staged files into place -------
+    def publish(self, items: Sequence[Item], *, staged: str) -> dict[str, str]:
+        if not items:
+            return {}
+        errors: dict[str, str] = {}
+        with tempfile.TemporaryDirectory(prefix="mstm-publish-") as scratch:
+            ok: list[Item] = []
+            for item in items:
+                why = self._scratch(item, staged, scratch)
+                if why:
+                    errors[item.relpath] = why
+                else:
+                    ok.append(item)
+            if ok:
+                errors |= self._link_into_place(ok, staged, scratch)
+        for key in [k for k in self._verified if k[0] == staged]:
+            del self._verified[key]
+        return errors
+
+    def _scratch(self, item: Item, staged: str, scratch: str) -> str:
+        """Build *item* in *scratch* as empty sparse files with the verified versions'
+        attributes (links as the source has them); an error text, or ""."""
+        out = os.fsencode(scratch)
+        try:
+            with safefs.opened_root(self.source_dir) as root:
+                entries = (list(safefs.walk(root, item.relpath)) if item.is_dir
+                           else [safefs.Entry(item.relpath,
+                                              safefs.lstat_beneath(root, item.relpath), 0)])
+                for e in entries:
+                    path = os.path.join(out, os.fsencode(e.relpath))
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    if e.is_dir:
+                        os.makedirs(path, exist_ok=True)
+                        os.chmod(path, stat.S_IMODE(e.st.st_mode) & 0o777 | 0o700)
+                    elif stat.S_ISLNK(e.st.st_mode) and item.is_dir:
+                        dfd, name = safefs.open_parent(root, e.relpath)
+                        try:
+                            os.symlink(os.readlink(name, dir_fd=dfd), path)
+                        finally:
+                            os.close(dfd)
+                    elif e.is_file or (stat.S_ISLNK(e.st.st_mode) and self.follow_symlinks):
+                        version = self._verified.get((staged, e.relpath))
+                        if version is None:
+                            return f"{os.fsencode(e.relpath)!r} was not verified in staging"
+                        size, mtime_ns, _ = version
+                        with open(path, "wb") as f:
+                            f.truncate(size)
+                        os.chmod(path, stat.S_IMODE(e.st.st_mode) & 0o777)
+                        os.utime(path, ns=(mtime_ns, mtime_ns))
+                    else:
+                        return f"{os.fsencode(e.relpath)!r}: {safefs.special_reason(e.st.st_mode)}"
+        except (OSError, ValueError) as err:
+            return f"cannot read the source: {getattr(err, 'strerror', None) or err}"
+        return ""
+
+    def _link_into_place(self, items: list[Item], staged: str, scratch: str
+                         ) -> dict[str, str]:
+        names = b"".join(os.fsencode(i.relpath) + b"\0" for i in items)
+        link = f"--link-dest={STAGING}/{staged}"
+        argv = [*self._base_argv(), "--recursive", "--links", "--perms", "--chmod=a-st",
+                "--times", "--no-devices", "--no-specials", "--from0", "--files-from=-",
+                "--mkpath", link, "-ii", f"--out-format={_TAG.decode()}%i %n", "--",
+                scratch + "/", self.url(self.target_dir) + "/"]
+        errors: dict[str, str] = {}
+
+        def owner(name: str) -> Item | None:
+            return next((i for i in items if name == i.relpath
+                         or name.startswith(i.relpath + "/")), None)
+
+        # 1. what is at the target now: a path of another type is a conflict
+        with tempfile.TemporaryDirectory(prefix="mstm-rsync-") as none:
+            there = parse_types(self._run(
+                [*self._base_argv(), "--list-only", "--recursive", "--from0",
+                 "--files-from=-", "--", self.url(self.target_dir) + "/", none + "/x/"],
+                input=names).stdout)
+        mine: dict[str, str] = {}
+        for dirpath, dirnames, filenames in os.walk(scratch):
+            for n in dirnames + filenames:
+                full = os.path.join(dirpath, n)
+                rel = os.path.relpath(full, scratch)
+                mine[rel] = "d" if os.path.isdir(full) and not os.path.islink(full) else "f"
+        for rel, k in mine.items():
+            have = there.get(rel)
+            if have is not None and (have == "d") != (k == "d"):
+                item = owner(rel)
+                if item is not None:
+                    errors.setdefault(item.relpath, f"{rel} is of another type at the target")
+        # parents of each item at the target: real directories only
+        for i in items:
+            parts = i.relpath.split("/")
+            for depth in range(1, len(parts)):
+                if there.get("/".join(parts[:depth])) not in (None, "d"):
+                    errors.setdefault(i.relpath, "a link or a file on the way at the target")
+        # 2. a dry run: anything but a link (h), a local copy (c) or nothing to do is refused
+        dry = self._run([*argv[:1], "--dry-run", *argv[1:]], input=names)
+        for name, flags in parse_itemized_all(dry.stdout).items():
+            item = owner(name)
+            if item is not None and flags[1:2] == "f" and flags[:1] not in ("h", "c", "."):
+                errors.setdefault(item.relpath, f"{name}: not the verified staged copy")
+        if dry.returncode not in (0, 23, 24):
+            return {i.relpath: errors.get(i.relpath) or _summarise(dry.stderr, dry.returncode)
+                    for i in items}
+        good = [i for i in items if i.relpath not in errors]
+        if not good:
+            return errors
+        # 3. the real run, for the items that passed
+        run = self._run(argv, input=b"".join(os.fsencode(i.relpath) + b"\0" for i in good))
+        for name, flags in parse_itemized_all(run.stdout).items():
+            item = owner(name)
+            if item is not None and flags[1:2] == "f" and flags[:1] not in ("h", "c", "."):
+                errors.setdefault(item.relpath, f"{name}: sent, not linked (changed at the "
+                                  "target meanwhile)")
+        if run.returncode:
+            for i in good:
+                errors.setdefault(i.relpath, _summarise(run.stderr, run.returncode))
+        return errors
+
+    def discard(self, staged: str) -> None:
+        """Empty batch *staged*'s staging directory (`--delete` from an empty directory,
+        which removes no link's target, at any depth) and remove it."""
+        with tempfile.TemporaryDirectory(prefix="mstm-rsync-") as empty:
+            where = self._inside(staging_dir(self.target_dir, staged))
+            try:
+                r = self._run([*self._base_argv(), "--recursive", "--delete", "--force",
+                               "--", empty + "/", self.url(where) + "/"])
+                if r.returncode == 0:
+                    # the now empty batch directory: a run that deletes just it
+                    self._run([*self._base_argv(), "--recursive", "--delete",
+                               f"--include=/{staged}", "--exclude=*", "--",
+                               empty + "/", self.url(self._inside(
+                                   f"{self.target_dir}/{STAGING}")) + "/"])
+            except TargetUnavailable as err:
+                log.info("could not remove staging batch %s: %s", staged, err)
 
     # -- small files (the arrival monitor's handshake) ---------------------------
     def put_file(self, directory: str, name: str, data: bytes) -> None:
