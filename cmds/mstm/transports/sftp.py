@@ -14,29 +14,48 @@ account may run commands, an exec channel for `sha256sum` beside the sftp channe
 
 What it guarantees:
 
-* **Nothing half-written under a final name.**  Each file is written to a hidden
-  `.<name>.mstm-part` beside its final name, then given the source's mode and mtime and
-  renamed over the final name with `posix-rename@openssh.com` (atomic replace; plain
-  SFTP rename plus remove where the server lacks it).  An interrupted upload is
-  resumed from that file's length next time (unless the sender forces a full re-send
-  after a failed check, which then truncates it).  There is no fsync over SFTP
-  (OpenSSH's `fsync@openssh.com` is not exposed by paramiko): a crash of the *target
-  host* may lose what its page cache held; mstm verifies what the server then serves.
-* **Directory items** are written into `<target_dir>/.mstm-staging/<name>` and renamed
-  into place by `publish` after verification (a directory already there is replaced).
-  Symbolic links inside them are recreated as links (SFTP `symlink`), never followed.
-* **Symbolic links as file items** (`follow_symlinks = true`): the file a link points to
-  is sent (and so verified); otherwise a source that is a link is refused (the scanner
-  never queues one then).  Only regular files are ever opened.
+* **Nothing unverified under a final name.**  The sender sends every item (file or
+  directory) into ``<target_dir>/.mstm-staging/<batch>/`` (both made mode 0700),
+  verifies it there (`inspect`) and only then has it `publish`ed: a file is renamed
+  over its final name with `posix-rename@openssh.com` (atomic replace; plain SFTP
+  rename plus remove where the server lacks it).  A file rewritten while it was being
+  sent is refused at once (its size, mtime or ctime moved); in any case the sender's
+  hash would not match, so it is never published.  `discard` removes what is left of a
+  batch (``rm -rf`` over exec where the account may run commands, else an iterative
+  SFTP walk); `open` removes the batches a killed sender left (batch-shaped names only,
+  nothing in them changed for a day).  There is no fsync over SFTP (OpenSSH's
+  `fsync@openssh.com` is not exposed by paramiko): where the account may run
+  commands, the target runs ``syncfs`` before the check and after the renames of
+  `publish`; where it may not, a crash of the *target host* may lose what its page
+  cache held.
+* **Directory items are merged** (the same rules as local.py): a directory the target
+  lacks is renamed in whole (OpenSSH's plain rename refuses an existing name), into an
+  existing one each file is renamed over a same-named non-directory, and nothing else
+  there is touched or removed; type conflicts (and links where a directory is needed)
+  are looked for first and fail the item with nothing changed.
+* **Links at the target**: SFTP has no no-follow open, so every existing component
+  of a path below target_dir is `lstat`'d first (the staging directory, each parent of
+  an item, each directory merged into) and a symbolic link fails the item.  The
+  window: a component swapped for a link *between* that lstat and the following
+  request (open, mkdir, rename) is followed by the server.  Only an account that can
+  write in target_dir can do that; the staging batch itself is 0700.
+* **The source is read only through** :mod:`mstm.safefs` (no link below the stream
+  directory followed; a directory item walked from descriptors); a directory item
+  holding a symbolic link, FIFO, socket or device fails as a whole and nothing of that
+  kind is ever created at the target.
+* **Modes and ownership**: a file gets its source's permission bits ``& 0o777``, a
+  directory of a directory item ``(mode & 0o777) | 0o700``, directories above an
+  item the server's default; setuid, setgid and sticky bits never survive (also as
+  root).  Ownership is never copied: files belong to the account that writes them.
+  The mtime is kept (whole seconds).
 * **Verification** (`inspect`), strongest first: with `[sftp] remote_checksum` (the
-  default), size (`stat`) and sha256 computed *on the target* by `sha256sum` from the
-  file under its final name, over an exec channel of the same connection; when the
-  account cannot run commands (an sftp-only account, `ForceCommand internal-sftp`) or
-  has no `sha256sum`, and `[sftp] verify_readback` is on (the default), the file is read
-  back over SFTP and hashed here -- this proves the bytes the server serves, at the cost
-  of reading them again; with both off, only the size is known and `sha256` is None.
-* **Quick check**: a file whose target already has the source's size and mtime (whole
-  seconds, SFTP's resolution) is not sent again unless the sender forces it.
+  default), size and sha256 computed *on the target* by python3 over an exec channel
+  of the same connection, every path resolved from a descriptor with ``O_NOFOLLOW``;
+  when the account cannot run commands (an sftp-only account, `ForceCommand
+  internal-sftp`) or has no python3, and `[sftp] verify_readback` is on (the default),
+  the file is read back over SFTP (after the lstat of its components) and hashed here;
+  with both off, only the size is known and `sha256` is None.  A directory is
+  reported present with ``sha256=None``.
 * **bwlimit** paces the write loop; **connect_timeout** bounds TCP connect, the ssh
   banner and authentication; **stall_seconds**: no chunk written for that long (the
   server stopped, or trickling) closes the connection, and the sender retries later.
@@ -49,25 +68,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
+import hashlib
 import logging
 import os
 import posixpath
-import secrets
 import shlex
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import paramiko
 
+from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.scan import open_regular
-from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.protocol import BATCH_RE, OUR_BATCH_RE
+from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
-    STAGING,
     Monitor,
     Throttle,
     call_watched,
@@ -76,7 +96,7 @@ from mstm.transports.common import (
     poll_until,
     run_watched,
 )
-from mstm.transports.rsync_ssh import _INSPECT_SCRIPT, _SPLIT, parse_inspect
+from mstm.transports.local import STALE_SECONDS, ItemProblem, dir_mode, file_mode
 
 log = logging.getLogger("mstm.sftp")
 logging.getLogger("paramiko").setLevel(logging.WARNING)
@@ -123,6 +143,7 @@ class Sftp:
         self._dirs: set[bytes] = set()
         self._exec_ok: bool | None = None if remote_checksum else False
         self._lock = threading.Lock()
+        self._unfinished: set[str] = set()  # staging batches sent into, not discarded yet
 
     @property
     def peer(self) -> str:
@@ -161,6 +182,31 @@ class Sftp:
             raise TargetUnavailable(f"sftp to {self.peer} failed: {_reason(err)}") from None
         self._client, self._sftp = client, sftp
         self._dirs = set()
+        for batch in sorted(self._unfinished):
+            with contextlib.suppress(OSError, paramiko.SSHException, TargetUnavailable):
+                self.discard(batch)
+        try:
+            self._clean_stale(sftp)
+        except (OSError, paramiko.SSHException, UnicodeDecodeError) as err:
+            log.warning("%s: cannot clean old staging batches: %s", self.peer, _reason(err))
+
+    def _clean_stale(self, sftp: paramiko.SFTPClient) -> None:
+        """Remove the staging batches a killed sender left: batch-shaped names only,
+        nothing in them changed for a day."""
+        staging = _join(self.target, STAGING.encode())
+        st = _lstat(sftp, staging)
+        if st is None or not stat.S_ISDIR(st.st_mode or 0):
+            return
+        limit = time.time() - STALE_SECONDS
+        for entry in sftp.listdir_attr(staging):  # type: ignore[arg-type]
+            name = entry.filename
+            if not OUR_BATCH_RE.match(name) or name in self._unfinished or \
+                    not stat.S_ISDIR(entry.st_mode or 0) or (entry.st_mtime or 0) > limit:
+                continue
+            if all((e.st_mtime or 0) <= limit
+                   for e in _tree_attrs(sftp, _join(staging, _b(name)))):
+                log.info("%s: removing the abandoned staging batch %s", self.peer, name)
+                self.discard(name)
 
     def close(self) -> None:
         client, self._client, self._sftp = self._client, None, None
@@ -184,31 +230,53 @@ class Sftp:
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
              should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
              dest: str | None = None) -> SendResult:
-        """Send *items* under target_dir (directories into the staging area), or all of
-        them, directories as trees, into *dest*."""
+        """Send *items* into *dest* (a staging batch, or the arrival monitor's batch
+        directory), directories as trees.  Without *dest*, file items go straight to
+        target_dir (a hidden name, then a rename) and directory items are refused."""
         sftp = self._sftp_or_raise()
-        root = _b(dest.rstrip("/") or "/") if dest is not None else self.target
         monitor = Monitor(progress=progress, throttle=Throttle(self.bwlimit))
+        private = self._staging_batch(dest)
+        if private:
+            self._unfinished.add(private)
+        self._dirs = set()
 
         def work(mon: Monitor) -> SendResult:
             result = SendResult()
-            for item in items:
-                try:
-                    if item.is_dir:
-                        tree = root if dest is not None else _join(root, STAGING.encode())
-                        self._send_tree(sftp, item, tree, mon)
-                    else:
-                        self._send_file(sftp, _join(self.source, _b(item.relpath)),
-                                        _join(root, _b(item.relpath)), mon,
-                                        force=item.force, staged=False)
-                except _CONNECTION_ERRORS as err:
-                    if not self.alive() or not isinstance(err, OSError) or \
-                            isinstance(err, TimeoutError):
-                        self.close()
-                        result.error = f"sftp to {self.peer}: {_reason(err)}"
-                        result.exit_code = 1
-                        break
-                    result.item_errors[item.relpath] = _reason(err)
+            try:
+                src_fd = safefs.open_root(self.source)
+            except OSError as err:
+                for item in items:
+                    result.item_errors[item.relpath] = \
+                        f"cannot open the stream directory: {err.strerror or err}"
+                return result
+            try:
+                root = self._prepare_dest(sftp, dest, private=private is not None)
+                for item in items:
+                    try:
+                        if item.is_dir and dest is None:
+                            raise ItemProblem("a directory item needs a staging batch")
+                        if item.is_dir:
+                            self._send_tree(sftp, src_fd, item, root, mon)
+                        else:
+                            self._send_item_file(sftp, src_fd, item, root, mon,
+                                                 direct=dest is None,
+                                                 private=private is not None)
+                    except ItemProblem as err:
+                        result.item_errors[item.relpath] = str(err)
+                    except _CONNECTION_ERRORS as err:
+                        if not self.alive() or not isinstance(err, OSError) or \
+                                isinstance(err, TimeoutError):
+                            raise
+                        result.item_errors[item.relpath] = _reason(err)
+            except ItemProblem as err:
+                for item in items:
+                    result.item_errors[item.relpath] = str(err)
+            except _CONNECTION_ERRORS as err:
+                self.close()
+                result.error = f"sftp to {self.peer}: {_reason(err)}"
+                result.exit_code = 1
+            finally:
+                os.close(src_fd)
             result.files, result.bytes = mon.files, mon.bytes
             return result
 
@@ -216,18 +284,66 @@ class Sftp:
                              abort=self.close, should_stop=should_stop, tick=tick)
         return note_item_errors(result)
 
+    def _staging_batch(self, dest: str | None) -> str | None:
+        if dest is None:
+            return None
+        head, _, batch = _b(dest).rstrip(b"/").rpartition(b"/")
+        if head == _join(self.target, STAGING.encode()) and BATCH_RE.match(os.fsdecode(batch)):
+            return os.fsdecode(batch)
+        return None
+
+    def _prepare_dest(self, sftp: paramiko.SFTPClient, dest: str | None, *,
+                      private: bool) -> bytes:
+        """Make *dest* (0700 for a staging batch), checking that no component below
+        target_dir is a symbolic link; its path."""
+        if dest is None:
+            return self.target
+        raw = _b(dest).rstrip(b"/") or b"/"
+        prefix = self.target.rstrip(b"/") + b"/"
+        if raw.startswith(prefix):
+            base, rel = self.target, raw[len(prefix):]
+        else:  # the arrival monitor's incoming directory (configured: may be a link)
+            base, rel = posixpath.split(raw)
+            self._makedirs(sftp, base)
+        for part in rel.split(b"/") if rel else []:
+            base = _join(base, part)
+            self._ensure_dir(sftp, base, 0o700 if private else 0o777, dest)
+        return base
+
+    def _ensure_dir(self, sftp: paramiko.SFTPClient, path: bytes, mode: int,
+                    shown: str) -> None:
+        """*path* is a directory (made with *mode* if missing), not a link: else
+        ItemProblem (the lstat-then-use window is in the module docstring)."""
+        if path in self._dirs:
+            return
+        st = _lstat(sftp, path)
+        if st is None:
+            try:
+                sftp.mkdir(path, mode)  # type: ignore[arg-type]
+            except OSError:
+                pass  # made meanwhile by someone else?  Looked at below
+            st = _lstat(sftp, path)
+        if st is None or stat.S_ISLNK(st.st_mode or 0):
+            raise ItemProblem(f"{shown}: {os.fsdecode(path)} is a symbolic link at the target "
+                              f"(never followed); left as it is" if st is not None else
+                              f"{shown}: cannot make {os.fsdecode(path)}")
+        if not stat.S_ISDIR(st.st_mode or 0):
+            raise ItemProblem(f"{shown}: {os.fsdecode(path)} is not a directory at the "
+                              f"target; left as it is")
+        self._dirs.add(path)
+
     def _makedirs(self, sftp: paramiko.SFTPClient, path: bytes) -> None:
+        """The configured directories (incoming, handshake): made if missing, as given."""
         if path in self._dirs or path in (b"/", b""):
             return
         try:
-            st = sftp.stat(path)
+            st = sftp.stat(path)  # type: ignore[arg-type]
         except FileNotFoundError:
             self._makedirs(sftp, posixpath.dirname(path))
             try:
-                sftp.mkdir(path, 0o755)
+                sftp.mkdir(path, 0o755)  # type: ignore[arg-type]
             except OSError:
-                # made meanwhile by someone else?  Then fine; else the real error
-                st = sftp.stat(path)
+                st = sftp.stat(path)  # type: ignore[arg-type]
                 if not stat.S_ISDIR(st.st_mode or 0):
                     raise
         else:
@@ -236,81 +352,88 @@ class Sftp:
                                          os.fsdecode(path))
         self._dirs.add(path)
 
-    def _send_file(self, sftp: paramiko.SFTPClient, src: bytes, dst: bytes, mon: Monitor,
-                   *, force: bool, staged: bool) -> None:
-        # a file of a directory item (staged) is never read through a link
-        with open(open_regular(src, follow_symlinks=self.follow_symlinks and not staged),
-                  "rb") as fin:
-            self._send_open_file(sftp, fin, dst, mon, force=force, staged=staged)
+    def _send_item_file(self, sftp: paramiko.SFTPClient, src_fd: int, item: Item,
+                        root: bytes, mon: Monitor, *, direct: bool, private: bool) -> None:
+        parts = safefs.split(item.relpath)
+        parent = root
+        for part in parts[:-1]:
+            parent = _join(parent, part)
+            self._ensure_dir(sftp, parent, 0o700 if private else 0o777, item.relpath)
+        self._send_file(sftp, src_fd, item.relpath, _join(parent, parts[-1]), mon,
+                        follow=self.follow_symlinks, direct=direct)
 
-    def _send_open_file(self, sftp: paramiko.SFTPClient, fin: BinaryIO, dst: bytes,
-                        mon: Monitor, *, force: bool, staged: bool) -> None:
-        st = os.fstat(fin.fileno())
-        if not force:
+    def _send_file(self, sftp: paramiko.SFTPClient, src_fd: int, relpath: str, dst: bytes,
+                   mon: Monitor, *, follow: bool, direct: bool = False) -> None:
+        """Send source file *relpath* (read through safefs) to *dst*; *direct*: through
+        a hidden name renamed over it."""
+        try:
+            fd = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)
+        except OSError as err:
+            raise ItemProblem(f"{relpath}: cannot be read safely: {err.strerror or err}"
+                              ) from None
+        with open(fd, "rb") as fin:
+            st = os.fstat(fd)
+            parent = posixpath.dirname(dst)
+            tmp = _join(parent, b"." + posixpath.basename(dst) + b".mstm-part") \
+                if direct else dst
+            with sftp.open(tmp, "wb") as remote:  # type: ignore[call-overload]
+                remote.set_pipelined(True)
+                size = chunk_size(self.bwlimit, _CHUNK)
+                while data := fin.read(size):
+                    remote.write(data)
+                    mon.advance(len(data))
+            changed = safefs.Version.of(st).same_file(os.fstat(fd))
+        if changed:
             with contextlib.suppress(OSError):
-                t = sftp.lstat(dst)
-                if stat.S_ISREG(t.st_mode or 0) and t.st_size == st.st_size and \
-                        t.st_mtime == int(st.st_mtime):
-                    return
-        parent = posixpath.dirname(dst)
-        self._makedirs(sftp, parent)
-        tmp = dst if staged else _join(parent, b"." + posixpath.basename(dst) + b".mstm-part")
-        offset = 0
-        if not force and not staged:
-            with contextlib.suppress(OSError):
-                partial = sftp.lstat(tmp)
-                if stat.S_ISREG(partial.st_mode or 0) and 0 < (partial.st_size or 0) < st.st_size:
-                    offset = partial.st_size or 0
-        if offset:
-            log.debug("resuming %s at %d bytes", os.fsdecode(dst), offset)
-            remote = sftp.open(tmp, "r+b")
-            remote.seek(offset)
-            fin.seek(offset)
-        else:
-            remote = sftp.open(tmp, "wb")
-        with remote:
-            remote.set_pipelined(True)
-            size = chunk_size(self.bwlimit, _CHUNK)
-            while data := fin.read(size):
-                remote.write(data)
-                mon.advance(len(data))
-        sftp.chmod(tmp, stat.S_IMODE(st.st_mode))
-        sftp.utime(tmp, (st.st_atime, st.st_mtime))
+                sftp.remove(tmp)  # type: ignore[arg-type]
+            raise ItemProblem(f"{relpath}: the source changed while it was being sent "
+                              f"({changed})")
+        sftp.chmod(tmp, file_mode(st.st_mode))  # type: ignore[arg-type]
+        sftp.utime(tmp, (st.st_atime, st.st_mtime))  # type: ignore[arg-type]
         if tmp != dst:
             _replace(sftp, tmp, dst)
         mon.file_done()
 
-    def _send_tree(self, sftp: paramiko.SFTPClient, item: Item, tree: bytes,
+    def _send_tree(self, sftp: paramiko.SFTPClient, src_fd: int, item: Item, root: bytes,
                    mon: Monitor) -> None:
-        rel = _b(item.relpath)
-        src_root = _join(self.source, rel)
-        dst_root = _join(tree, rel)
-        self._makedirs(sftp, dst_root)
-        for dirpath, dirnames, filenames in os.walk(src_root):
-            sub = os.path.relpath(dirpath, src_root)
-            out_dir = posixpath.normpath(_join(dst_root, sub))
-            for d in dirnames:
-                p = os.path.join(dirpath, d)
-                if os.path.islink(p):
-                    _replace_link(sftp, os.readlink(p), _join(out_dir, d))
+        """A directory item, walked with :func:`mstm.safefs.walk` (nothing followed)."""
+        parts = safefs.split(item.relpath)
+        parent = root
+        for part in parts[:-1]:
+            parent = _join(parent, part)
+            self._ensure_dir(sftp, parent, 0o700, item.relpath)
+        try:
+            for entry in safefs.walk(src_fd, item.relpath):
+                dst = _join(root, _b(entry.relpath))
+                if entry.is_dir:
+                    sftp.mkdir(dst, 0o700)  # type: ignore[arg-type]
+                    sftp.chmod(dst, dir_mode(entry.st.st_mode))  # type: ignore[arg-type]
+                elif entry.is_file:
+                    self._send_file(sftp, src_fd, entry.relpath, dst, mon, follow=False)
                 else:
-                    self._makedirs(sftp, _join(out_dir, d))
-            for f in filenames:
-                p = os.path.join(dirpath, f)
-                lst = os.lstat(p)
-                if stat.S_ISLNK(lst.st_mode):
-                    _replace_link(sftp, os.readlink(p), _join(out_dir, f))
-                elif stat.S_ISREG(lst.st_mode):
-                    self._send_file(sftp, p, _join(out_dir, f), mon, force=item.force,
-                                    staged=True)
-            mon.alive_now()
+                    raise ItemProblem(
+                        f"{entry.relpath} is a {safefs.special_reason(entry.st.st_mode)}: a "
+                        f"directory item carries only regular files and directories")
+                mon.alive_now()
+        except (NotADirectoryError, FileNotFoundError) as err:
+            if err.filename is not None and not isinstance(err.filename, bytes) and \
+                    not str(err.filename).startswith("/"):
+                raise ItemProblem(f"{item.relpath}: cannot be read safely: "
+                                  f"{err.strerror or err}") from None
+            raise
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ItemProblem(f"{item.relpath}: a symbolic link on the way in the source "
+                                  f"(never followed)") from None
+            raise
 
     # -- verification -----------------------------------------------------------
-    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+    def inspect(self, relpaths: Sequence[str], *, staged: str | None = None
+                ) -> dict[str, RemoteFile]:
         if not relpaths:
             return {}
         sftp = self._sftp_or_raise()
-        base = _join(self.target, STAGING.encode()) if staged else self.target
+        base = self._staged_path(staged) if staged is not None else self.target
 
         def look(mon: Monitor) -> dict[str, RemoteFile]:
             try:
@@ -326,6 +449,11 @@ class Sftp:
 
         return call_watched(look, stall_seconds=self.stall_seconds, abort=self.close,
                             what=f"verifying at {self.peer}")
+
+    def _staged_path(self, staged: str) -> bytes:
+        if not BATCH_RE.match(staged):
+            raise ValueError(f"not a batch name: {staged!r}")
+        return _join(self.target, STAGING.encode(), _b(staged))
 
     def _exec(self, argv: Sequence[str], stdin: bytes, mon: Monitor | None = None
               ) -> tuple[int, bytes]:
@@ -361,86 +489,126 @@ class Sftp:
 
     def _remote_sums(self, base: bytes, relpaths: Sequence[str], mon: Monitor
                      ) -> dict[str, RemoteFile] | None:
-        """sha256sum on the target; None when this account cannot run it."""
+        """Sizes and sha256 computed on the target (no link followed); None when this
+        account cannot run python3 there."""
         names = b"".join(_b(p) + b"\0" for p in relpaths)
         try:
-            status, out = self._exec(["sh", "-c", _INSPECT_SCRIPT, "sh", os.fsdecode(base)],
+            status, out = self._exec(["python3", "-I", "-c", _INSPECT_PY, os.fsdecode(base)],
                                      names, mon)
         except paramiko.ChannelException as err:  # exec refused by the server
             log.info("%s: cannot run commands (%s); verifying by reading back", self.peer,
                      err)
             self._exec_ok = False
             return None
-        if status == 3:  # the directory itself is missing: nothing is there
-            return {}
-        if status != 0 or _SPLIT not in out:
+        found = parse_inspect(out) if status == 0 else None
+        if found is None:
             if self._exec_ok is None:
-                log.info("%s: no usable sha256sum over ssh (exit %s); verifying by reading "
+                log.info("%s: no usable python3 over ssh (exit %s); verifying by reading "
                          "back", self.peer, status)
             self._exec_ok = False
             return None
         self._exec_ok = True
-        return parse_inspect(out)
+        return found
 
     def _stat_and_read(self, sftp: paramiko.SFTPClient, base: bytes,
                        relpaths: Sequence[str], mon: Monitor) -> dict[str, RemoteFile]:
         found: dict[str, RemoteFile] = {}
+        dirs: dict[bytes, bool] = {}  # a component below base: a real directory?
         for rel in relpaths:
-            path = _join(base, _b(rel))
             try:
-                st = sftp.lstat(path)
-            except FileNotFoundError:
+                parts = safefs.split(rel)
+            except ValueError:
                 continue
-            if not stat.S_ISREG(st.st_mode or 0):
+            where, ok = base, True
+            for part in parts[:-1]:
+                where = _join(where, part)
+                if where not in dirs:
+                    st = _lstat(sftp, where)
+                    dirs[where] = st is not None and stat.S_ISDIR(st.st_mode or 0)
+                ok = ok and dirs[where]
+            path = _join(base, _b(rel))
+            st = _lstat(sftp, path) if ok else None
+            if st is None:
                 continue
-            digest = _read_back(sftp, path, st.st_size or 0, mon) \
-                if self.verify_readback else None
-            found[rel] = RemoteFile(size=st.st_size or 0, sha256=digest)
+            if stat.S_ISDIR(st.st_mode or 0):
+                found[rel] = RemoteFile(size=0, sha256=None)
+            elif stat.S_ISREG(st.st_mode or 0):
+                digest = _read_back(sftp, path, st.st_size or 0, mon) \
+                    if self.verify_readback else None
+                found[rel] = RemoteFile(size=st.st_size or 0, sha256=digest)
             mon.alive_now()
         return found
 
-    def publish(self, items: Sequence[Item]) -> dict[str, str]:
+    # -- publishing -------------------------------------------------------------
+    def publish(self, items: Sequence[Item], *, staged: str) -> dict[str, str]:
+        """Rename the verified *items* of batch *staged* into place: files replace,
+        directories merge, a link on the way fails the item (see the module docstring)."""
+        if not items:
+            return {}
         sftp = self._sftp_or_raise()
-        errors: dict[str, str] = {}
-        staging = _join(self.target, STAGING.encode())
-        for item in items:
-            if not item.is_dir:
-                continue
-            final = _join(self.target, _b(item.relpath))
-            staged = _join(staging, _b(item.relpath))
-            old: bytes | None = None
-            try:
-                self._makedirs(sftp, posixpath.dirname(final))
-                with contextlib.suppress(FileNotFoundError):
-                    sftp.lstat(final)
-                    old = _join(staging, b".replaced." + secrets.token_hex(6).encode())
-                    sftp.rename(final, old)
-                try:
-                    sftp.rename(staged, final)
-                except OSError:
-                    if old:
-                        sftp.rename(old, final)
-                        old = None
-                    raise
-            except (OSError, paramiko.SSHException) as err:
-                if not self.alive():
-                    raise TargetUnavailable(f"sftp to {self.peer}: {_reason(err)}") from None
-                errors[item.relpath] = f"could not be moved into place: {_reason(err)}"
-                continue
-            if old:
-                self._remove_tree(sftp, old)
-        return errors
+        stage = self._staged_path(staged)
+        self._dirs = set()
 
-    def _remove_tree(self, sftp: paramiko.SFTPClient, path: bytes) -> None:
-        if self._exec_ok:
-            with contextlib.suppress(Exception):
-                if self._exec(["rm", "-rf", "--", os.fsdecode(path)], b"")[0] == 0:
-                    return
-        try:
-            _rmtree(sftp, path)
-        except (OSError, UnicodeDecodeError) as err:
-            log.warning("%s: could not remove the replaced %s: %s", self.peer,
-                        os.fsdecode(path), _reason(err))
+        def work(mon: Monitor) -> dict[str, str]:
+            errors: dict[str, str] = {}
+            for item in items:
+                try:
+                    parts = safefs.split(item.relpath)
+                    parent = self.target
+                    for part in parts[:-1]:
+                        parent = _join(parent, part)
+                        self._ensure_dir(sftp, parent, 0o777, item.relpath)
+                    src = _join(stage, _b(item.relpath))
+                    dst = _join(parent, parts[-1])
+                    if item.is_dir:
+                        problems = _merge(sftp, src, dst, item.relpath, apply=False)
+                        if problems:
+                            raise ItemProblem("; ".join(problems[:3]))
+                        problems = _merge(sftp, src, dst, item.relpath, apply=True)
+                        if problems:
+                            raise ItemProblem("changed at the target during the merge: " +
+                                              "; ".join(problems[:3]))
+                    else:
+                        st = _lstat(sftp, dst)
+                        if st is not None and stat.S_ISDIR(st.st_mode or 0):
+                            raise ItemProblem(f"{item.relpath}: the target has a directory "
+                                              f"where the item has a file; left as it is")
+                        _replace(sftp, src, dst)
+                except ItemProblem as err:
+                    errors[item.relpath] = str(err)
+                except (OSError, paramiko.SSHException, UnicodeDecodeError) as err:
+                    if not self.alive():
+                        raise TargetUnavailable(f"sftp to {self.peer}: {_reason(err)}"
+                                                ) from None
+                    errors[item.relpath] = f"could not be moved into place: {_reason(err)}"
+                mon.alive_now()
+            if self._exec_ok:  # the renames durable: syncfs of the target's file system
+                with contextlib.suppress(paramiko.SSHException, OSError):
+                    self._exec(["python3", "-I", "-c", _INSPECT_PY, os.fsdecode(self.target)],
+                               b"", mon)
+            return errors
+
+        return call_watched(work, stall_seconds=self.stall_seconds, abort=self.close,
+                            what=f"publishing at {self.peer}")
+
+    def discard(self, staged: str) -> None:
+        sftp = self._sftp_or_raise()
+        path = self._staged_path(staged)
+
+        def work(mon: Monitor) -> None:
+            if self._exec_ok is not False:
+                with contextlib.suppress(paramiko.SSHException, OSError):
+                    if self._exec(["rm", "-rf", "--", os.fsdecode(path)], b"", mon)[0] == 0:
+                        return
+            try:
+                _rmtree(sftp, path, mon)
+            except (OSError, UnicodeDecodeError) as err:
+                log.warning("%s: could not remove %s: %s", self.peer, os.fsdecode(path),
+                            _reason(err))
+
+        call_watched(work, stall_seconds=self.stall_seconds, abort=self.close,
+                     what=f"discarding at {self.peer}")
+        self._unfinished.discard(staged)
 
     # -- small files (the arrival monitor's handshake) ---------------------------
     def put_file(self, directory: str, name: str, data: bytes) -> None:
@@ -506,15 +674,7 @@ def _replace(sftp: paramiko.SFTPClient, tmp: bytes, dst: bytes) -> None:
     sftp.rename(tmp, dst)
 
 
-def _replace_link(sftp: paramiko.SFTPClient, target: bytes, path: bytes) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        sftp.remove(path)
-    sftp.symlink(os.fsdecode(target), path)  # type: ignore[arg-type]
-
-
 def _read_back(sftp: paramiko.SFTPClient, path: bytes, size: int, mon: Monitor) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with sftp.open(path, "rb") as f:
         f.prefetch(size)
@@ -524,14 +684,158 @@ def _read_back(sftp: paramiko.SFTPClient, path: bytes, size: int, mon: Monitor) 
     return h.hexdigest()
 
 
-def _rmtree(sftp: paramiko.SFTPClient, path: bytes) -> None:
-    for entry in sftp.listdir_attr(path):  # type: ignore[arg-type]
-        child = _join(path, _b(entry.filename))
-        if stat.S_ISDIR(entry.st_mode or 0):
-            _rmtree(sftp, child)
-        else:
-            sftp.remove(child)
-    sftp.rmdir(path)
+def _lstat(sftp: paramiko.SFTPClient, path: bytes) -> paramiko.SFTPAttributes | None:
+    try:
+        return sftp.lstat(path)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        return None
+
+
+def _tree_attrs(sftp: paramiko.SFTPClient, top: bytes) -> Any:
+    """The attributes (lstat) of every entry below *top*, iteratively."""
+    todo = [top]
+    while todo:
+        here = todo.pop()
+        for e in sftp.listdir_attr(here):  # type: ignore[arg-type]
+            yield e
+            if stat.S_ISDIR(e.st_mode or 0):
+                todo.append(_join(here, _b(e.filename)))
+
+
+def _merge(sftp: paramiko.SFTPClient, src: bytes, dst: bytes, relpath: str, *,
+           apply: bool) -> list[str]:
+    """Merge staged directory *src* into *dst*; with *apply* False only look for
+    conflicts.  Iterative; every target entry judged by its lstat (READDIR's attributes
+    are lstat's).  The conflicts, in words."""
+    problems: list[str] = []
+    todo = [(src, dst, relpath)]
+    while todo:
+        s, d, rel = todo.pop()
+        t = _lstat(sftp, d)
+        if t is None:
+            if not apply:
+                continue
+            try:
+                sftp.rename(s, d)  # type: ignore[arg-type]  # refused if d exists
+                continue
+            except OSError:
+                t = _lstat(sftp, d)
+                if t is None:
+                    raise
+        if not stat.S_ISDIR(t.st_mode or 0):
+            what = "a symbolic link" if stat.S_ISLNK(t.st_mode or 0) else "a file"
+            problems.append(f"{rel}: the target has {what} where the item has a directory; "
+                            f"left as it is")
+            continue
+        there = {e.filename: e.st_mode or 0
+                 for e in sftp.listdir_attr(d)}  # type: ignore[arg-type]
+        for e in sorted(sftp.listdir_attr(s), key=lambda e: e.filename):  # type: ignore[arg-type]
+            name = _b(e.filename)
+            crel = f"{rel}/{e.filename}"
+            if stat.S_ISDIR(e.st_mode or 0):
+                todo.append((_join(s, name), _join(d, name), crel))
+            elif stat.S_ISREG(e.st_mode or 0):
+                if stat.S_ISDIR(there.get(e.filename, 0)):
+                    problems.append(f"{crel}: the target has a directory where the item has "
+                                    f"a file; left as it is")
+                elif apply:
+                    _replace(sftp, _join(s, name), _join(d, name))
+    return problems
+
+
+def _rmtree(sftp: paramiko.SFTPClient, path: bytes, mon: Monitor) -> None:
+    """Remove *path* and everything below it, iteratively, links removed as links."""
+    st = _lstat(sftp, path)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode or 0):
+        sftp.remove(path)  # type: ignore[arg-type]
+        return
+    stack: list[tuple[bytes, bool]] = [(path, False)]
+    while stack:
+        here, listed = stack.pop()
+        if listed:
+            sftp.rmdir(here)  # type: ignore[arg-type]
+            continue
+        stack.append((here, True))
+        for e in sftp.listdir_attr(here):  # type: ignore[arg-type]
+            child = _join(here, _b(e.filename))
+            if stat.S_ISDIR(e.st_mode or 0):
+                stack.append((child, False))
+            else:
+                sftp.remove(child)  # type: ignore[arg-type]
+            mon.alive_now()
+
+
+# The target's hasher (python3 -I -c, argv[1] = the base directory, NUL-separated relative
+# paths on stdin): syncfs of the base's file system first (what is checked is on disk),
+# then every path resolved one component at a time from descriptors with O_NOFOLLOW, and
+# "F size digest path", "D 0 - path" (a directory) for what is there, NUL-separated,
+# between a header and "end" (a truncated answer is not trusted).
+_INSPECT_PY = r"""
+import hashlib, os, stat, sys
+D = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+w = sys.stdout.buffer.write
+try:
+    root = os.open(os.fsencode(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)
+except OSError:
+    w(b"mstm-inspect 1\0end\0")
+    sys.exit(0)
+try:
+    import ctypes
+    ctypes.CDLL(None).syncfs(root)
+except Exception:
+    os.sync()
+out = [b"mstm-inspect 1"]
+for rel in sys.stdin.buffer.read().split(b"\0"):
+    parts = rel.split(b"/")
+    if not rel or any(p in (b"", b".", b"..") for p in parts):
+        continue
+    fds = []
+    try:
+        cur = root
+        for p in parts[:-1]:
+            cur = os.open(p, D, dir_fd=cur)
+            fds.append(cur)
+        st = os.stat(parts[-1], dir_fd=cur, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            out.append(b"D 0 - " + rel)
+        elif stat.S_ISREG(st.st_mode):
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=cur)
+            fds.append(fd)
+            h = hashlib.sha256()
+            n = 0
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+            out.append(b"F " + str(n).encode() + b" " + h.hexdigest().encode() + b" " + rel)
+    except OSError:
+        pass
+    finally:
+        for f in fds:
+            os.close(f)
+out.append(b"end")
+w(b"\0".join(out) + b"\0")
+"""
+
+
+def parse_inspect(out: bytes) -> dict[str, RemoteFile] | None:
+    """The target hasher's answer; None if it is not a whole one."""
+    recs = out.split(b"\0")
+    if len(recs) < 3 or recs[0] != b"mstm-inspect 1" or recs[-2:] != [b"end", b""]:
+        return None
+    found: dict[str, RemoteFile] = {}
+    for rec in recs[1:-2]:
+        kind, size, digest, name = [*rec.split(b" ", 3), b"", b"", b""][:4]
+        if kind == b"D" and name:
+            found[os.fsdecode(name)] = RemoteFile(size=0, sha256=None)
+        elif kind == b"F" and size.isdigit() and len(digest) == 64 and name:
+            found[os.fsdecode(name)] = RemoteFile(size=int(size),
+                                                  sha256=digest.decode("ascii"))
+    return found
 
 
 def _reason(err: BaseException) -> str:
