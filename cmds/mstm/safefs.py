@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import resource
 import stat
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+_log = logging.getLogger("mstm.safefs")
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
@@ -465,3 +468,250 @@ def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool])
         for frame in stack:
             os.close(frame.fd)
     return out
+
+
+# -- removing whatever is there, renaming without replacing, syncing (mstm-receive and the
+# transports' staging areas) -------------------------------------------------------------
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                   ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_renameat2 = _load_renameat2()
+_RENAME_NOREPLACE = 1
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_syncfs_fn = _load_syncfs()
+
+
+def syncfs(fd: int) -> bool:
+    """syncfs(2): flush the file system *fd* is on (every file's data and metadata), not
+    every file system like sync(2).  False if it is not available or failed."""
+    if _syncfs_fn is None:
+        return False
+    if _syncfs_fn(fd) == 0:
+        return True
+    _log.debug("syncfs failed: %s; flushing file by file", os.strerror(ctypes.get_errno()))
+    return False
+
+
+def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+    """Rename that never replaces an existing *dst* (FileExistsError instead)."""
+    if _renameat2 is not None:
+        if _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst),
+                      _RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), dst)
+    # no renameat2 here: link(2) never replaces either
+    try:
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # last resort (no hard links either): check, then rename
+        try:
+            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+            return
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+    os.unlink(src, dir_fd=src_dir_fd)
+
+
+def open_dir(parts: list[str], root_fd: int, *, create: bool = False,
+             mode: int = 0o777) -> int:
+    """A descriptor of root/parts..., every component opened with O_NOFOLLOW.
+
+    With *create*, missing components are made (mode *mode*, less the umask, and never
+    a setuid, setgid or sticky bit: not even the setgid bit a directory inherits from
+    its parent).  A symbolic link or a non-directory anywhere raises OSError (ELOOP or
+    ENOTDIR).  An existing directory is used as it is.
+    """
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            mkdirs = 3 if create else 0  # it may be removed between mkdir and open: again
+            made = False
+            while True:
+                try:  # mostly it exists: open first, make it only if missing
+                    child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                    break
+                except FileNotFoundError:
+                    if not mkdirs:
+                        raise
+                mkdirs -= 1
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    pass
+            if made:
+                plain_mode(child)
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def plain_mode(fd: int) -> int:
+    """Clear the setuid, setgid and sticky bits of *fd* (keep only rwx); its new mode.
+    OSError if they are set and cannot be cleared (not our file)."""
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o7000:
+        os.fchmod(fd, mode & 0o777)
+    return mode & 0o777
+
+
+def _open_removable_dir(name: str, dir_fd: int) -> int:
+    """dir_fd/name opened (no-follow) to empty it; a directory we may not search (mode
+    000, ours) is given mode 0700 first, through a descriptor of that very directory."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        pass
+    path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    try:
+        os.chmod(f"/proc/self/fd/{path_fd}", 0o700)  # this inode, whatever its path
+    finally:
+        os.close(path_fd)
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+def remove_tree(name: str, dir_fd: int, tick: Callable[[], object] | None = None) -> None:
+    """Remove dir_fd/name whatever it is (a file, a link, a FIFO, a device, a tree).
+
+    Iterative and descriptor-based: each directory is opened with O_NOFOLLOW relative to
+    its parent's descriptor and emptied with unlinkat(2), so there is no recursion and no
+    path-length limit (a tree 1,000 levels deep with 255-byte names goes), a symbolic link
+    is removed as a link, never followed, and a FIFO or device is never opened.  Only the
+    names of the current directories are held, one descriptor per level.  A directory on
+    another file system or mount (a mount point) is never entered.  What cannot be
+    removed is skipped and the first such error raised (OSError) once the rest is gone;
+    *tick* is called every 1000 entries.
+    """
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    try:
+        top = _open_removable_dir(name, dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno in (errno.ENOTDIR, errno.ELOOP):  # replaced meanwhile by a non-dir
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+            return
+        raise
+    first_error: OSError | None = None
+    # each level: its descriptor, its name in the level above, names left to remove,
+    # and whether it was listed again once emptied (entries created meanwhile)
+    stack: list[tuple[int, str, list[str], bool]] = []
+    count = 0
+    try:
+        top_st = os.fstat(top)
+        mount = mount_id(top)
+        stack.append((top, name, os.listdir(top), False))
+        while stack:
+            fd, here, names, relisted = stack[-1]
+            if names:
+                entry = names.pop()
+                count += 1
+                if tick is not None and count % 1000 == 0:
+                    tick()
+                try:
+                    os.unlink(entry, dir_fd=fd)
+                    continue
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    if err.errno not in (errno.EISDIR, errno.EPERM):
+                        first_error = first_error or err
+                        continue
+                try:
+                    _fd_headroom(len(stack) + 1)
+                    child = _open_removable_dir(entry, fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    if err.errno in (errno.ENOTDIR, errno.ELOOP):
+                        names.append(entry)  # replaced by a non-directory: unlink it
+                    else:
+                        first_error = first_error or err
+                    continue
+                try:
+                    st = os.fstat(child)
+                    foreign = st.st_dev != top_st.st_dev or (
+                        mount is not None and mount_id(child) != mount)
+                    listing = [] if foreign else os.listdir(child)
+                except OSError as err:
+                    os.close(child)
+                    first_error = first_error or err
+                    continue
+                if foreign:
+                    os.close(child)
+                    first_error = first_error or OSError(
+                        errno.EXDEV, "a mount point: left alone", entry)
+                    continue
+                stack.append((child, entry, listing, False))
+                continue
+            if not relisted:
+                try:
+                    more = os.listdir(fd)
+                except OSError:
+                    more = []
+                if more:
+                    stack[-1] = (fd, here, more, True)
+                    continue
+            stack.pop()
+            os.close(fd)
+            try:
+                os.rmdir(here, dir_fd=stack[-1][0] if stack else dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                first_error = first_error or err
+    finally:
+        for fd, *_ in stack:
+            os.close(fd)
+    if first_error is not None:
+        raise first_error
+
+
+def mount_id(fd: int) -> str | None:
+    """The mount a descriptor is on (Linux /proc), None if unknown."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("mnt_id:"):
+                    return line.split()[1]
+    except OSError:
+        pass
+    return None
