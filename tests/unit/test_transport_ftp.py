@@ -1,16 +1,12 @@
-"""ftp: what names FTP can carry, and the streamed Zip64 archive of a directory item."""
+"""ftp: what names FTP can carry, and how LIST tells a link from a directory."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import zipfile
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from mstm.transports.common import Monitor
-from mstm.transports.ftp import NameNotSendable, _ftp_name, _SocketWriter, _walk
+from mstm.transports.ftp import NameNotSendable, _ftp_name, _kind_below, _listing
 
 
 def test_names_ftp_cannot_carry_are_refused_not_mangled() -> None:
@@ -21,38 +17,34 @@ def test_names_ftp_cannot_carry_are_refused_not_mangled() -> None:
         _ftp_name("/in/" + b"\xff".decode("utf-8", "surrogateescape"))
 
 
-def test_a_directory_streams_as_a_zip64_archive_through_a_socket(tmp_path: Path) -> None:
-    """The archive is written to an unseekable stream (the data connection), with data
-    descriptors, and is still a valid archive (the 70,000-entry Zip64 case is in
-    tests/integration/test_transport_e2e.py)."""
-    top = tmp_path / "src" / "tree"
-    (top / "sub").mkdir(parents=True)
-    (top / "sub" / "a.dat").write_bytes(b"a" * 100)
-    (top / "b.dat").write_bytes(b"b")
-    (top / "empty").mkdir()
-    a, b = socket.socketpair()
-    received = bytearray()
+class FakeFtp:
+    """LIST answers in the ls -l form (pyftpdlib, vsftpd, proftpd)."""
 
-    def drain() -> None:
-        while data := b.recv(65536):
-            received.extend(data)
+    listings = {
+        "/t": ["drwxr-xr-x   2 u g 4096 Dec 03 14:01 run42",
+               "lrwxrwxrwx   1 u g    9 Dec 03 14:01 deep -> /elsewhere",
+               "-rw-r--r--   1 u g   10 Dec 03 14:01 a file with  spaces.dat",
+               "prw-r--r--   1 u g    0 Dec 03 14:01 fifo",
+               "total 12"],
+        "/t/run42": ["-rw-r--r--   1 u g 1 Jan 01  2020 x"],
+    }
+    commands: list[str] = []
 
-    reader = threading.Thread(target=drain)
-    reader.start()
-    writer = _SocketWriter(a, Monitor(), 4096)
-    with zipfile.ZipFile(writer, "w", allowZip64=True) as zf:
-        for rel, kind in _walk(bytes(top), "tree"):
-            if kind == "dir":
-                zf.writestr(rel + "/", b"")
-            else:
-                zf.write(tmp_path / "src" / rel, rel)
-    writer.flush()
-    a.close()
-    reader.join()
-    out = tmp_path / "tree.zip"
-    out.write_bytes(bytes(received))
-    with zipfile.ZipFile(out) as zf:
-        assert zf.testzip() is None
-        assert zf.read("tree/sub/a.dat") == b"a" * 100
-        assert sorted(zf.namelist()) == ["tree/b.dat", "tree/empty/", "tree/sub/",
-                                         "tree/sub/a.dat"]
+    def retrlines(self, cmd: str, callback: Callable[[str], None]) -> None:
+        for line in self.listings.get(cmd.split(" ", 1)[1], []):
+            callback(line)
+
+    def voidcmd(self, cmd: str) -> None:
+        self.commands.append(cmd)
+
+
+def test_list_tells_links_directories_and_files_apart() -> None:
+    ftp = FakeFtp()
+    assert _listing(ftp, "/t") == {"run42": "d", "deep": "l",  # type: ignore[arg-type]
+                                   "a file with  spaces.dat": "f", "fifo": "o"}
+    assert ftp.commands[-1] == "TYPE I"  # binary again after the listing
+    seen: dict[str, dict[str, str]] = {}
+    assert _kind_below(ftp, "/t", "run42/x", seen) == "f"  # type: ignore[arg-type]
+    assert _kind_below(ftp, "/t", "run42", seen) == "d"  # type: ignore[arg-type]
+    assert _kind_below(ftp, "/t", "deep/f.dat", seen) is None  # type: ignore[arg-type]
+    assert _kind_below(ftp, "/t", "deep", seen) == "l"  # type: ignore[arg-type]

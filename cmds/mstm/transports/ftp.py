@@ -8,33 +8,43 @@ credential `ftp-password`, and is never logged.
 
 What it guarantees:
 
-* **Nothing half-written under a final name.**  Each file is stored (`STOR`) as a
-  hidden `.<name>.mstm-part` beside its final name, then renamed (`RNFR`/`RNTO`) over
-  the final name (where a server refuses to rename over an existing file, the old one
-  is deleted first: a short moment with no file, never a partial one).  An interrupted
-  upload is resumed (`APPE`) from that file's length next time, unless the sender
-  forces a full re-send after a failed check.  FTP has no fsync: a crash of the target
-  host may lose what its page cache held.
-* **Directory items** travel as one Zip archive: streamed while it is made (no local
-  copy), uncompressed (`ZIP_STORED`), Zip64 throughout (members over 4 GiB, archives
-  over 4 GiB, more than 65,535 entries), empty directories and symbolic links kept
-  (Info-ZIP convention).  It is written to `<target_dir>/.mstm-staging/<name>.zip`,
-  verified, and renamed by `publish` to `<target_dir>/<name>.zip`: the target holds
-  `<name>.zip`, not a directory (unpacking it is for whoever reads it, e.g. mstm-receive).
-  When the sender sends into a batch directory of its own (the arrival monitor's
-  `dest`), directories go as plain trees instead (`MKD` and one `STOR` per file; FTP
-  cannot make a symbolic link, so links inside them are left out there).  Links inside
-  directory items are never followed.
-* **Symbolic links as file items** (`follow_symlinks = true`): the file a link points to
-  is sent (and so verified); otherwise a source that is a link is refused (the scanner
-  never queues one then).  Only regular files are ever opened.
-* **Verification** (`inspect`): the size from `SIZE`; with `[ftp] verify_readback`
-  (the default) the file is read back (`RETR`) and its sha256 computed here, which
-  proves the bytes the server now serves under the final name (FTP has no standard
-  remote checksum; `HASH`/`XSHA256` are rare extensions and not used).  For an archive
-  every member is read back and hashed (and its CRC-32 checked), so the check is per
-  file, exactly as for files sent one by one.  Without readback only sizes are known
-  and sha256 is None, which does not prove the content.
+* **Nothing unverified under a final name.**  The sender sends every item (file or
+  directory) into ``<target_dir>/.mstm-staging/<batch>/`` (`STOR` of each file, `MKD`
+  of each directory), verifies it there and only then has it `publish`ed: renamed
+  (`RNFR`/`RNTO`) over its final name (where a server refuses to rename over an
+  existing file, the old one is deleted first: a short moment with no file, never a
+  partial one).  A file rewritten while it was being sent is refused at once; in any
+  case the sender's hash would not match, so it is never published.  `discard`
+  removes what is left of a batch (iteratively, `DELE`/`RMD`); `open` removes batches
+  a killed sender left (batch-shaped names only, nothing in them modified for a day,
+  as `MLSD` tells; a server without `MLSD` keeps them).  FTP has no fsync: a crash of
+  the target host may lose what its page cache held, also after `publish`.
+* **Directory items are merged** (the same rules as local.py), file by file: a
+  directory the target lacks is renamed in whole, into an existing one each file is
+  renamed over a same-named non-directory, nothing else there is touched or removed;
+  type conflicts are looked for first and fail the item with nothing changed.
+  Directory items used to travel as one Zip64 archive published as ``<name>.zip``;
+  that cannot merge (an FTP server cannot unpack, and a second delivery would replace
+  the first archive), so they now travel as trees, in staging as everywhere else.
+* **Links at the target**: FTP has no lstat and no no-follow open; the type of every
+  existing component below target_dir is read from `LIST` of its parent (``ls -l``
+  form: a leading ``l`` is a link) and a link fails the item.  Windows: a component
+  swapped for a link between that `LIST` and the following command is followed by the
+  server; a server whose `LIST` is not ``ls -l``-like, or hides dot files (the
+  staging directory), cannot show links, and then none is detected.
+* **The source is read only through** :mod:`mstm.safefs`; a directory item holding a
+  symbolic link, FIFO, socket or device fails as a whole (FTP could not create them
+  anyway), and nothing of that kind is created.
+* **Modes and ownership**: FTP has no portable chmod (`SITE CHMOD` is not used):
+  files and directories get the server's default mode, so setuid, setgid and sticky
+  bits never arrive; ownership is the FTP account's.  The mtime is kept where the
+  server has `MFMT`.
+* **Verification** (`inspect`): the type from `LIST`, the size from `SIZE`; with
+  `[ftp] verify_readback` (the default) the file is read back (`RETR`) and its sha256
+  computed here, which proves the bytes the server serves (FTP has no standard remote
+  checksum; `HASH`/`XSHA256` are rare extensions and not used).  Without readback only
+  sizes are known and sha256 is None, which does not prove the content.  A directory
+  is reported present with ``sha256=None``.
 * **bwlimit** paces the upload loop; **connect_timeout** bounds the TCP connect, TLS
   and login; **stall_seconds**: an upload or read-back that completes no chunk for that
   long has its connections shut down, and the sender retries later.
@@ -47,26 +57,22 @@ from __future__ import annotations
 import contextlib
 import ftplib
 import hashlib
-import io
 import logging
 import os
 import posixpath
-import secrets
 import socket
 import ssl
-import stat
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.scan import open_regular
-from mstm.transports.base import Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.protocol import BATCH_RE, OUR_BATCH_RE
+from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
-    STAGING,
     Monitor,
     Throttle,
     call_watched,
@@ -76,12 +82,12 @@ from mstm.transports.common import (
     read_secret,
     run_watched,
 )
+from mstm.transports.local import STALE_SECONDS, ItemProblem
 
 log = logging.getLogger("mstm.ftp")
 
 _CHUNK = 256 * 1024
 _READ_CHUNK = 1 << 20
-_SKIP_LIMIT = 4 << 20  # a forward seek this short reads on instead of a new RETR
 _IDLE_CHECK = 20.0  # seconds idle after which the control connection is NOOP'd first
 # what a broken connection looks like to ftplib
 _LOST = (OSError, EOFError, ftplib.error_temp, ftplib.error_reply, ftplib.error_proto)
@@ -130,7 +136,7 @@ class Ftp:
         self._data: socket.socket | None = None  # the data connection in use, if any
         self._dirs: set[str] = set()
         self._last_used = 0.0
-        self._archives: dict[str, str] = {}  # dir item relpath -> its staged archive
+        self._unfinished: set[str] = set()  # staging batches sent into, not discarded yet
         self._lock = threading.Lock()
 
     @property
@@ -174,6 +180,41 @@ class Ftp:
         self._ftp = ftp
         self._dirs = set()
         self._last_used = time.monotonic()
+        for batch in sorted(self._unfinished):
+            with contextlib.suppress(*_LOST, ftplib.error_perm, TargetUnavailable):
+                self.discard(batch)
+        try:
+            self._clean_stale(ftp)
+        except (*_LOST, ftplib.error_perm) as err:
+            log.warning("%s: cannot clean old staging batches: %s", self.peer, _reason(err))
+
+    def _clean_stale(self, ftp: ftplib.FTP) -> None:
+        """Remove the staging batches a killed sender left: batch-shaped names only,
+        nothing in them modified for a day (MLSD's modify facts)."""
+        staging = posixpath.join(self.target, STAGING)
+        if _listing(ftp, self.target).get(STAGING, "d") != "d":
+            return
+        limit = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() - STALE_SECONDS))
+        try:
+            entries = list(ftp.mlsd(staging, facts=["type", "modify"]))
+        except ftplib.error_perm:
+            return
+        for name, facts in entries:
+            if not OUR_BATCH_RE.match(name) or name in self._unfinished or \
+                    facts.get("type") != "dir" or facts.get("modify", "9") > limit:
+                continue
+            todo, fresh = [posixpath.join(staging, name)], False
+            while todo and not fresh:
+                here = todo.pop()
+                for n, f in ftp.mlsd(here, facts=["type", "modify"]):
+                    if f.get("type") in ("cdir", "pdir"):
+                        continue
+                    fresh = fresh or f.get("modify", "9") > limit
+                    if f.get("type") == "dir":
+                        todo.append(posixpath.join(here, n))
+            if not fresh:
+                log.info("%s: removing the abandoned staging batch %s", self.peer, name)
+                self.discard(name)
 
     def close(self) -> None:
         self._abort()
@@ -214,38 +255,58 @@ class Ftp:
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
              should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
              dest: str | None = None) -> SendResult:
-        """Send *items* under target_dir (directories as archives into the staging area),
-        or all of them, directories as trees, into *dest*."""
+        """Send *items* into *dest* (a staging batch, or the arrival monitor's batch
+        directory), directories as trees.  Without *dest*, file items go straight to
+        target_dir (a hidden name, then a rename) and directory items are refused."""
         try:
             ftp = self._conn()
         except TargetUnavailable as err:
             return SendResult(error=err.message, exit_code=1)
-        root = (dest.rstrip("/") or "/") if dest is not None else self.target
         monitor = Monitor(progress=progress, throttle=Throttle(self.bwlimit))
+        private = self._staging_batch(dest)
+        if private:
+            self._unfinished.add(private)
+        self._dirs = set()
 
         def work(mon: Monitor) -> SendResult:
             result = SendResult()
-            for item in items:
-                try:
-                    if item.is_dir and dest is None:
-                        self._send_archive(ftp, item, mon)
-                    elif item.is_dir:
-                        self._send_tree(ftp, item, root, mon)
-                    else:
-                        self._send_file(ftp, item.relpath, posixpath.join(root, item.relpath),
-                                        mon, force=item.force)
-                except NameNotSendable as err:
-                    result.item_errors[item.relpath] = str(err)
-                except ftplib.error_perm as err:
+            try:
+                src_fd = safefs.open_root(self.source)
+            except OSError as err:
+                for item in items:
+                    result.item_errors[item.relpath] = \
+                        f"cannot open the stream directory: {err.strerror or err}"
+                return result
+            try:
+                root = self._prepare_dest(ftp, dest)
+                for item in items:
+                    try:
+                        if item.is_dir and dest is None:
+                            raise ItemProblem("a directory item needs a staging batch")
+                        if item.is_dir:
+                            self._send_tree(ftp, src_fd, item, root, mon)
+                        else:
+                            parts = safefs.split(item.relpath)
+                            parent = root
+                            for part in parts[:-1]:
+                                parent = posixpath.join(parent, os.fsdecode(part))
+                                self._ensure_dir(ftp, parent, item.relpath)
+                            self._send_file(ftp, src_fd, item.relpath,
+                                            posixpath.join(root, item.relpath), mon,
+                                            follow=self.follow_symlinks, direct=dest is None)
+                    except (NameNotSendable, ItemProblem) as err:
+                        result.item_errors[item.relpath] = str(err)
+                    except ftplib.error_perm as err:
+                        result.item_errors[item.relpath] = _reason(err)
+            except (NameNotSendable, ItemProblem, ftplib.error_perm) as err:
+                for item in items:
                     result.item_errors[item.relpath] = _reason(err)
-                except _LOST as err:
-                    if isinstance(err, OSError) and err.filename is not None:
-                        result.item_errors[item.relpath] = _reason(err)  # the local side
-                        continue
-                    self._cut()
-                    result.error = f"{self.peer}: {_reason(err)}"
-                    result.exit_code = 1
-                    break
+            except _LOST as err:
+                self._cut()
+                result.error = f"{self.peer}: {_reason(err)}"
+                result.exit_code = 1
+            finally:
+                os.close(src_fd)
             result.files, result.bytes = mon.files, mon.bytes
             return result
 
@@ -253,6 +314,47 @@ class Ftp:
                              abort=self._cut, should_stop=should_stop, tick=tick)
         self._last_used = time.monotonic()
         return note_item_errors(result)
+
+    def _staging_batch(self, dest: str | None) -> str | None:
+        if dest is None:
+            return None
+        head, _, batch = dest.rstrip("/").rpartition("/")
+        if head == posixpath.join(self.target, STAGING) and BATCH_RE.match(batch):
+            return batch
+        return None
+
+    def _prepare_dest(self, ftp: ftplib.FTP, dest: str | None) -> str:
+        if dest is None:
+            return self.target
+        raw = _ftp_name(dest.rstrip("/") or "/")
+        prefix = self.target.rstrip("/") + "/"
+        if raw.startswith(prefix):
+            base, rel = self.target, raw[len(prefix):]
+        else:  # the arrival monitor's incoming directory, as configured
+            base, rel = posixpath.split(raw)
+            self._makedirs(ftp, base)
+        for part in rel.split("/") if rel else []:
+            base = posixpath.join(base, part)
+            self._ensure_dir(ftp, base, dest)
+        return base
+
+    def _ensure_dir(self, ftp: ftplib.FTP, path: str, shown: str) -> None:
+        """*path* is a directory (made if missing), not a link as LIST shows it."""
+        if path in self._dirs:
+            return
+        parent, name = posixpath.split(path)
+        kind = _listing(ftp, parent).get(name)
+        if kind is None:
+            with contextlib.suppress(ftplib.error_perm):
+                ftp.mkd(_ftp_name(path))
+            kind = _listing(ftp, parent).get(name, "d")  # a server hiding dot files
+        if kind == "l":
+            raise ItemProblem(f"{shown}: {path} is a symbolic link at the target (never "
+                              f"followed); left as it is")
+        if kind != "d":
+            raise ItemProblem(f"{shown}: {path} is not a directory at the target; left as "
+                              f"it is")
+        self._dirs.add(path)
 
     def _makedirs(self, ftp: ftplib.FTP, path: str) -> None:
         if path in self._dirs or path in ("/", ""):
@@ -283,33 +385,30 @@ class Ftp:
             conn.close()
         ftp.voidresp()
 
-    def _send_file(self, ftp: ftplib.FTP, relpath: str, remote: str, mon: Monitor, *,
-                   force: bool, staged: bool = False) -> None:
+    def _send_file(self, ftp: ftplib.FTP, src_fd: int, relpath: str, remote: str,
+                   mon: Monitor, *, follow: bool, direct: bool = False) -> None:
         remote = _ftp_name(remote)
-        src = os.path.join(os.fsencode(self.source), os.fsencode(relpath))
-        # a file of a directory item (staged) is never read through a link
-        with open(open_regular(src, follow_symlinks=self.follow_symlinks and not staged),
-                  "rb") as f:
-            self._send_open_file(ftp, f, remote, mon, force=force, staged=staged)
+        try:
+            fd = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)
+        except OSError as err:
+            raise ItemProblem(f"{relpath}: cannot be read safely: {err.strerror or err}"
+                              ) from None
+        with open(fd, "rb") as f:
+            self._send_open_file(ftp, f, relpath, remote, mon, direct=direct)
 
-    def _send_open_file(self, ftp: ftplib.FTP, f: BinaryIO, remote: str, mon: Monitor, *,
-                        force: bool, staged: bool) -> None:
+    def _send_open_file(self, ftp: ftplib.FTP, f: BinaryIO, relpath: str, remote: str,
+                        mon: Monitor, *, direct: bool) -> None:
         st = os.fstat(f.fileno())
         parent, base = posixpath.split(remote)
-        self._makedirs(ftp, parent)
-        tmp = remote if staged else posixpath.join(parent, f".{base}.mstm-part")
-        offset = 0
-        if not force and not staged:
-            with contextlib.suppress(ftplib.error_perm, ftplib.error_reply):
-                size = ftp.size(tmp)
-                if size is not None and 0 < size < st.st_size:
-                    offset = size
-        f.seek(offset)
-        if offset:
-            log.debug("resuming %s at %d bytes", remote, offset)
+        tmp = posixpath.join(parent, f".{base}.mstm-part") if direct else remote
         step = chunk_size(self.bwlimit, _CHUNK)
-        self._upload(ftp, f"APPE {tmp}" if offset else f"STOR {tmp}",
-                     iter(lambda: f.read(step), b""), mon)
+        self._upload(ftp, f"STOR {tmp}", iter(lambda: f.read(step), b""), mon)
+        changed = safefs.Version.of(st).same_file(os.fstat(f.fileno()))
+        if changed:
+            with contextlib.suppress(ftplib.error_perm):
+                ftp.delete(tmp)
+            raise ItemProblem(f"{relpath}: the source changed while it was being sent "
+                              f"({changed})")
         with contextlib.suppress(ftplib.error_perm, ftplib.error_reply):
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime))
             ftp.sendcmd(f"MFMT {stamp} {tmp}")  # keep the mtime where the server can
@@ -317,78 +416,60 @@ class Ftp:
             _rename_over(ftp, tmp, remote)
         mon.file_done()
 
-    def _send_tree(self, ftp: ftplib.FTP, item: Item, root: str, mon: Monitor) -> None:
-        top = os.path.join(os.fsencode(self.source), os.fsencode(item.relpath))
-        self._makedirs(ftp, _ftp_name(posixpath.join(root, item.relpath)))
-        for rel, kind in _walk(top, item.relpath):
-            remote = posixpath.join(root, rel)
-            if kind == "dir":
-                self._makedirs(ftp, _ftp_name(remote))
-            elif kind == "file":
-                self._send_file(ftp, rel, remote, mon, force=True, staged=True)
-            mon.alive_now()
-
-    def _send_archive(self, ftp: ftplib.FTP, item: Item, mon: Monitor) -> None:
-        remote = _ftp_name(posixpath.join(self.target, STAGING, item.relpath + ".zip"))
-        self._makedirs(ftp, posixpath.dirname(remote))
-        top = os.path.join(os.fsencode(self.source), os.fsencode(item.relpath))
-        prefix = posixpath.dirname(item.relpath)
-        conn = ftp.transfercmd(f"STOR {remote}")
-        self._data = conn
+    def _send_tree(self, ftp: ftplib.FTP, src_fd: int, item: Item, root: str,
+                   mon: Monitor) -> None:
+        """A directory item, walked with :func:`mstm.safefs.walk` (nothing followed)."""
+        parts = safefs.split(item.relpath)
+        parent = root
+        for part in parts[:-1]:
+            parent = posixpath.join(parent, os.fsdecode(part))
+            self._ensure_dir(ftp, parent, item.relpath)
         try:
-            writer = _SocketWriter(conn, mon, chunk_size(self.bwlimit, _CHUNK))
-            with zipfile.ZipFile(writer, "w", compression=zipfile.ZIP_STORED,
-                                 allowZip64=True) as zf:
-                top_name = posixpath.basename(item.relpath)
-                zf.writestr(zipfile.ZipInfo(_ftp_name(top_name) + "/"), b"")
-                for rel, kind in _walk(top, item.relpath):
-                    arcname = posixpath.relpath(rel, prefix) if prefix else rel
-                    _ftp_name(arcname)
-                    path = os.path.join(os.fsencode(self.source), os.fsencode(rel))
-                    if kind == "dir":
-                        zf.writestr(zipfile.ZipInfo(arcname + "/"), b"")
-                    elif kind == "link":
-                        info = zipfile.ZipInfo(arcname)
-                        info.external_attr = (stat.S_IFLNK | 0o777) << 16
-                        zf.writestr(info, os.readlink(path))
-                    else:
-                        info = zipfile.ZipInfo.from_file(os.fsdecode(path), arcname)
-                        info.compress_type = zipfile.ZIP_STORED
-                        with open(path, "rb") as src, zf.open(info, "w") as out:
-                            while chunk := src.read(_READ_CHUNK):
-                                out.write(chunk)
-                        mon.file_done()
-                    mon.alive_now()
-            writer.flush()
-            if isinstance(conn, ssl.SSLSocket):
-                conn.unwrap()
-        finally:
-            self._data = None
-            conn.close()
-        ftp.voidresp()
-        self._archives[item.relpath] = remote
+            entries = safefs.walk(src_fd, item.relpath)
+            for entry in entries:
+                remote = _ftp_name(posixpath.join(root, entry.relpath))
+                if entry.is_dir:
+                    ftp.mkd(remote)
+                    self._dirs.add(remote)
+                elif entry.is_file:
+                    self._send_file(ftp, src_fd, entry.relpath, remote, mon, follow=False)
+                else:
+                    raise ItemProblem(
+                        f"{entry.relpath} is a {safefs.special_reason(entry.st.st_mode)}: a "
+                        f"directory item carries only regular files and directories")
+                mon.alive_now()
+        except OSError as err:
+            if isinstance(err, _LOST_ONLY) or err.filename is None:
+                raise
+            raise ItemProblem(f"{item.relpath}: cannot be read safely: "
+                              f"{err.strerror or err}") from None
 
     # -- verification -----------------------------------------------------------
-    def inspect(self, relpaths: Sequence[str], *, staged: bool = False) -> dict[str, RemoteFile]:
+    def inspect(self, relpaths: Sequence[str], *, staged: str | None = None
+                ) -> dict[str, RemoteFile]:
         if not relpaths:
             return {}
         ftp = self._conn()
+        base = self._staged_path(staged) if staged is not None else self.target
 
         def look(mon: Monitor) -> dict[str, RemoteFile]:
             try:
-                if staged:
-                    return self._inspect_archives(ftp, relpaths, mon)
                 found: dict[str, RemoteFile] = {}
+                listings: dict[str, dict[str, str]] = {}
                 for rel in relpaths:
                     try:
-                        path = _ftp_name(posixpath.join(self.target, rel))
-                    except NameNotSendable:
+                        path = _ftp_name(posixpath.join(base, rel))
+                        kind = _kind_below(ftp, base, rel, listings)
+                    except (NameNotSendable, ValueError):
                         continue
-                    size = _size(ftp, path)
-                    if size is None:
-                        continue
-                    digest = self._read_back(ftp, path, mon) if self.verify_readback else None
-                    found[rel] = RemoteFile(size=size, sha256=digest)
+                    if kind == "d":
+                        found[rel] = RemoteFile(size=0, sha256=None)
+                    elif kind == "f":
+                        size = _size(ftp, path)
+                        if size is not None:
+                            digest = self._read_back(ftp, path, mon) \
+                                if self.verify_readback else None
+                            found[rel] = RemoteFile(size=size, sha256=digest)
                     mon.alive_now()
                 return found
             except _LOST as err:
@@ -399,6 +480,11 @@ class Ftp:
                               what=f"verifying at {self.peer}")
         self._last_used = time.monotonic()
         return result
+
+    def _staged_path(self, staged: str) -> str:
+        if not BATCH_RE.match(staged):
+            raise ValueError(f"not a batch name: {staged!r}")
+        return posixpath.join(self.target, STAGING, staged)
 
     def _read_back(self, ftp: ftplib.FTP, path: str, mon: Monitor) -> str:
         h = hashlib.sha256()
@@ -417,107 +503,72 @@ class Ftp:
         ftp.voidresp()
         return h.hexdigest()
 
-    def _archive_of(self, ftp: ftplib.FTP, relpath: str) -> tuple[str, str] | None:
-        """(item relpath, staged archive path) holding *relpath*."""
-        parts = relpath.split("/")
-        for i in range(len(parts) - 1, 0, -1):
-            item = "/".join(parts[:i])
-            if item in self._archives:
-                return item, self._archives[item]
-        for i in range(len(parts) - 1, 0, -1):
-            item = "/".join(parts[:i])
-            remote = posixpath.join(self.target, STAGING, item + ".zip")
-            with contextlib.suppress(NameNotSendable):
-                if _size(ftp, _ftp_name(remote)) is not None:
-                    return item, remote
-        return None
-
-    def _inspect_archives(self, ftp: ftplib.FTP, relpaths: Sequence[str], mon: Monitor
-                          ) -> dict[str, RemoteFile]:
-        wanted: dict[tuple[str, str], list[str]] = {}
-        for rel in relpaths:
-            where = self._archive_of(ftp, rel)
-            if where is not None:
-                wanted.setdefault(where, []).append(rel)
-        found: dict[str, RemoteFile] = {}
-        for (item, remote), rels in wanted.items():
-            size = _size(ftp, remote)
-            if size is None:
-                continue
-            prefix = posixpath.dirname(item)
-            members = self._read_archive(ftp, remote, size, mon)
-            for rel in rels:
-                arcname = posixpath.relpath(rel, prefix) if prefix else rel
-                if arcname in members:
-                    found[rel] = members[arcname]
-        return found
-
-    def _read_archive(self, ftp: ftplib.FTP, remote: str, size: int, mon: Monitor
-                      ) -> dict[str, RemoteFile]:
-        """Every regular member of a remote archive: size and sha256 of what it holds.
-        The central directory is read from the end, then the members in order in one
-        pass; a member whose CRC-32 does not match is reported without a sha256."""
-        raw = _RemoteReader(self, ftp, remote, size, mon)
-        members: dict[str, RemoteFile] = {}
-        try:
-            with io.BufferedReader(raw, buffer_size=_READ_CHUNK) as buffered, \
-                    zipfile.ZipFile(buffered) as zf:
-                infos = sorted(zf.infolist(), key=lambda i: i.header_offset)
-                for info in infos:
-                    if info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
-                        continue
-                    h = hashlib.sha256()
-                    n = 0
-                    digest: str | None
-                    try:
-                        with zf.open(info) as member:
-                            while chunk := member.read(_READ_CHUNK):
-                                h.update(chunk)
-                                n += len(chunk)
-                                mon.alive_now()
-                        digest = h.hexdigest()
-                    except zipfile.BadZipFile:
-                        digest = None
-                    members[info.filename] = RemoteFile(size=n, sha256=digest)
-        except zipfile.BadZipFile as err:
-            log.warning("%s: %s is not a readable archive: %s", self.peer, remote, err)
+    # -- publishing -------------------------------------------------------------
+    def publish(self, items: Sequence[Item], *, staged: str) -> dict[str, str]:
+        """Rename the verified *items* of batch *staged* into place: files replace,
+        directories merge, a link on the way fails the item (see the module docstring)."""
+        if not items:
             return {}
-        finally:
-            raw.finish()
-        return members
-
-    def publish(self, items: Sequence[Item]) -> dict[str, str]:
-        errors: dict[str, str] = {}
         ftp = self._conn()
-        for item in items:
-            if not item.is_dir:
-                continue
-            try:
-                staged = self._archives.get(item.relpath) or _ftp_name(
-                    posixpath.join(self.target, STAGING, item.relpath + ".zip"))
-                final = _ftp_name(posixpath.join(self.target, item.relpath + ".zip"))
-                self._makedirs(ftp, posixpath.dirname(final))
-                old = None
-                if _size(ftp, final) is not None:
-                    old = posixpath.join(self.target, STAGING,
-                                         f".replaced.{secrets.token_hex(6)}.zip")
-                    ftp.rename(final, old)
+        stage = self._staged_path(staged)
+        self._dirs = set()
+
+        def work(mon: Monitor) -> dict[str, str]:
+            errors: dict[str, str] = {}
+            for item in items:
                 try:
-                    ftp.rename(staged, final)
-                except ftplib.error_perm:
-                    if old:
-                        ftp.rename(old, final)
-                    raise
-                if old:
-                    with contextlib.suppress(ftplib.error_perm):
-                        ftp.delete(old)
-                self._archives.pop(item.relpath, None)
-            except (NameNotSendable, ftplib.error_perm) as err:
-                errors[item.relpath] = f"could not be moved into place: {_reason(err)}"
+                    parts = safefs.split(item.relpath)
+                    parent = self.target
+                    for part in parts[:-1]:
+                        parent = posixpath.join(parent, os.fsdecode(part))
+                        self._ensure_dir(ftp, parent, item.relpath)
+                    src = _ftp_name(posixpath.join(stage, item.relpath))
+                    dst = _ftp_name(posixpath.join(self.target, item.relpath))
+                    if item.is_dir:
+                        problems = _merge(ftp, src, dst, item.relpath, apply=False)
+                        if problems:
+                            raise ItemProblem("; ".join(problems[:3]))
+                        problems = _merge(ftp, src, dst, item.relpath, apply=True)
+                        if problems:
+                            raise ItemProblem("changed at the target during the merge: " +
+                                              "; ".join(problems[:3]))
+                    else:
+                        if _listing(ftp, parent).get(os.fsdecode(parts[-1])) == "d":
+                            raise ItemProblem(f"{item.relpath}: the target has a directory "
+                                              f"where the item has a file; left as it is")
+                        _rename_over(ftp, src, dst)
+                except (NameNotSendable, ItemProblem) as err:
+                    errors[item.relpath] = str(err)
+                except ftplib.error_perm as err:
+                    errors[item.relpath] = f"could not be moved into place: {_reason(err)}"
+                except _LOST as err:
+                    self._cut()
+                    raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+                mon.alive_now()
+            return errors
+
+        result = call_watched(work, stall_seconds=self.stall_seconds, abort=self._cut,
+                              what=f"publishing at {self.peer}")
+        self._last_used = time.monotonic()
+        return result
+
+    def discard(self, staged: str) -> None:
+        ftp = self._conn()
+        path = self._staged_path(staged)
+
+        def work(mon: Monitor) -> None:
+            try:
+                _rmtree(ftp, path, mon)
+            except ftplib.error_perm as err:
+                log.warning("%s: could not remove %s: %s", self.peer, path, _reason(err))
             except _LOST as err:
                 self._cut()
                 raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
-        return errors
+
+        call_watched(work, stall_seconds=self.stall_seconds, abort=self._cut,
+                     what=f"discarding at {self.peer}")
+        self._last_used = time.monotonic()
+        self._unfinished.discard(staged)
 
     # -- small files (the arrival monitor's handshake) ---------------------------
     def put_file(self, directory: str, name: str, data: bytes) -> None:
@@ -572,125 +623,121 @@ class Ftp:
         return None
 
 
-class _SocketWriter:
-    """A write-only stream onto a data connection, paced and counted (zipfile's output)."""
-
-    def __init__(self, conn: socket.socket, mon: Monitor, step: int) -> None:
-        self.conn = conn
-        self.mon = mon
-        self.step = step
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.buf += data
-        while len(self.buf) >= self.step:
-            self._send(bytes(self.buf[:self.step]))
-            del self.buf[:self.step]
-        return len(data)
-
-    def close(self) -> None:
-        self.flush()
-
-    def flush(self) -> None:
-        if self.buf:
-            self._send(bytes(self.buf))
-            self.buf.clear()
-
-    def _send(self, data: bytes) -> None:
-        self.conn.sendall(data)
-        self.mon.advance(len(data))
+_LOST_ONLY = (ConnectionError, TimeoutError, socket.timeout)
 
 
-class _RemoteReader(io.RawIOBase):
-    """A seekable, read-only view of a remote file: each jump is a `REST n` + `RETR`,
-    reading on is the same data connection (short forward jumps read through)."""
-
-    def __init__(self, owner: Ftp, ftp: ftplib.FTP, path: str, size: int,
-                 mon: Monitor) -> None:
-        super().__init__()
-        self.owner = owner
-        self.ftp = ftp
-        self.path = path
-        self.size = size
-        self.mon = mon
-        self.pos = 0
-        self.stream_pos = 0
-        self.conn: socket.socket | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            self.pos = offset
-        elif whence == io.SEEK_CUR:
-            self.pos += offset
-        else:
-            self.pos = self.size + offset
-        self.pos = max(0, self.pos)
-        return self.pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        if self.pos >= self.size:
-            return 0
-        if self.conn is not None and not (
-                self.stream_pos <= self.pos <= self.stream_pos + _SKIP_LIMIT):
-            self._stop()
-        if self.conn is None:
-            self.conn = self.ftp.transfercmd(f"RETR {self.path}", self.pos or None)
-            self.owner._data = self.conn
-            self.stream_pos = self.pos
-        while self.stream_pos < self.pos:  # read through a short gap
-            skipped = self.conn.recv(min(_READ_CHUNK, self.pos - self.stream_pos))
-            if not skipped:
-                raise EOFError("archive ended early")
-            self.stream_pos += len(skipped)
-        view = memoryview(buffer)
-        n = self.conn.recv_into(view, min(len(view), self.size - self.pos))
-        if n == 0:
-            raise EOFError(f"{self.path}: the server sent less than its SIZE")
-        self.pos += n
-        self.stream_pos += n
-        self.mon.alive_now()
-        return n
-
-    def _stop(self) -> None:
-        """End the current RETR early: close the data connection, take the reply."""
-        conn, self.conn = self.conn, None
-        self.owner._data = None
-        if conn is None:
-            return
-        conn.close()
-        try:
-            self.ftp.voidresp()  # 226 if it had all been sent, else 426/451 "aborted"
-        except (ftplib.error_temp, ftplib.error_perm):
-            pass
-
-    def finish(self) -> None:
-        self._stop()
+def _listing(ftp: ftplib.FTP, directory: str) -> dict[str, str]:
+    """name -> "d", "f", "l" (a symbolic link) or "o" for the entries of *directory*
+    ("": the current one), as its ``ls -l``-like LIST shows them ({} if it cannot be
+    listed)."""
+    lines: list[str] = []
+    try:
+        ftp.retrlines(f"LIST {_ftp_name(directory)}" if directory else "LIST", lines.append)
+    except ftplib.error_perm:
+        return {}
+    finally:
+        ftp.voidcmd("TYPE I")  # retrlines switched to ASCII: SIZE and STOR need binary
+    out: dict[str, str] = {}
+    for line in lines:
+        fields = line.split(None, 8)
+        if len(fields) < 9 or not fields[0] or fields[0][0] not in "-dlbcps":
+            continue
+        kind = {"-": "f", "d": "d", "l": "l"}.get(fields[0][0], "o")
+        name = fields[8].split(" -> ", 1)[0] if kind == "l" else fields[8]
+        if name not in (".", ".."):
+            out[name] = kind
+    return out
 
 
-def _walk(top: bytes, relpath: str) -> Iterator[tuple[str, str]]:
-    """Everything below a directory item, parents first: (relpath, dir|file|link)."""
-    base_len = len(top) - len(os.fsencode(relpath))
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(dirnames) + sorted(filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.fsdecode(path[base_len:])
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                yield rel, "link"
-            elif stat.S_ISDIR(st.st_mode):
-                yield rel, "dir"
-            elif stat.S_ISREG(st.st_mode):
-                yield rel, "file"
+def _kind_below(ftp: ftplib.FTP, base: str, relpath: str,
+                listings: dict[str, dict[str, str]]) -> str | None:
+    """What *relpath* below *base* is ("d", "f", ...), None if missing or if a component
+    on the way is not a directory (a link is never gone through)."""
+    parts = [os.fsdecode(p) for p in safefs.split(relpath)]
+    here = base
+    for i, part in enumerate(parts):
+        if here not in listings:
+            listings[here] = _listing(ftp, here)
+        kind = listings[here].get(part)
+        if i == len(parts) - 1:
+            return kind
+        if kind != "d":
+            return None
+        here = posixpath.join(here, part)
+    return None
+
+
+def _merge(ftp: ftplib.FTP, src: str, dst: str, relpath: str, *, apply: bool) -> list[str]:
+    """Merge staged directory *src* into *dst*; with *apply* False only look for
+    conflicts.  Iterative; types from LIST.  The conflicts, in words."""
+    problems: list[str] = []
+    todo = [(src, dst, relpath)]
+    while todo:
+        s, d, rel = todo.pop()
+        parent, name = posixpath.split(d)
+        kind = _listing(ftp, parent).get(name)
+        if kind is None:
+            if not apply:
+                continue
+            try:
+                ftp.rename(s, d)
+                continue
+            except ftplib.error_perm:
+                kind = _listing(ftp, parent).get(name)
+                if kind is None:
+                    raise
+        if kind != "d":
+            what = "a symbolic link" if kind == "l" else "a file"
+            problems.append(f"{rel}: the target has {what} where the item has a directory; "
+                            f"left as it is")
+            continue
+        there = _listing(ftp, d)
+        for child, ckind in sorted(_listing(ftp, s).items()):
+            cs, cd = posixpath.join(s, child), posixpath.join(d, child)
+            crel = f"{rel}/{child}"
+            if ckind == "d":
+                todo.append((cs, cd, crel))
+            elif ckind == "f":
+                if there.get(child) == "d":
+                    problems.append(f"{crel}: the target has a directory where the item has "
+                                    f"a file; left as it is")
+                elif apply:
+                    _rename_over(ftp, cs, cd)
+    return problems
+
+
+def _rmtree(ftp: ftplib.FTP, path: str, mon: Monitor) -> None:
+    """Remove *path* and everything below it, iteratively (links removed as links).
+    It walks down with CWD and relative names: a tree deeper than a command line can
+    name (1,000 levels) goes too."""
+    parent, name = posixpath.split(path)
+    kind = _listing(ftp, parent).get(name)
+    if kind is None:
+        return
+    if kind != "d":
+        ftp.delete(path)
+        return
+    ftp.cwd(parent)
+    try:
+        ftp.cwd(name)
+        frames = [(name, sorted(_listing(ftp, "").items()))]
+        while frames:
+            here, entries = frames[-1]
+            if entries:
+                child, ckind = entries.pop()
+                if ckind == "d":
+                    ftp.cwd(child)
+                    frames.append((child, sorted(_listing(ftp, "").items())))
+                else:
+                    ftp.delete(child)
+            else:
+                frames.pop()
+                ftp.cwd("..")
+                ftp.rmd(here)
+            mon.alive_now()
+    finally:
+        with contextlib.suppress(ftplib.error_perm):
+            ftp.cwd("/")
 
 
 def _size(ftp: ftplib.FTP, path: str) -> int | None:
