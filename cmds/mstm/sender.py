@@ -453,6 +453,8 @@ class Sender:
                 for f in futures.values():
                     f.cancel()
                 self._release(live)
+                if not handshake and self.transport.alive():
+                    self._discard(batch)
                 return
             if not self.transport.alive():
                 self._target_failed(live, result.error or "connection lost during transfer")
@@ -544,11 +546,16 @@ class Sender:
                                    f"{error}")
             else:
                 kept.append((claim, digest))
+        self._discard(batch)
+        return kept
+
+    def _discard(self, batch: str) -> None:
+        """Remove what is left of *batch*'s staging directory at the target (best effort:
+        a leftover is removed by the transport's next open() after a day)."""
         try:
             self.transport.discard(batch)
         except (OSError, TargetUnavailable) as err:
             log.debug("%s: cannot discard staging batch %s: %s", self.stream.name, batch, err)
-        return kept
 
     def _handshake(self, batch: str, live: list[Claim], digests: dict[str, LocalDigest | str]
                    ) -> dict[str, str]:
