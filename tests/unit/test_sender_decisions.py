@@ -1,0 +1,577 @@
+"""The sender's decisions, against a real spool and real source files; only the target is
+in memory (mstm.transports.memory), with faults injected at chosen moments.
+
+What every test here defends is the first promise: nothing is ever lost.  A source is
+deleted only after the bytes the target holds under its final name were proven to be
+that very version; nothing unverified is ever visible under a final name; nothing
+outside the stream directory is ever read into the target or deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mstm.config import StreamConfig, load_stream
+from mstm.sender import Sender
+from mstm.spool import ItemRecord, Spool
+from mstm.transports.base import STAGING
+from mstm.transports.memory import MemoryTransport
+
+TARGET = "/archive/proj1"
+
+
+# -- a stream, its spool, a memory target, a sender ------------------------------------
+class Env:
+    """A stream directory and a directory outside it, in *root*; a sender whose target
+    is a :class:`MemoryTransport`."""
+
+    def __init__(self, root: Path, *, mode: str = "move", unit: str = "file",
+                 retry_count: int = 2, retry_backoff: str = "0",
+                 follow_symlinks: bool = False, owner: str | None = None) -> None:
+        self.root = root
+        self.src = root / "src"
+        self.outside = root / "outside"
+        for d in (self.src, self.outside, root / "spool"):
+            d.mkdir(parents=True, exist_ok=True)
+        (root / "global.ini").write_text(
+            "[global]\ndata_stream_list = proj1\n"
+            f"spool_base_dir = {root / 'spool'}\nruntime_dir = {root / 'run'}\n")
+        (root / "proj1.ini").write_text(
+            f"[data_stream]\ndirectory = {self.src}\nsettle_seconds = 0\n"
+            f"transfer_unit = {unit}\nfollow_symlinks = {str(follow_symlinks).lower()}\n"
+            f"[outgoing]\ntransfer_protocol = local\ntarget_dir = {TARGET}\n"
+            f"transfer_mode = {mode}\nretry_count = {retry_count}\n"
+            f"retry_backoff = {retry_backoff}\nretry_backoff_max = 3600\n")
+        self.stream: StreamConfig = load_stream("proj1", root / "global.ini")
+        self.spool = Spool(self.stream.spool_dir, lease_seconds=self.stream.outgoing.lease_seconds,
+                           owner=owner).open()
+        self.target = MemoryTransport(source_dir=self.src, target_dir=TARGET,
+                                      follow_symlinks=follow_symlinks)
+        self.sender = Sender(self.stream, spool=self.spool, transport=self.target)
+
+    def write(self, relpath: str, data: bytes, *, where: Path | None = None) -> Path:
+        path = (where or self.src) / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def cycle(self) -> None:
+        """One scan and one delivery of everything claimable (no waiting)."""
+        self.sender.scan_into_spool()
+        self.sender.deliver_pending()
+
+    def records(self, state: str) -> list[ItemRecord]:
+        return list(self.spool.iter_records(state))
+
+    def source_files(self) -> dict[str, bytes]:
+        out = {}
+        for d, _dirs, names in os.walk(self.src):
+            for n in names:
+                p = Path(d) / n
+                out[str(p.relative_to(self.src))] = p.read_bytes()
+        return out
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def no_unverified_final_names(t: MemoryTransport) -> Callable[[], None]:
+    """A hook that asserts nothing of the batch is under a final name yet."""
+    def check() -> None:
+        assert t.final_files() == {}, "visible under its final name before verification"
+    return check
+
+
+# -- move and mirror ------------------------------------------------------------------
+def test_move_deletes_a_verified_source_and_commits_its_record_to_done(env: Env) -> None:
+    env.write("a.dat", b"alpha" * 100)
+    env.write("sub/b.dat", b"")
+    env.target.faults.between = no_unverified_final_names(env.target)
+
+    env.cycle()
+
+    assert env.target.final_files() == {"a.dat": b"alpha" * 100, "sub/b.dat": b""}
+    assert env.source_files() == {}
+    done = {r.relpath: r for r in env.records("done")}
+    assert set(done) == {"a.dat", "sub/b.dat"}
+    assert done["a.dat"].sha256 == sha(b"alpha" * 100)
+    assert env.spool.counts() == {"new": 0, "claimed": 0, "done": 2, "failed": 0}
+    assert env.target.staged() == []  # the batch's staging directory is gone
+    assert len(env.sender.summary.delivered) == 2
+
+
+def test_mirror_never_deletes_a_source_and_sends_each_version_once(tmp_path: Path) -> None:
+    env = Env(tmp_path, mode="mirror")
+    env.write("a.dat", b"one")
+    env.cycle()
+    env.cycle()  # the same version is not sent again
+
+    assert env.source_files() == {"a.dat": b"one"}
+    assert env.target.final_files() == {"a.dat": b"one"}
+    assert env.target.sent == [["a.dat"]]
+    assert [r.relpath for r in env.records("done")] == ["a.dat"]
+
+
+# -- copies that do not verify ----------------------------------------------------------
+@pytest.mark.parametrize(("fault", "reason"), [("corrupt", "bad checksum"),
+                                               ("drop", "missing at the target")])
+def test_a_copy_that_does_not_verify_is_retried_then_parked_in_failed_with_its_reason(
+        env: Env, fault: str, reason: str) -> None:
+    env.write("a.dat", b"precious")
+    env.write("b.dat", b"fine")
+    getattr(env.target.faults, fault).add("a.dat")
+
+    env.cycle()  # retry_backoff = 0: every attempt happens now
+
+    assert [i for batch in env.target.sent for i in batch].count("a.dat") == 3  # retry_count 2
+    failed = env.records("failed")
+    assert [(r.relpath, r.attempts) for r in failed] == [("a.dat", 3)]
+    assert reason in (failed[0].last_error or "")
+    assert env.source_files() == {"a.dat": b"precious"}  # kept, untouched
+    assert env.target.final_files() == {"b.dat": b"fine"}  # never the bad copy
+    assert env.target.staged() == []
+    assert env.sender.summary.failed[0]["attempts"] == 3
+
+
+def test_a_failed_item_is_not_queued_again_by_the_next_scan(env: Env) -> None:
+    env.write("a.dat", b"precious")
+    env.target.faults.corrupt.add("a.dat")
+    env.cycle()
+    sends = len(env.target.sent)
+    env.target.faults.corrupt.clear()
+    env.cycle()
+    assert len(env.target.sent) == sends
+    assert env.source_files() == {"a.dat": b"precious"}
+
+
+# -- a target that cannot be reached ----------------------------------------------------
+def test_an_unreachable_target_releases_the_batch_without_an_attempt_and_backs_off(
+        env: Env) -> None:
+    env.write("a.dat", b"x")
+    env.target.faults.unreachable = "connection refused"
+
+    env.cycle()
+
+    assert [(r.relpath, r.attempts) for r in env.records("new")] == [("a.dat", 0)]
+    assert env.sender.backoff.step == 1 and env.sender.summary.error == "connection refused"
+    assert env.spool.load_state()["backoff"]["step"] == 1  # survives a restart
+    env.target.faults.unreachable = None
+    env.sender.deliver_pending()  # still backing off: the target is not even tried
+    assert env.target.opens == 0 and env.target.sent == []
+    env.sender.backoff.until = 0.0  # the backoff is over
+    env.sender.deliver_pending()
+    assert env.target.final_files() == {"a.dat": b"x"} and env.source_files() == {}
+    assert env.sender.backoff.step == 0
+
+
+def test_run_once_gives_up_on_an_unreachable_target_after_retry_count_waits(
+        tmp_path: Path) -> None:
+    env = Env(tmp_path, retry_count=0)
+    env.write("a.dat", b"x")
+    env.target.faults.unreachable = "no route to host"
+    started = time.monotonic()
+    summary = env.sender.run_once()
+    assert time.monotonic() - started < 5
+    assert summary.error == "no route to host" and summary.queued == 1
+    assert env.source_files() == {"a.dat": b"x"}
+
+
+@pytest.mark.parametrize("fault", ["die_in_send", "inspect_unavailable"])
+def test_a_connection_lost_during_a_batch_releases_it_without_an_attempt(
+        env: Env, fault: str) -> None:
+    env.write("a.dat", b"first")
+    env.write("b.dat", b"second")
+    if fault == "die_in_send":
+        env.target.faults.die_in_send = 1  # after the first item
+    else:
+        env.target.faults.inspect_unavailable = "connection reset by peer"
+
+    env.cycle()
+
+    assert sorted((r.relpath, r.attempts) for r in env.records("new")) == [
+        ("a.dat", 0), ("b.dat", 0)]
+    assert env.target.final_files() == {}
+    assert env.source_files() == {"a.dat": b"first", "b.dat": b"second"}
+    assert env.sender.backoff.step == 1
+
+
+# -- the source changes under the sender ------------------------------------------------
+@pytest.mark.parametrize("keep_times", [False, True], ids=["rewritten", "rewritten_touch_r"])
+def test_a_source_rewritten_between_send_and_verification_is_not_deleted(
+        env: Env, keep_times: bool) -> None:
+    path = env.write("a.dat", b"version 1")
+    st = path.stat()
+
+    def rewrite() -> None:
+        assert env.target.final_files() == {}  # nothing unverified under a final name
+        path.write_bytes(b"version 2" if keep_times else b"version 2, longer")
+        if keep_times:  # same size and mtime: only ctime tells
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    env.target.faults.between = rewrite
+    env.cycle()
+
+    new = (b"version 2" if keep_times else b"version 2, longer")
+    assert env.source_files() == {"a.dat": new}  # not deleted
+    assert env.target.final_files() in ({}, {"a.dat": b"version 1"})
+    env.target.faults.between = None
+    env.cycle()  # the new version is queued again, sent, verified, and only then deleted
+    assert env.target.final_files() == {"a.dat": new}
+    assert env.source_files() == {}
+
+
+def test_a_source_rewritten_while_the_batch_is_sent_never_reaches_a_final_name_unproven(
+        env: Env) -> None:
+    path = env.write("a.dat", b"version 1")
+    env.target.faults.before_send = lambda: path.write_bytes(b"version 2!")
+    env.cycle()
+    target, source = env.target.final_files(), env.source_files()
+    assert target.get("a.dat") in (None, b"version 1", b"version 2!")
+    assert source.get("a.dat", target.get("a.dat")) == b"version 2!"
+
+
+def test_a_source_that_vanished_before_the_batch_is_dropped_without_an_attempt(
+        env: Env) -> None:
+    path = env.write("a.dat", b"x")
+    env.sender.scan_into_spool()
+    path.unlink()
+    env.sender.deliver_pending()
+    assert env.spool.counts() == {"new": 0, "claimed": 0, "done": 0, "failed": 0}
+    assert env.target.sent == [] and env.sender.summary.skipped
+
+
+# -- a directory swapped for a link to somewhere outside the stream ---------------------
+def _swap_for_outside_link(env: Env) -> None:
+    """src/sub -> src/sub.real; src/sub becomes a link to outside/sub, which holds a file
+    of the same name, size and mtime (another owner's data)."""
+    real = env.src / "sub" / "a.dat"
+    st = real.stat()
+    fake = env.write("sub/a.dat", b"SECRET!!", where=env.outside)
+    os.utime(fake, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.rename(env.src / "sub", env.src / "sub.real")
+    os.symlink(env.outside / "sub", env.src / "sub")
+
+
+@pytest.mark.parametrize("moment", ["before_claim", "before_send", "between"])
+def test_a_parent_swapped_for_a_link_to_outside_brings_nothing_from_outside_and_deletes_nothing(
+        env: Env, moment: str) -> None:
+    env.write("sub/a.dat", b"real one")
+    env.sender.scan_into_spool()
+    if moment == "before_claim":
+        _swap_for_outside_link(env)
+    else:
+        setattr(env.target.faults, moment, lambda: _swap_for_outside_link(env))
+
+    env.sender.deliver_pending()
+
+    assert (env.outside / "sub" / "a.dat").read_bytes() == b"SECRET!!"  # nothing outside deleted
+    assert (env.src / "sub.real" / "a.dat").read_bytes() == b"real one"  # the source kept
+    assert b"SECRET!!" not in env.target.final_files().values()
+    assert env.target.final_files() in ({}, {"sub/a.dat": b"real one"})
+    assert not any(r.relpath == "sub/a.dat" for r in env.records("new") + env.records("failed")
+                   ) or moment != "before_claim"
+    # the next scan does not follow the link; the real file is sent under its new name
+    env.target.faults.before_send = env.target.faults.between = None
+    env.cycle()
+    assert (env.outside / "sub" / "a.dat").read_bytes() == b"SECRET!!"
+    assert env.target.final_files().get("sub.real/a.dat") == b"real one"
+    assert b"SECRET!!" not in env.target.final_files().values()
+
+
+def test_a_followed_link_item_is_sent_as_its_file_and_only_the_link_is_deleted(
+        tmp_path: Path) -> None:
+    env = Env(tmp_path, follow_symlinks=True)
+    data = env.write("data.bin", b"pointed to", where=env.outside)
+    os.symlink(data, env.src / "link.bin")
+    env.cycle()
+    assert env.target.final_files() == {"link.bin": b"pointed to"}
+    assert not os.path.lexists(env.src / "link.bin")
+    assert data.read_bytes() == b"pointed to"
+
+
+# -- directory items ------------------------------------------------------------------------
+def test_a_directory_item_is_merged_into_an_existing_target_directory(tmp_path: Path) -> None:
+    env = Env(tmp_path, unit="dir")
+    env.write("d/a.txt", b"a")
+    env.write("d/sub/b.txt", b"b")
+    (env.src / "d" / "empty").mkdir()
+    env.target.put("d/other.txt", b"was there")
+    env.target.put("d/a.txt", b"old a")
+
+    env.cycle()
+
+    assert env.target.final_files() == {"d/other.txt": b"was there", "d/a.txt": b"a",
+                                        "d/sub/b.txt": b"b"}
+    assert "d/empty" in env.target.final_dirs()
+    assert not (env.src / "d").exists()
+    assert [r.relpath for r in env.records("done")] == ["d"]
+
+
+@pytest.mark.parametrize("conflict", ["file_where_dir", "dir_where_file", "link_on_the_way"])
+def test_a_type_conflict_at_the_target_parks_the_item_after_its_retries_and_keeps_the_source(
+        tmp_path: Path, conflict: str) -> None:
+    env = Env(tmp_path, unit="dir")
+    env.write("d/a.txt", b"a")
+    env.write("d/sub/b.txt", b"b")
+    if conflict == "file_where_dir":
+        env.target.put("d/sub", b"a file")
+    elif conflict == "dir_where_file":
+        env.target.mkdir("d/a.txt")
+    else:
+        env.target.symlink("d", "/elsewhere")
+    before = (env.target.final_files(), env.target.final_dirs(), dict(env.target.links))
+
+    env.cycle()
+
+    failed = env.records("failed")
+    assert [(r.relpath, r.attempts) for r in failed] == [("d", 3)]
+    assert "cannot be put in place" in (failed[0].last_error or "")
+    assert env.source_files() == {"d/a.txt": b"a", "d/sub/b.txt": b"b"}
+    # the target is left exactly as it was: the merge changed nothing
+    assert (env.target.final_files(), env.target.final_dirs(), dict(env.target.links)) == before
+    assert env.target.staged() == []
+
+
+def test_a_file_item_where_the_target_has_a_directory_is_parked(env: Env) -> None:
+    env.write("a.dat", b"x")
+    env.target.mkdir("a.dat")
+    env.cycle()
+    assert [r.relpath for r in env.records("failed")] == ["a.dat"]
+    assert env.source_files() == {"a.dat": b"x"}
+    assert "a.dat" in env.target.final_dirs()
+
+
+# -- publish failing for some items -------------------------------------------------------
+def test_publish_failing_for_one_item_retries_that_item_only(tmp_path: Path) -> None:
+    env = Env(tmp_path, retry_backoff="60")
+    env.write("a.dat", b"a")
+    env.write("b.dat", b"b")
+    env.target.faults.publish_errors["b.dat"] = "Input/output error"
+
+    env.cycle()
+
+    assert [sorted(b) for b in env.target.sent] == [["a.dat", "b.dat"]]  # one batch
+    assert env.target.final_files() == {"a.dat": b"a"}
+    assert env.source_files() == {"b.dat": b"b"}
+    assert [r.relpath for r in env.records("done")] == ["a.dat"]
+    [b] = env.records("new")
+    assert (b.relpath, b.attempts) == ("b.dat", 1)
+    assert "Input/output error" in (b.last_error or "")
+    assert b.not_before > time.time()  # waits out its backoff
+    assert env.target.staged() == []  # the unpublished copy was discarded
+    assert env.sender.backoff.step == 0  # an item problem never backs the target off
+
+
+# -- a lost lease ------------------------------------------------------------------------
+def test_a_sender_that_lost_its_lease_deletes_no_source(tmp_path: Path) -> None:
+    # an owner on another host (a spool shared over NFS) is judged by its heartbeat
+    env = Env(tmp_path, owner="farhost.4242.cafe")
+    env.write("a.dat", b"mine?")
+    env.write("b.dat", b"or yours?")
+    later = time.time() + 10 * env.stream.outgoing.lease_seconds
+    rival = Spool(env.stream.spool_dir, lease_seconds=env.stream.outgoing.lease_seconds,
+                  clock=lambda: later).open()
+    taken: list[int] = []
+    env.target.faults.between = lambda: taken.append(rival.reclaim_expired())
+
+    env.cycle()
+
+    assert taken == [2]
+    assert env.spool.lease_lost()
+    assert env.source_files() == {"a.dat": b"mine?", "b.dat": b"or yours?"}
+    assert env.records("done") == []
+    assert sorted(r.relpath for r in env.records("new")) == ["a.dat", "b.dat"]
+    rival.close()
+
+
+# -- the state machine ----------------------------------------------------------------------
+EXAMPLES = int(os.environ.get("MSTM_SENDER_EXAMPLES", "30"))
+STEPS = int(os.environ.get("MSTM_SENDER_STEPS", "15"))
+NAMES = ("a.dat", "b.dat", "sub/c.dat", "sub/deep/d.dat")
+FAULTS = ("none", "unreachable", "die_in_send", "corrupt", "drop", "publish_error",
+          "inspect_unavailable", "rewrite_between", "delete_between", "rewrite_before_send",
+          "swap_parent_between", "swap_parent_before_send")
+contents = st.binary(max_size=24).map(lambda b: b"v:" + b)  # never the outside bytes
+
+
+class SenderMachine(RuleBasedStateMachine):
+    """Sources come, change and go while deliveries run with faults; after every step
+    nothing the user wrote is lost and the target holds only versions the user wrote."""
+
+    mode = "move"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="mstm-sender-"))
+        self.env = Env(self.root, mode=self.mode, retry_count=1)
+        self.current: dict[str, bytes] = {}  # what the user last left at each path
+        self.versions: dict[str, set[bytes]] = {}  # every version each path ever had
+        self.outside = {f"sub/{n}": b"OUTSIDE " + n.encode() for n in ("c.dat", "x.dat")}
+        for rel, data in self.outside.items():
+            self.env.write(rel, data, where=self.env.outside)
+
+    def teardown(self) -> None:
+        self.env.spool.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- what the user does
+    def _put(self, relpath: str, data: bytes, *, in_place: bool) -> None:
+        path = self.env.src / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if in_place and path.exists():
+            with open(path, "r+b") as f:
+                f.write(data)
+                f.truncate()
+        else:
+            tmp = path.with_name("." + path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.rename(tmp, path)
+        self.current[relpath] = data
+        self.versions.setdefault(relpath, set()).add(data)
+
+    @initialize(data=contents)
+    def first(self, data: bytes) -> None:
+        self._put("a.dat", data, in_place=False)
+
+    @rule(name=st.sampled_from(NAMES), data=contents, in_place=st.booleans())
+    def write(self, name: str, data: bytes, in_place: bool) -> None:
+        self._put(name, data, in_place=in_place)
+
+    @precondition(lambda self: any((self.env.src / n).exists() for n in self.current))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        present = sorted(n for n in self.current if (self.env.src / n).exists())
+        name = data.draw(st.sampled_from(present))
+        (self.env.src / name).unlink()
+        del self.current[name]
+
+    # -- a delivery, with one fault
+    def _swap(self) -> None:
+        sub = self.env.src / "sub"
+        if sub.is_dir() and not sub.is_symlink():
+            os.rename(sub, self.env.src / "sub.moved")
+            os.symlink(self.env.outside / "sub", sub)
+
+    def _unswap(self) -> None:
+        sub = self.env.src / "sub"
+        if sub.is_symlink():
+            sub.unlink()
+            os.rename(self.env.src / "sub.moved", sub)
+
+    @rule(fault=st.sampled_from(FAULTS), victim=st.sampled_from(NAMES), data=contents)
+    def deliver(self, fault: str, victim: str, data: bytes) -> None:
+        t, f = self.env.target, self.env.target.faults
+        once: list[Callable[[], None]] = []
+
+        def hook(action: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                if not once:
+                    once.append(action)
+                    action()
+            return run
+
+        def rewrite() -> None:
+            if victim in self.current:
+                self._put(victim, data, in_place=True)
+
+        def delete() -> None:
+            if victim in self.current and (self.env.src / victim).exists():
+                (self.env.src / victim).unlink()
+                del self.current[victim]
+
+        if fault == "unreachable":
+            f.unreachable = "connection refused"
+        elif fault == "die_in_send":
+            f.die_in_send = 1
+        elif fault in ("corrupt", "drop"):
+            getattr(f, fault).add(victim)
+        elif fault == "publish_error":
+            f.publish_errors[victim] = "Input/output error"
+        elif fault == "inspect_unavailable":
+            f.inspect_unavailable = "connection reset"
+        elif fault == "rewrite_between":
+            f.between = hook(rewrite)
+        elif fault == "delete_between":
+            f.between = hook(delete)
+        elif fault == "rewrite_before_send":
+            f.before_send = hook(rewrite)
+        elif fault == "swap_parent_between":
+            f.between = hook(self._swap)
+        elif fault == "swap_parent_before_send":
+            f.before_send = hook(self._swap)
+        try:
+            self.env.cycle()
+        finally:
+            self._unswap()
+            t.faults = type(f)()
+            self.env.sender.backoff.succeeded()  # the next step may deliver at once
+
+    # -- what must hold after every step
+    @invariant()
+    def nothing_is_lost(self) -> None:
+        source = self.env.source_files()
+        target = self.env.target.final_files()
+        for name, data in self.current.items():
+            if name in source:
+                assert source[name] == data, f"{name}: the source was altered"
+            else:
+                assert target.get(name) == data, f"{name}: lost (neither at the source nor " \
+                                                 f"at the target)"
+            if self.mode == "mirror":
+                assert name in source, f"{name}: deleted in mirror mode"
+        assert set(source) <= set(self.current), "a source appeared that nobody wrote"
+
+    @invariant()
+    def the_target_holds_only_versions_the_user_wrote(self) -> None:
+        for name, data in self.env.target.final_files().items():
+            assert data in self.versions.get(name, set()), \
+                f"{name}: the target holds bytes that never were a version of it"
+
+    @invariant()
+    def nothing_outside_is_touched(self) -> None:
+        for rel, data in self.outside.items():
+            assert (self.env.outside / rel).read_bytes() == data
+
+    @invariant()
+    def every_failed_item_says_why(self) -> None:
+        for r in self.env.records("failed"):
+            assert r.last_error, f"{r.relpath}: in failed/ without a reason"
+        assert not any(p.startswith(STAGING) for p in self.env.target.final_files())
+
+
+class MirrorMachine(SenderMachine):
+    mode = "mirror"
+
+
+_machine_settings: dict[str, Any] = dict(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+TestMoveNeverLosesAFile = SenderMachine.TestCase
+TestMoveNeverLosesAFile.settings = settings(**_machine_settings)
+TestMirrorNeverLosesAFile = MirrorMachine.TestCase
+TestMirrorNeverLosesAFile.settings = settings(
+    **{**_machine_settings, "max_examples": max(1, EXAMPLES // 3)})
