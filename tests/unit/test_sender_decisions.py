@@ -414,8 +414,8 @@ STEPS = int(os.environ.get("MSTM_SENDER_STEPS", "15"))
 NAMES = ("a.dat", "b.dat", "sub/c.dat", "sub/deep/d.dat")
 FAULTS = ("none", "unreachable", "die_in_send", "corrupt", "drop", "publish_error",
           "inspect_unavailable", "rewrite_between", "delete_between", "rewrite_before_send",
-          "swap_parent_between", "swap_parent_before_send")
-contents = st.binary(max_size=24).map(lambda b: b"v:" + b)  # never the outside bytes
+          "swap_parent_between", "swap_parent_before_send", "swap_parent_after_scan")
+contents = st.binary(max_size=24).map(lambda b: b"v:" + b)  # never the outside b"OOO..."
 
 
 class SenderMachine(RuleBasedStateMachine):
@@ -430,13 +430,31 @@ class SenderMachine(RuleBasedStateMachine):
         self.env = Env(self.root, mode=self.mode, retry_count=1)
         self.current: dict[str, bytes] = {}  # what the user last left at each path
         self.versions: dict[str, set[bytes]] = {}  # every version each path ever had
-        self.outside = {f"sub/{n}": b"OUTSIDE " + n.encode() for n in ("c.dat", "x.dat")}
+        self.outside = {"sub/x.dat": b"OUTSIDE"}
         for rel, data in self.outside.items():
             self.env.write(rel, data, where=self.env.outside)
 
     def teardown(self) -> None:
-        self.env.spool.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            self._drain()
+        finally:
+            self.env.spool.close()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _drain(self) -> None:
+        """Without faults every source ends delivered, or parked in failed/ (kept)."""
+        for _ in range(2):
+            self.env.cycle()
+        source, target = self.env.source_files(), self.env.target.final_files()
+        parked = {r.relpath for r in self.env.records("failed")}
+        for name, data in self.current.items():
+            if name in parked:
+                assert source.get(name) == data, f"{name}: failed, but not kept"
+            elif self.mode == "move":
+                assert name not in source and target.get(name) == data, \
+                    f"{name}: neither delivered nor parked in failed/"
+            else:  # mirror: a rewrite keeping size and mtime is not seen (same id)
+                assert target.get(name) in self.versions[name], f"{name}: never delivered"
 
     # -- what the user does
     def _put(self, relpath: str, data: bytes, *, in_place: bool) -> None:
@@ -471,10 +489,22 @@ class SenderMachine(RuleBasedStateMachine):
 
     # -- a delivery, with one fault
     def _swap(self) -> None:
+        """src/sub -> src/sub.moved, and src/sub a link to outside/sub, whose files have
+        the same names, sizes and mtimes as the real ones (never the same bytes)."""
         sub = self.env.src / "sub"
-        if sub.is_dir() and not sub.is_symlink():
-            os.rename(sub, self.env.src / "sub.moved")
-            os.symlink(self.env.outside / "sub", sub)
+        if not sub.is_dir() or sub.is_symlink():
+            return
+        for d, _dirs, names in os.walk(sub):
+            for n in names:
+                real = Path(d) / n
+                rel = str(real.relative_to(self.env.src))
+                st = real.stat()
+                data = b"O" * st.st_size
+                fake = self.env.write(rel, data, where=self.env.outside)
+                os.utime(fake, ns=(st.st_atime_ns, st.st_mtime_ns))
+                self.outside[rel] = data
+        os.rename(sub, self.env.src / "sub.moved")
+        os.symlink(self.env.outside / "sub", sub)
 
     def _unswap(self) -> None:
         sub = self.env.src / "sub"
@@ -482,9 +512,11 @@ class SenderMachine(RuleBasedStateMachine):
             sub.unlink()
             os.rename(self.env.src / "sub.moved", sub)
 
-    @rule(fault=st.sampled_from(FAULTS), victim=st.sampled_from(NAMES), data=contents)
-    def deliver(self, fault: str, victim: str, data: bytes) -> None:
+    @rule(fault=st.sampled_from(FAULTS), draw=st.data(), data=contents)
+    def deliver(self, fault: str, draw: st.DataObject, data: bytes) -> None:
         t, f = self.env.target, self.env.target.faults
+        present = sorted(n for n in self.current if (self.env.src / n).exists())
+        victim = draw.draw(st.sampled_from(present or NAMES), label="victim")
         once: list[Callable[[], None]] = []
 
         def hook(action: Callable[[], None]) -> Callable[[], None]:
@@ -524,7 +556,10 @@ class SenderMachine(RuleBasedStateMachine):
         elif fault == "swap_parent_before_send":
             f.before_send = hook(self._swap)
         try:
-            self.env.cycle()
+            self.env.sender.scan_into_spool()
+            if fault == "swap_parent_after_scan":
+                self._swap()  # before the sender claims, re-checks and hashes
+            self.env.sender.deliver_pending()
         finally:
             self._unswap()
             t.faults = type(f)()
@@ -554,7 +589,9 @@ class SenderMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_outside_is_touched(self) -> None:
         for rel, data in self.outside.items():
-            assert (self.env.outside / rel).read_bytes() == data
+            path = self.env.outside / rel
+            assert path.exists(), f"outside/{rel}: deleted through a link"
+            assert path.read_bytes() == data, f"outside/{rel}: altered"
 
     @invariant()
     def every_failed_item_says_why(self) -> None:
