@@ -19,9 +19,9 @@ again (``Spool.enqueue(..., again_if_done=True)``), never deleted unsent.
 * and only while no process on this host holds it open for writing or maps it shared
   and writable (:func:`mstm.openfiles.held_for_writing`: a writer through an ``mmap``
   does not move ctime until its pages are written back);
-* where the times cannot prove it (the file's ctime lies within :data:`UNPROVEN_NS` of the
-  moment it was hashed: a later write could fall in the same timestamp tick), it is
-  hashed again and must still have the verified sha256;
+* where the times cannot prove it (the file's ctime lies within a timestamp tick of the
+  moment it was hashed, :func:`unproven_ns`: a later write could fall in the same tick),
+  it is hashed again and must still have the verified sha256;
 * a directory item: exactly its verified regular files go, each judged as above, then
   the directories left empty, bottom-up (descriptor-based: any depth); whatever came
   meanwhile, or changed, stays where it is;
@@ -55,9 +55,18 @@ from mstm.scan import marker_for
 log = logging.getLogger("mstm.send")
 
 # A file whose ctime is this close to the instant it was hashed is hashed again before
-# it is deleted: filesystems keep times in ticks (1 s on some), and a write in the same
-# tick as the last one before the hash would leave ctime as it was.
+# it is deleted: the kernel stamps times from a clock that advances in ticks (a jiffy,
+# 1-10 ms), and some filesystems keep whole seconds only, so a write in the same tick as
+# the last one before the hash would leave ctime as it was.  A ctime with a sub-second
+# part comes from a filesystem with fine timestamps: a tick's margin, generously; a
+# ctime of whole seconds may come from one that keeps seconds: two of them.
 UNPROVEN_NS = 2_000_000_000
+UNPROVEN_FINE_NS = 50_000_000
+
+
+def unproven_ns(ctime_ns: int) -> int:
+    """How close to the hash a change must be for the times to prove nothing."""
+    return UNPROVEN_FINE_NS if ctime_ns % 1_000_000_000 else UNPROVEN_NS
 _HASH_BLOCK = 1 << 20
 
 
@@ -157,7 +166,7 @@ def _judge(root_fd: int, relpath: str, st: os.stat_result, verified: Verified, *
     problem = want.same_file(st)
     if problem:
         return problem
-    if st.st_ctime_ns + UNPROVEN_NS > verified.hashed_at_ns:
+    if st.st_ctime_ns + unproven_ns(st.st_ctime_ns) > verified.hashed_at_ns:
         # the times cannot prove that nothing was written since the hash: read it again
         try:
             digest = _sha256(root_fd, relpath, follow)

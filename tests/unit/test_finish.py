@@ -266,6 +266,11 @@ def test_where_times_cannot_prove_it_the_file_is_hashed_again_before_it_goes(
     assert not f.exists()
 
 
+def test_a_filesystem_that_keeps_whole_seconds_gets_a_wider_margin_before_a_re_hash() -> None:
+    assert finish.unproven_ns(1_700_000_000_123_456_789) == finish.UNPROVEN_FINE_NS
+    assert finish.unproven_ns(1_700_000_000_000_000_000) == finish.UNPROVEN_NS
+
+
 def test_a_directory_item_goes_entry_by_entry_and_what_changed_stays(tmp_path: Path) -> None:
     for rel in ("run1/a", "run1/sub/b", "run1/sub/c"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
