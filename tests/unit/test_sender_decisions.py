@@ -497,11 +497,13 @@ class SenderMachine(RuleBasedStateMachine):
     nothing the user wrote is lost and the target holds only versions the user wrote."""
 
     mode = "move"
+    unit = "file"
+    names = NAMES
 
     def __init__(self) -> None:
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="mstm-sender-"))
-        self.env = Env(self.root, mode=self.mode, retry_count=1)
+        self.env = Env(self.root, mode=self.mode, unit=self.unit, retry_count=1)
         self.current: dict[str, bytes] = {}  # what the user last left at each path
         self.versions: dict[str, set[bytes]] = {}  # every version each path ever had
         self.outside = {"sub/x.dat": b"OUTSIDE"}
@@ -521,11 +523,13 @@ class SenderMachine(RuleBasedStateMachine):
             self.env.cycle()
         target = self.env.target.final_files()
         parked = {(r.relpath, r.size, r.mtime_ns) for r in self.env.records("failed")}
+        parked_dirs = {r.relpath for r in self.env.records("failed") if r.is_dir}
         for name, data in self.current.items():
             path = self.env.src / name
             if path.exists():
                 st = path.stat()
-                if (name, st.st_size, st.st_mtime_ns) in parked:
+                if ((name, st.st_size, st.st_mtime_ns) in parked
+                        or name.split("/")[0] in parked_dirs):
                     continue  # this very version failed: kept at the source
                 assert self.mode == "mirror", f"{name}: neither delivered nor parked in failed/"
                 # mirror: a rewrite keeping size and mtime is not seen (the same id)
@@ -550,11 +554,11 @@ class SenderMachine(RuleBasedStateMachine):
 
     @initialize(data=contents)
     def first(self, data: bytes) -> None:
-        self._put("a.dat", data, in_place=False)
+        self._put(self.names[0], data, in_place=False)
 
-    @rule(name=st.sampled_from(NAMES), data=contents, in_place=st.booleans())
-    def write(self, name: str, data: bytes, in_place: bool) -> None:
-        self._put(name, data, in_place=in_place)
+    @rule(which=st.integers(0, len(NAMES) - 1), data=contents, in_place=st.booleans())
+    def write(self, which: int, data: bytes, in_place: bool) -> None:
+        self._put(self.names[which], data, in_place=in_place)
 
     @precondition(lambda self: any((self.env.src / n).exists() for n in self.current))
     @rule(data=st.data())
@@ -593,7 +597,7 @@ class SenderMachine(RuleBasedStateMachine):
     def deliver(self, fault: str, draw: st.DataObject, data: bytes) -> None:
         t, f = self.env.target, self.env.target.faults
         present = sorted(n for n in self.current if (self.env.src / n).exists())
-        victim = draw.draw(st.sampled_from(present or NAMES), label="victim")
+        victim = draw.draw(st.sampled_from(present or list(self.names)), label="victim")
         once: list[Callable[[], None]] = []
 
         def hook(action: Callable[[], None]) -> Callable[[], None]:
@@ -619,7 +623,8 @@ class SenderMachine(RuleBasedStateMachine):
         elif fault in ("corrupt", "drop"):
             getattr(f, fault).add(victim)
         elif fault == "publish_error":
-            f.publish_errors[victim] = "Input/output error"
+            item = victim if self.unit == "file" else victim.split("/")[0]
+            f.publish_errors[item] = "Input/output error"
         elif fault == "inspect_unavailable":
             f.inspect_unavailable = "connection reset"
         elif fault == "rewrite_between":
@@ -681,6 +686,13 @@ class MirrorMachine(SenderMachine):
     mode = "mirror"
 
 
+class DirectoryMachine(SenderMachine):
+    """Directory units: "a", "b" and "sub" are the items, merged at the target."""
+
+    unit = "dir"
+    names = ("a/x.dat", "a/y.dat", "sub/c.dat", "sub/deep/d.dat")
+
+
 _machine_settings: dict[str, Any] = dict(
     max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -689,3 +701,6 @@ TestMoveNeverLosesAFile.settings = settings(**_machine_settings)
 TestMirrorNeverLosesAFile = MirrorMachine.TestCase
 TestMirrorNeverLosesAFile.settings = settings(
     **{**_machine_settings, "max_examples": max(1, EXAMPLES // 3)})
+TestDirectoryUnitsNeverLoseAFile = DirectoryMachine.TestCase
+TestDirectoryUnitsNeverLoseAFile.settings = settings(
+    **{**_machine_settings, "max_examples": max(1, EXAMPLES // 2)})
