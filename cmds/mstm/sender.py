@@ -353,8 +353,11 @@ class Sender:
 
     # -- delivering -------------------------------------------------------------
     def deliver_pending(self) -> None:
-        """Deliver claimable items until none is left, the target fails, or we stop."""
-        while not self.should_stop():
+        """Deliver claimable items until none is left, the target fails, or we stop.
+
+        A lost lease ends a batch (:meth:`should_stop`), not the loop: the next
+        ``claim`` continues under a new owner identity."""
+        while not self.stop_event.is_set():
             if self.backoff.remaining(time.time()) > 0:
                 return
             if self.paused():
@@ -736,9 +739,9 @@ class Sender:
         if self.do_scan:
             self.scan_into_spool()
         connection_tries = 0
-        while not self.should_stop():
+        while not self.stop_event.is_set():
             self.deliver_pending()
-            if self.summary.paused or self.should_stop():
+            if self.summary.paused or self.stop_event.is_set():
                 break
             wait_backoff = self.backoff.remaining(time.time())
             if wait_backoff > 0:

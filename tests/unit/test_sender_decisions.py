@@ -459,10 +459,6 @@ def test_a_sender_that_lost_its_lease_deletes_no_source(tmp_path: Path) -> None:
     rival.close()
 
 
-@pytest.mark.xfail(strict=True, reason="sender.py:298 should_stop() stays true once the lease "
-                   "is lost: deliver_pending (sender.py:357) returns before claim() could "
-                   "start a new identity (spool.py:888 _ensure_lease), so the sender never "
-                   "delivers again and follow() idles without exiting")
 def test_a_sender_that_lost_its_lease_delivers_again_under_a_new_identity(
         tmp_path: Path) -> None:
     env = Env(tmp_path, owner="farhost.4242.cafe")
