@@ -79,6 +79,7 @@ bench: $(STAMP)
 # everything else; this runs the long one (about 7 min on 2 cores; root, for the network
 # namespaces and the mount namespace).  TORTURE_ITERATIONS: runs of each scenario;
 # TORTURE_SECONDS: least duration of each fault phase; TORTURE_SEED: replay a run.
+# Then the configuration fuzz test (tests/unit/test_config_fuzz.py) with 500 examples.
 TORTURE_PROFILE    ?= long
 TORTURE_ITERATIONS ?= 1
 TORTURE_SECONDS    ?= 0
@@ -89,6 +90,7 @@ torture: $(STAMP)
 	TORTURE_SECONDS=$(TORTURE_SECONDS) TORTURE_SEED=$(TORTURE_SEED) \
 	TORTURE_AUDIT_LOG=$(CURDIR)/build/torture-audit.log \
 	  $(VPY) -m pytest -q tests/torture
+	MSTM_FUZZ_EXAMPLES=500 $(VPY) -m pytest -q tests/unit/test_config_fuzz.py
 
 clean:
 	rm -rf build dist *.egg-info cmds/*.egg-info .pytest_cache .mypy_cache .ruff_cache
