@@ -833,3 +833,83 @@ def test_every_schema_key_has_a_doc_and_a_default_that_parses() -> None:
 def test_example_files_are_found_next_to_each_other(tmp_path: Path) -> None:
     shutil.copy(REPO / "conf" / "global.ini", tmp_path / "global.ini")
     assert load_global(tmp_path / "global.ini").config_dir == tmp_path
+
+
+# --------------------------------------------------------------------------- limits (#12)
+
+
+def test_every_duration_the_schema_allows_is_safe_for_sleep_waits_and_timedelta() -> None:
+    import datetime
+    import threading
+
+    from mstm.config import MAX_SECONDS, Seconds
+
+    durations = [(s, k, spec.kind) for s, keys in SCHEMA.items() for k, spec in keys.items()
+                 if isinstance(spec.kind, Seconds)]
+    assert len(durations) >= 10
+    for section, key, kind in durations:
+        longest = kind.parse(f"{kind.max:.0f}")
+        assert longest <= MAX_SECONDS <= threading.TIMEOUT_MAX, (section, key)
+        datetime.datetime.now() + datetime.timedelta(seconds=longest)  # no OverflowError
+        with pytest.raises(ValueError, match="at most 1 year"):
+            kind.parse(f"{MAX_SECONDS + 1}")
+
+
+def test_the_largest_integers_and_sizes_fit_where_they_are_used() -> None:
+    import datetime
+
+    from mstm.config import MAX_SIZE, Int, Size
+
+    assert Size().parse("1024T") == MAX_SIZE == 1 << 50
+    assert Size().parse("1.5K") == 1536  # exact, no float rounding
+    assert Size().parse("1099511627775") == (1 << 40) - 1
+    days = SCHEMA["pull"]["max_age_days"].kind
+    assert isinstance(days, Int)
+    datetime.datetime.now() - datetime.timedelta(days=days.max)
+    for keys in SCHEMA.values():
+        for spec in keys.values():
+            if isinstance(spec.kind, Int):
+                assert -(2**31) < spec.kind.min <= spec.kind.max < 2**31
+
+
+def test_a_long_bad_value_is_quoted_shortened() -> None:
+    from mstm.config import show
+
+    assert show("x" * 1000) == "'" + "x" * 60 + "'... (1000 characters)"
+    assert show("short") == "'short'"
+
+
+def test_an_error_no_check_foresaw_names_the_key_and_is_still_a_config_error(
+        conf: Conf, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mstm import config
+
+    def boom(self: object, text: str) -> object:
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(config.Size, "parse", boom)
+    err = conf.error()
+    assert (err.section, err.key) in {("outgoing", "batch_max_bytes"),
+                                      ("incoming", "max_control_bytes")}
+    assert "OverflowError" in err.reason and "\n" not in str(err)
+
+
+def test_a_reference_chain_within_the_depth_limit_still_works(conf: Conf) -> None:
+    conf.glob["global"].update({f"k{i}": f"$(global:k{i + 1})" for i in range(20)})
+    conf.glob["global"]["k20"] = "/archive/deep"
+    conf.set("proj1", "outgoing", "target_dir", "$(global:k0)")
+    assert conf.stream().outgoing.target_dir == "/archive/deep"
+
+
+@pytest.mark.parametrize("marker", ["{name}.done", ".{name}.ok", "DONE-{name}", "{name}~"])
+def test_ready_markers_that_are_plain_names_with_name_once_are_accepted(
+        conf: Conf, marker: str) -> None:
+    conf.set("proj1", "data_stream", "ready_marker", marker)
+    assert conf.stream().ready_marker == marker
+
+
+def test_a_good_password_file_is_accepted_with_one_trailing_newline(conf: Conf) -> None:
+    pw = conf.root / "pw"
+    pw.write_text("s3cret\n")
+    conf.set("proj1", "outgoing", "transfer_protocol", "rsync_native")
+    conf.streams["proj1"]["rsync_native"] = {"module": "m", "password_file": str(pw)}
+    assert conf.stream().rsync_native.password_file == pw
