@@ -215,6 +215,9 @@ class Control:
     algorithm: str
     receipt: str
     items: tuple[ControlItem, ...]
+    # empty directories of directory items ("dir <path>" lines): the receiver creates
+    # them (merged, never through a link) and answers each like an item
+    dirs: tuple[str, ...] = ()
 
 
 def _check_receipt_name(batch: str, receipt: str) -> None:
@@ -245,6 +248,13 @@ def render_control(c: Control) -> bytes:
             raise ProtocolError(f"path {item.relpath!r} listed twice")
         seen.add(item.relpath)
         lines.append(f"item {item.size} {item.digest} {encode_path(item.relpath)}")
+    if len(c.items) + len(c.dirs) > MAX_ITEMS:
+        raise ProtocolError(f"more than {MAX_ITEMS} items in one control file")
+    for d in c.dirs:
+        if d in seen:
+            raise ProtocolError(f"path {d!r} listed twice")
+        seen.add(d)
+        lines.append(f"dir {encode_path(d)}")
     lines.append("end")
     return ("\n".join(lines) + "\n").encode("ascii")
 
@@ -306,11 +316,23 @@ def parse_control(data: bytes, *, receipt_ext: str = "mstm-rcpt",
     if len(body) > MAX_ITEMS:
         raise ProtocolError(f"{what}: more than {MAX_ITEMS} items")
     items: list[ControlItem] = []
+    dirs: list[str] = []
     seen: set[str] = set()
     for n, line in enumerate(body, start=5):
         parts = line.split(" ")
+        if len(parts) == 2 and parts[0] == "dir":
+            try:
+                relpath = decode_path(parts[1])
+            except ProtocolError as err:
+                raise ProtocolError(f"{what}: line {n}: {err}") from None
+            if relpath in seen:
+                raise ProtocolError(f"{what}: line {n}: path {parts[1][:200]!r} listed twice")
+            seen.add(relpath)
+            dirs.append(relpath)
+            continue
         if len(parts) != 4 or parts[0] != "item":
-            raise ProtocolError(f"{what}: line {n}: expected 'item <size> <digest> <path>'")
+            raise ProtocolError(f"{what}: line {n}: expected 'item <size> <digest> <path>'"
+                                f" or 'dir <path>'")
         _, size, digest, encoded = parts
         if not _SIZE_RE.match(size) or int(size) > MAX_SIZE:
             raise ProtocolError(f"{what}: line {n}: bad size {size[:30]!r}")
@@ -324,7 +346,7 @@ def parse_control(data: bytes, *, receipt_ext: str = "mstm-rcpt",
             raise ProtocolError(f"{what}: line {n}: path {encoded[:200]!r} listed twice")
         seen.add(relpath)
         items.append(ControlItem(relpath, int(size), digest))
-    return Control(batch, algorithm, receipt, tuple(items))
+    return Control(batch, algorithm, receipt, tuple(items), tuple(dirs))
 
 
 # --------------------------------------------------------------------------- receipt

@@ -95,7 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from mstm import protocol
+from mstm import protocol, safefs
 from mstm.config import StreamConfig
 from mstm.errors import ConfigError, MstmError
 from mstm.log import event, fields, show
@@ -1019,9 +1019,13 @@ class Receiver:
                 os.close(source_fd)
         for item, result in zip(control.items, results, strict=True):
             batch_summary.count(result.status, item.size)
-        receipt = protocol.Receipt(batch, tuple(
+        made = self._make_dirs(job, control.dirs)
+        for status in made:
+            batch_summary.count(status, 0)
+        receipt = protocol.Receipt(batch, (*(
             (item.relpath, result.status)
-            for item, result in zip(control.items, results, strict=True)))
+            for item, result in zip(control.items, results, strict=True)),
+            *zip(control.dirs, made, strict=True)))
         _write_atomic(self._i_fd, control.receipt, protocol.render_receipt(receipt))
         self._unstage(job.key)
         summary.batches += 1
@@ -1032,6 +1036,34 @@ class Receiver:
                 batch_summary.statuses, time.monotonic() - t0,
                 extra=fields(stream=s.stream, item=batch,
                              result="ok" if not batch_summary.failed else "partial"))
+
+    def _make_dirs(self, job: _Job, dirs: Sequence[str]) -> list[Status]:
+        """Create the empty directories a control file lists (a directory item's), merged
+        into D like its files: an existing directory is fine, a link or non-directory on
+        the way is refused.  Made durable with one syncfs (else an fsync of each)."""
+        statuses: list[Status] = []
+        for rel in dirs:
+            try:
+                parts = [os.fsdecode(p) for p in safefs.split(rel)]
+                fd = open_dir(parts, self._d_fd, create=True)
+            except ValueError:
+                statuses.append(Status.REFUSED)
+                continue
+            except OSError as err:
+                statuses.append(Status.REFUSED if err.errno in _REFUSING else Status.IO_ERROR)
+                log.warning("%s: %s: directory %s: %s", self.s.stream, job.label, show(rel),
+                            err.strerror or err,
+                            extra=fields(stream=self.s.stream, item=rel))
+                continue
+            try:
+                if not _syncfs(fd):
+                    os.fsync(fd)
+                statuses.append(Status.OK)
+            except OSError:
+                statuses.append(Status.IO_ERROR)
+            finally:
+                os.close(fd)
+        return statuses
 
     def _receive_all(self, job: _Job, items: Sequence[ControlItem]) -> list[_Result]:
         """Every item's result, in order; each "ok" one is on disk under its final name.

@@ -580,8 +580,10 @@ class Sender:
         # The thank-you goes as soon as the receipt exists (one round trip for it all): if
         # we then fail to read the receipt, nothing is deleted here and a re-send finds the
         # items already published, identical, and gets "ok".
+        dirs = tuple(rel for c in live if isinstance(d := digests[c.record.id], LocalDigest)
+                     and not d.changed for rel in d.dirs)
         control = protocol.Control(batch=batch, algorithm="sha256", receipt=receipt_name,
-                                   items=tuple(entries))
+                                   items=tuple(entries), dirs=dirs)
         timeout = out.receipt_file_poll_count * out.receipt_file_poll_interval
         try:
             raw = exchange(
@@ -606,7 +608,7 @@ class Sender:
             d = digests[c.record.id]
             if not isinstance(d, LocalDigest) or d.changed:
                 continue
-            for rel in d.files:
+            for rel in (*d.files, *d.dirs):
                 st = status.get(rel)
                 if st is not protocol.Status.OK:
                     what = st.value if st is not None else "no answer"

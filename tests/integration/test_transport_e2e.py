@@ -451,7 +451,7 @@ def test_rsync_native_has_the_daemon_fsync_each_file_before_its_rename(tmp_path:
 
 def test_rsync_native_sends_without_fsync_to_a_daemon_that_refuses_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from mstm.transports.base import Item
+    from mstm.transports.base import Item, staging_dir
 
     daemon = _fsync_daemon(tmp_path, refuse=True)
     try:
@@ -460,8 +460,12 @@ def test_rsync_native_sends_without_fsync_to_a_daemon_that_refuses_it(
         t = make_transport_for(env)
         t.open()
         with caplog.at_level("WARNING", logger="mstm.rsync_native"):
-            r = t.send([Item("a.dat", 5000)])
-            again = t.send([Item("a.dat", 5000, force=True)])
+            r = t.send([Item("a.dat", 5000)], dest=staging_dir(t.target_dir, "b1"))
+            assert t.inspect(["a.dat"], staged="b1")["a.dat"].sha256
+            assert t.publish([Item("a.dat", 5000)], staged="b1") == {}
+            again = t.send([Item("a.dat", 5000, force=True)],
+                           dest=staging_dir(t.target_dir, "b2"))
+            t.discard("b2")
         t.close()
         assert r.exit_code == 0 and r.files == 1, r.error
         assert again.exit_code == 0

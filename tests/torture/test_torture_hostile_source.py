@@ -280,7 +280,7 @@ def test_a_hostile_target_keeps_what_it_had_and_special_bits_never_survive(
     assert (env.target / "run1" / "other-team.dat").read_bytes() == b"theirs", logs
     assert list(target_outside.iterdir()) == [], "written through a link planted at the target"
     assert (env.target / "run2").is_symlink() and (env.target / "run3").is_file()
-    for rel in ("run0/sub0/f0.dat", "run0/sub0/f1.dat", "run0/later/f3.dat", "run1/sub0/f0.dat",
+    for rel in ("run0/sub0/f0.dat", "run0/sub1/f1.dat", "run0/later/f3.dat", "run1/sub0/f0.dat",
                 "run1/second.dat"):
         assert (env.target / rel).is_file(), f"{rel} not delivered\n{logs}"
     assert (env.target / "run0" / "empty").is_dir()

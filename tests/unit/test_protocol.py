@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mstm import protocol
 from mstm import protocol as p
 from mstm.protocol import Control, ControlItem, ProtocolError, Receipt, Status
 
@@ -421,3 +422,19 @@ def test_mistamover_thank_you_names_the_receipt() -> None:
     assert p.parse_mistamover_thanks(data) == ".data.nc.1.5.mstm-rcpt"
     assert p.mistamover_thanks_name(".data.nc.1.5.mstm-rcpt", receipt_ext="mstm-rcpt",
                                     thanks_ext="mstm-thanks") == ".data.nc.1.5.mstm-thanks"
+
+
+def test_empty_directories_travel_as_dir_lines_and_a_path_is_listed_once() -> None:
+    c = protocol.Control(batch="20260101T000000000000-aaaaaaaaaaaa", algorithm="sha256",
+                         receipt="20260101T000000000000-aaaaaaaaaaaa.mstm-rcpt",
+                         items=(protocol.ControlItem("run1/a", 1, "0" * 64),),
+                         dirs=("run1/empty", "run1/x y/\udcff"))
+    raw = protocol.render_control(c)
+    assert b"\ndir run1/empty\n" in raw and b"dir run1/x%20y/%FF\n" in raw
+    assert protocol.parse_control(raw) == c
+    twice = raw.replace(b"dir run1/empty\n", b"dir run1/a\n")
+    with pytest.raises(protocol.ProtocolError, match="listed twice"):
+        protocol.parse_control(twice)
+    for bad in (b"dir ../x\n", b"dir /abs\n", b"dir a b\n", b"dir \n"):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse_control(raw.replace(b"dir run1/empty\n", bad))
