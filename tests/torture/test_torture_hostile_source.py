@@ -80,6 +80,7 @@ class Attacks:
         self.deadline = time.monotonic() + seconds
         self.counts = {"swaps": 0, "rewrites": 0, "renames": 0, "mmaps": 0, "window": 0}
         self._lock = threading.Lock()
+        self._busy: set[bytes] = set()  # files an attack is working on: one at a time
         self.threads = [threading.Thread(target=f, name=f.__name__, daemon=True)
                         for f in (self.swap, self.rewrite, self.rename_over, self.mmap_write)]
 
@@ -97,8 +98,20 @@ class Attacks:
             self.counts[what] += 1
 
     def _pick(self) -> bytes | None:
-        names = [r for r in self.ledger.final_names() if not r.startswith(b"swapped/")]
-        return self.rng.choice(names) if names else None
+        """A file no other attack is working on (the ledger's versions of a file must be
+        recorded in the order they reach it); release it with _done."""
+        with self._lock:
+            names = [r for r in self.ledger.final_names()
+                     if not r.startswith(b"swapped/") and r not in self._busy]
+            if not names:
+                return None
+            rel = self.rng.choice(names)
+            self._busy.add(rel)
+            return rel
+
+    def _done(self, rel: bytes) -> None:
+        with self._lock:
+            self._busy.discard(rel)
 
     # -- paths that change under us ----------------------------------------------
     def swap(self) -> None:
@@ -125,7 +138,7 @@ class Attacks:
                 return
             time.sleep(0.05)  # held open for writing: mstm must keep it meanwhile
             data = payload(rel, self.ledger.version_count(rel), PAGE)
-            self.ledger.record(rel, data)
+            digest = self.ledger.record(rel, data)
             write(fd, data)
             os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: mtime put back
             if os.fstat(fd).st_nlink == 0:
@@ -133,7 +146,7 @@ class Attacks:
                 # mstm(7) names ("What mstm guarantees"); this version never existed
                 # under its name for mstm to see
                 self._count("window")
-                self.ledger.items[rel].versions.pop()
+                self.ledger.items[rel].versions.remove(digest)
         finally:
             os.close(fd)
 
@@ -141,7 +154,10 @@ class Attacks:
         while time.monotonic() < self.deadline:
             rel = self._pick()
             if rel is not None:
-                self._rewrite_with(rel, lambda fd, data: os.pwrite(fd, data, 0))
+                try:
+                    self._rewrite_with(rel, lambda fd, data: os.pwrite(fd, data, 0))
+                finally:
+                    self._done(rel)
                 self._count("rewrites")
             time.sleep(self.rng.uniform(0.01, 0.08))
 
@@ -158,28 +174,43 @@ class Attacks:
         while time.monotonic() < self.deadline:
             rel = self._pick()
             if rel is not None:
-                self._rewrite_with(rel, through_a_map)
+                try:
+                    self._rewrite_with(rel, through_a_map)
+                finally:
+                    self._done(rel)
                 self._count("mmaps")
             time.sleep(self.rng.uniform(0.05, 0.2))
 
     def rename_over(self) -> None:
         while time.monotonic() < self.deadline:
             rel = self._pick()
-            path = os.path.join(os.fsencode(self.source), rel) if rel else b""
-            try:
-                st = os.stat(path) if rel else None
-            except FileNotFoundError:
-                st = None
-            if rel is not None and st is not None and st.st_size == PAGE:
-                tmp = os.path.join(os.path.dirname(path), b".renaming")
-                data = payload(rel, self.ledger.version_count(rel), PAGE)
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime
-                self.ledger.record(rel, data)
-                os.rename(tmp, path)
-                self._count("renames")
+            if rel is not None:
+                try:
+                    self._rename_over(rel)
+                finally:
+                    self._done(rel)
             time.sleep(self.rng.uniform(0.02, 0.1))
+
+    def _rename_over(self, rel: bytes) -> None:
+        path = os.path.join(os.fsencode(self.source), rel)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if st.st_size == PAGE:
+            tmp = os.path.join(os.path.dirname(path), b".renaming")
+            data = payload(rel, self.ledger.version_count(rel), PAGE)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime
+            self.ledger.record(rel, data)
+            try:
+                os.rename(tmp, path)
+            except FileNotFoundError:  # its directory went (delivered): not a version
+                os.unlink(tmp)
+                self.ledger.items[rel].versions.pop()
+                return
+            self._count("renames")
 
 
 @pytest.mark.parametrize("iteration", range(PROFILE.iterations))
