@@ -86,8 +86,11 @@ def files(where: Path) -> dict[str, str]:
     """Every regular file below *where*, dot-files and temporaries included: name -> sha256."""
     out = {}
     for p in where.rglob("*"):
-        if p.is_file():
-            out[str(p.relative_to(where))] = sha(p.read_bytes())
+        try:
+            if p.is_file():
+                out[str(p.relative_to(where))] = sha(p.read_bytes())
+        except FileNotFoundError:  # a temporary file (rsync's, a staged one) that went
+            continue
     return out
 
 
