@@ -109,7 +109,8 @@ def main() -> int:
     return 0
 
 
-def run_workloads(args: argparse.Namespace, only: set[int], repeat: int) -> dict[str, dict[str, Any]]:
+def run_workloads(args: argparse.Namespace, only: set[int], repeat: int
+                  ) -> dict[str, dict[str, Any]]:
     with bench_env(full=args.full, repeat=max(1, repeat), profile_dir=args.profile,
                    keep=args.keep) as b:
         if args.profile and not b.profiler.enabled:
