@@ -1431,6 +1431,8 @@ def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path,
         raise v.error(s, "name", f"{v.get(s, 'name', str)!r} differs from the stream's name"
                       f" {name!r} in data_stream_list")
     directory = _check_directory(v, v.get(s, "directory", Path))
+    if role == "send" and v.get(s, "direction", str) == "push":
+        _check_no_overlap(v, directory)
     return StreamConfig(
         name=name,
         global_file=global_file,
@@ -1460,6 +1462,24 @@ def _build_stream(v: _View, name: str, global_file: Path, stream_file: Path,
         direction=v.get(s, "direction", str),
         pull=_build_pull(v),
     )
+
+
+def _check_no_overlap(v: _View, directory: Path) -> None:
+    """A local target may not lie inside the stream directory, nor contain it: a
+    published file would be the stream's own source (the next scan sends it again, and a
+    rename into place could replace a source that was never sent)."""
+    if v.opt("outgoing", "transfer_protocol", str) != "local":
+        return
+    target = v.opt("outgoing", "target_dir", str)
+    if not target:
+        return
+    real_dir = os.path.realpath(directory)
+    real_target = os.path.realpath(target)
+    inside = os.path.commonpath([real_dir, real_target])
+    if inside in (real_dir, real_target):
+        raise v.error("outgoing", "target_dir",
+                      f"{target} and the stream directory {directory} lie one inside the "
+                      f"other; a local target must be elsewhere")
 
 
 def _check_directory(v: _View, directory: Path) -> Path:

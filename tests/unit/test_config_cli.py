@@ -135,7 +135,22 @@ def _deny_access_as_root(monkeypatch: pytest.MonkeyPatch, name: str) -> bool:
     monkeypatch.setattr(mstm.config.os, "access", access)
     return True
 
+def _local_target(where: str) -> Callable[[Conf], None]:
+    """transfer_protocol = local with target_dir *where* ("inside", "around", "same")
+    the stream directory."""
+    def edit(c: Conf) -> None:
+        target = {"inside": c.data / "out", "around": c.data.parent, "same": c.data}[where]
+        c.stream["outgoing"].update(transfer_protocol="local", target_dir=str(target))
+    return edit
+
+
 BROKEN = {
+    "local_target_inside_the_stream": Broken(_local_target("inside"), "stream", "outgoing",
+                                             "target_dir", "lie one inside the other"),
+    "local_target_around_the_stream": Broken(_local_target("around"), "stream", "outgoing",
+                                             "target_dir", "lie one inside the other"),
+    "local_target_is_the_stream": Broken(_local_target("same"), "stream", "outgoing",
+                                         "target_dir", "lie one inside the other"),
     "missing_global_file": Broken(_missing_global, "missing", None, None, "cannot read"),
     "syntax_error": Broken(_raw_stream("[data_stream]\ndirectory {data}\n"), "stream",
                            None, None, "line 2: cannot parse"),
