@@ -206,6 +206,7 @@ def open_regular_at(dir_fd: int, name: str, *, follow_symlinks: bool = False,
     """
     shown = name if shown is None else shown
     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+    link = os.stat(name, dir_fd=dir_fd, follow_symlinks=False) if follow_symlinks else st
     if stat.S_ISLNK(st.st_mode):
         raise OSError(errno.ELOOP, "a symbolic link (follow_symlinks is off)", shown)
     if not stat.S_ISREG(st.st_mode):
@@ -217,11 +218,23 @@ def open_regular_at(dir_fd: int, name: str, *, follow_symlinks: bool = False,
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
             raise OSError(errno.EAGAIN, "replaced while it was being opened", shown)
+        if stat.S_ISLNK(link.st_mode) and not link_owner_ok(link, now):
+            # judged on the file actually opened: a link retargeted after any earlier
+            # check still cannot lead to another owner's file
+            raise OSError(errno.EPERM, "a symbolic link to a file of another owner", shown)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def link_owner_ok(link: os.stat_result, target: os.stat_result) -> bool:
+    """May a symbolic link be followed to *target* (follow_symlinks = true)?  Only if the
+    link belongs to the file's owner, or to root: whoever can write the stream's directory
+    must not be able to have mstm send a file it cannot read itself (mstm's own ssh key,
+    /etc/shadow), the rule of the kernel's fs.protected_symlinks, applied to reading."""
+    return link.st_uid in (target.st_uid, 0)
 
 
 def open_regular(root_fd: int, relpath: str, *, follow_symlinks: bool = False) -> int:

@@ -252,7 +252,7 @@ class _Scanner:
             self.report.skipped.append((relpath, f"symbolic link: {e.strerror}"))
             return
         if stat.S_ISREG(st.st_mode):
-            if not link_owner_ok(lst, st):
+            if not safefs.link_owner_ok(lst, st):
                 self.report.skipped.append(
                     (relpath, f"symbolic link to a file of another owner (link uid "
                               f"{lst.st_uid}, file uid {st.st_uid})"))
@@ -489,14 +489,6 @@ def say_pause_change(logger: logging.Logger, stream: str, before: str | None,
                        extra=event("paused", stream=stream, reason=now))
     elif before:
         logger.info("%s: resumed", stream, extra=event("resumed", stream=stream))
-
-
-def link_owner_ok(link: os.stat_result, target: os.stat_result) -> bool:
-    """May a symbolic link be followed to *target* (follow_symlinks = true)?  Only if the
-    link belongs to the file's owner, or to root: whoever can write the stream's directory
-    must not be able to have mstm send a file it cannot read itself (mstm's own ssh key,
-    say), the rule of the kernel's fs.protected_symlinks, applied to reading."""
-    return link.st_uid in (target.st_uid, 0)
 
 
 def enqueue_ready(stream: Any, spool: Spool, ready: Iterable[Candidate]) -> int:

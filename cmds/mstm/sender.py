@@ -507,7 +507,7 @@ class Sender:
             why = getattr(err, "strerror", None) or str(err)
             return (f"source cannot be read safely: {why}; it will be queued again if it "
                     f"becomes readable")
-        if follow and not scanning.link_owner_ok(lst, st):
+        if follow and not safefs.link_owner_ok(lst, st):
             return "now a symbolic link to a file of another owner"
         if not r.is_dir and (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
             return "source changed since it was scanned; it will be queued again"

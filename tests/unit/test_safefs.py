@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import need_root
 
 from mstm import safefs
 
@@ -165,3 +166,26 @@ def test_prune_removes_exactly_what_it_is_told_then_the_directories_left_empty(
     assert sorted(os.listdir(tmp_path / "run")) == ["late", "sub2"]
     assert (tmp_path / "outside" / "keep").exists()  # a link is removed as a link at most
 
+
+
+def test_a_followed_link_is_judged_by_the_owner_of_the_file_actually_opened(
+        tmp_path: Path, resolver: str) -> None:
+    """A link of another user is retargeted, after every earlier check, to a file it does
+    not own (an attacker's decoy first, /etc/shadow then): the open itself refuses it."""
+    need_root()  # a link owned by another user
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root's")
+    os.chown(secret, 0, 0)
+    decoy = tmp_path / "s" / "decoy"
+    write(decoy, b"decoy")
+    os.chown(decoy, 1000, 1000)
+    (tmp_path / "s" / "data.dat").symlink_to(decoy)
+    os.chown(tmp_path / "s" / "data.dat", 1000, 1000, follow_symlinks=False)
+    with safefs.opened_root(tmp_path / "s") as root:
+        os.close(safefs.open_regular(root, "data.dat", follow_symlinks=True))  # its own file
+        (tmp_path / "s" / "data.dat").unlink()
+        (tmp_path / "s" / "data.dat").symlink_to(secret)
+        os.chown(tmp_path / "s" / "data.dat", 1000, 1000, follow_symlinks=False)
+        with pytest.raises(OSError) as err:
+            safefs.open_regular(root, "data.dat", follow_symlinks=True)
+    assert err.value.errno == errno.EPERM and "another owner" in str(err.value)
