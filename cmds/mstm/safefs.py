@@ -323,12 +323,18 @@ def _fd_headroom(depth: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
-def _frame(root_fd: int, top: str, parent: _Frame | None, name: str) -> _Frame:
-    """The frame of *top* (below *root_fd*) or of directory *name* in *parent*."""
+def _frame(root_fd: int, top: str, parent: _Frame | None, name: str,
+           mount: tuple[int, str | None] | None = None) -> _Frame:
+    """The frame of *top* (below *root_fd*) or of directory *name* in *parent*.  With
+    *mount* (the top's device and mount id), a directory on another file system or mount
+    (a mount point: a disk, a bind mount of a directory elsewhere) raises OSError EXDEV:
+    a walk never crosses into it."""
     fd = (open_beneath(root_fd, top, DIR_FLAGS) if parent is None
           else os.open(name, DIR_FLAGS, dir_fd=parent.fd))
     try:
         st = os.fstat(fd)
+        if mount is not None and (st.st_dev != mount[0] or mount_id(fd) != mount[1]):
+            raise OSError(errno.EXDEV, "a mount point: never crossed", top)
         names = os.listdir(fd)
     except BaseException:
         os.close(fd)
@@ -344,12 +350,13 @@ def walk(root_fd: int, top: str = "", *, on_error: Callable[[str, OSError], None
     Nothing is followed: a symbolic link is listed as a link.  A directory that
     vanishes, or turns into a link, while the walk is in it is passed to *on_error*
     (default: raise), and so is an entry that vanished between the listing and its
-    lstat (default: left out).  One descriptor is held per level, never a path, so depth and
-    path length are unlimited.
+    lstat (default: left out), and a mount point (EXDEV: listed, never entered).  One
+    descriptor is held per level, never a path, so depth and path length are unlimited.
     """
     stack: list[_Frame] = []
     try:
         first = _frame(root_fd, top, None, "")
+        mount = (first.st.st_dev, mount_id(first.fd))
         stack.append(first)
         yield Entry(top, first.st, 0)
         while stack:
@@ -370,7 +377,7 @@ def walk(root_fd: int, top: str = "", *, on_error: Callable[[str, OSError], None
             if entry.is_dir:
                 _fd_headroom(len(stack) + 1)
                 try:
-                    stack.append(_frame(root_fd, rel, frame, name))
+                    stack.append(_frame(root_fd, rel, frame, name, mount))
                 except OSError as err:
                     if on_error is None:
                         raise
@@ -440,6 +447,7 @@ def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool])
         os.close(dir_fd)
 
     stack: list[_Frame] = [_frame(root_fd, top, None, "")]
+    mount = (stack[0].st.st_dev, mount_id(stack[0].fd))
     try:
         while stack:
             frame = stack[-1]
@@ -450,7 +458,12 @@ def prune(root_fd: int, top: str, remove: Callable[[str, os.stat_result], bool])
                     st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
                         _fd_headroom(len(stack) + 1)
-                        stack.append(_frame(root_fd, rel, frame, name))
+                        try:
+                            stack.append(_frame(root_fd, rel, frame, name, mount))
+                        except OSError as err:
+                            if err.errno != errno.EXDEV:
+                                raise
+                            out.keep(rel)  # a mount point: what is below is not ours
                     elif remove(rel, st):
                         os.unlink(name, dir_fd=frame.fd)
                         out.removed += 1

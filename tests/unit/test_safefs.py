@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,3 +190,27 @@ def test_a_followed_link_is_judged_by_the_owner_of_the_file_actually_opened(
         with pytest.raises(OSError) as err:
             safefs.open_regular(root, "data.dat", follow_symlinks=True)
     assert err.value.errno == errno.EPERM and "another owner" in str(err.value)
+
+
+def test_a_mount_point_inside_a_tree_is_never_walked_into_nor_pruned(
+        tmp_path: Path, resolver: str) -> None:
+    """A bind mount of a directory outside the stream (same file system, so the same
+    st_dev: the mount id tells) inside a directory item."""
+    need_root()
+    write(tmp_path / "outside" / "precious", b"p")
+    write(tmp_path / "s" / "run" / "a")
+    (tmp_path / "s" / "run" / "mnt").mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "outside"),
+                    str(tmp_path / "s" / "run" / "mnt")], check=True)
+    try:
+        with safefs.opened_root(tmp_path / "s") as root:
+            with pytest.raises(OSError) as err:
+                list(safefs.walk(root, "run"))
+            assert err.value.errno == errno.EXDEV
+            seen = [e.relpath for e in safefs.walk(root, "run", on_error=lambda r, e: None)]
+            assert "run/mnt/precious" not in seen
+            pruned = safefs.prune(root, "run", lambda _rel, _st: True)
+        assert pruned.kept_sample == ["run/mnt"]
+        assert (tmp_path / "outside" / "precious").read_bytes() == b"p"
+    finally:
+        subprocess.run(["umount", str(tmp_path / "s" / "run" / "mnt")], check=False)
