@@ -534,16 +534,30 @@ class Sender:
         """Rename the verified items of *batch* from the staging directory into place;
         what could not be published is retried.  The rest of the staging directory
         (items that did not verify) is discarded."""
+        # exactly what was verified is published: a directory item entry by entry (its
+        # files, then its empty directories), never the staged tree as it is, which may
+        # hold what came into the source after the hash walk
+        members: list[tuple[Item, Claim]] = []
+        for claim, digest in verified:
+            r = claim.record
+            if not r.is_dir:
+                members.append((Item(r.relpath, r.size), claim))
+                continue
+            members += [(Item(rel, size), claim) for rel, (size, _) in digest.files.items()]
+            members += [(Item(rel, 0, True), claim) for rel in digest.dirs]
         kept: list[tuple[Claim, LocalDigest]] = []
         try:
-            errors = (self.transport.publish([Item(c.record.relpath, c.record.size,
-                                                   c.record.is_dir) for c, _ in verified],
-                                             staged=batch) if verified else {})
+            errors = (self.transport.publish([i for i, _ in members], staged=batch)
+                      if members else {})
         except TargetUnavailable as err:
             self._target_failed([c for c, _ in verified], err.message)
             return []
+        failed: dict[str, str] = {}
+        for item, claim in members:
+            if item.relpath in errors:
+                failed.setdefault(claim.record.id, errors[item.relpath])
         for claim, digest in verified:
-            error = errors.get(claim.record.relpath)
+            error = failed.get(claim.record.id)
             if error:
                 self._retry(claim, f"verified, but cannot be put in place at the target: "
                                    f"{error}")
