@@ -1045,6 +1045,9 @@ class Receiver:
         for rel in dirs:
             try:
                 parts = [os.fsdecode(p) for p in safefs.split(rel)]
+                if any(tuple(parts[: len(r)]) == r for r in self._reserved):
+                    statuses.append(Status.REFUSED)  # would land in mstm's own area
+                    continue
                 fd = open_dir(parts, self._d_fd, create=True)
             except ValueError:
                 statuses.append(Status.REFUSED)

@@ -485,6 +485,14 @@ class Sender:
             if digest is not None:
                 verified.append((c, digest))
         if not handshake:
+            if verified and self.spool.lease_lost():
+                # taken over (we looked dead): the new owner may have sent a newer version
+                # by now, which a late publish of ours would overwrite
+                log.warning("%s: lost the lease before publishing %d item(s); left to the "
+                            "new owner", self.stream.name, len(verified),
+                            extra=event("lease_taken_over", stream=self.stream.name))
+                self._discard(batch)
+                return
             verified = self._publish(batch, verified)
         self._commit(verified)
         self.spool.flush()  # the batch's records, durable in one go

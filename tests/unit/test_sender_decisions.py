@@ -461,6 +461,8 @@ def test_a_sender_that_lost_its_lease_deletes_no_source(tmp_path: Path) -> None:
     assert taken == [2]
     assert env.spool.lease_lost()
     assert env.source_files() == {"a.dat": b"mine?", "b.dat": b"or yours?"}
+    # nor publishes anything: the new owner may have put a newer version in place
+    assert env.target.final_files() == {} and env.target.staged() == []
     assert env.records("done") == []
     assert sorted(r.relpath for r in env.records("new")) == ["a.dat", "b.dat"]
     rival.close()
