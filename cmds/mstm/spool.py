@@ -95,6 +95,7 @@ from typing import Any
 
 import psutil
 
+from mstm.errors import EXIT_IOERR, MstmError
 from mstm.log import event
 
 log = logging.getLogger("mstm.spool")
@@ -111,8 +112,10 @@ _EXPIRED = ".expired-"
 _FORMAT = 1
 
 
-class SpoolError(Exception):
-    """The spool can't be used (layout, permissions, I/O)."""
+class SpoolError(MstmError):
+    """The spool can't be used (layout, permissions, I/O): exit status 74, one line."""
+
+    exit_code = EXIT_IOERR
 
 
 class SpoolBusy(SpoolError):

@@ -1035,3 +1035,27 @@ def test_due_items_behind_more_than_a_listings_worth_of_waiting_ones_are_still_c
     clock.t -= 4990  # and back again, after the retries: those wait, the fresh are due
     got = [c.record.relpath for c in spool.claim(max_items=10, max_bytes=BIG)]
     assert sorted(got) == ["fresh1", "fresh2"]
+
+
+def test_an_unusable_spool_stops_a_command_with_exit_74_in_one_line(tmp_path: Path) -> None:
+    """A spool it cannot use (here owners/ is a file) is the operator's to fix, not a bug:
+    EX_IOERR and the spool's name, never "internal error" (70) or a traceback."""
+    import subprocess
+    import sys
+
+    for d in ("src", "spool/proj1", "target"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "global.ini").write_text(
+        f"[global]\ndata_stream_list = proj1\nspool_base_dir = {tmp_path / 'spool'}\n"
+        f"runtime_dir = {tmp_path / 'run'}\n")
+    (tmp_path / "proj1.ini").write_text(
+        f"[data_stream]\ndirectory = {tmp_path / 'src'}\n[outgoing]\n"
+        f"transfer_protocol = local\ntarget_dir = {tmp_path / 'target'}\n"
+        "transfer_mode = move\n")
+    (tmp_path / "spool" / "proj1" / "owners").write_text("not a directory")
+    r = subprocess.run([str(Path(sys.executable).parent / "mstm-send"), "--config",
+                        str(tmp_path / "global.ini"), "--once", "proj1"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 74, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "spool" in r.stderr and "not usable" in r.stderr
