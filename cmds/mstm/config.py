@@ -634,9 +634,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "known_hosts": Key(AbsPath(), None, "ssh known_hosts file to use (must exist)"),
         "transfer_mode": Key(Choice(("move", "mirror")), None,
                              "MiStaMover's place for transfer_mode; [outgoing] wins"),
-        "use_checksum": Key(Bool(), "true", "let rsync compare checksums, not size and time"),
-        "check_size": Key(Bool(), "true",
-                          "MiStaMover compatibility; sizes and sha256 are always verified"),
+        "use_checksum": _compat("ignored (MiStaMover compatibility): mstm compares every"
+                                " file's sha256 at the target itself, whatever rsync does"),
+        "check_size": _compat("ignored (MiStaMover compatibility): sizes and sha256 are"
+                              " always verified"),
     },
     "rsync_native": {
         "cmd": Key(Word(), "rsync", "the rsync program"),
@@ -813,8 +814,6 @@ class RsyncSshConfig:
     username: str | None
     identity_file: Path | None
     known_hosts: Path | None
-    use_checksum: bool
-    check_size: bool
 
 
 @dataclass(frozen=True)
@@ -1588,8 +1587,6 @@ def _build_rsync_ssh(v: _View) -> RsyncSshConfig:
         username=v.opt(s, "username", str),
         identity_file=identity,
         known_hosts=known_hosts,
-        use_checksum=v.get(s, "use_checksum", bool),
-        check_size=v.get(s, "check_size", bool),
     )
 
 

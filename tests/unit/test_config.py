@@ -296,7 +296,7 @@ def test_stream_values_fill_in_stream_defaults(conf: Conf) -> None:
     r = s.rsync_ssh
     assert (r.cmd, r.ssh_cmd, r.username, r.identity_file, r.known_hosts) == (
         "rsync", "ssh", None, None, None)
-    assert (r.use_checksum, r.check_size) == (True, True)
+    assert not hasattr(r, "use_checksum") and not hasattr(r, "check_size")
     i = s.incoming
     assert (i.require_arrival_monitor, i.control_file_extension, i.thankyou_file_extension,
             i.stop_file) == (False, "mstm-ctrl", "mstm-thanks", ".stop")
@@ -651,6 +651,17 @@ def test_ignored_mistamover_keys_load_with_a_warning(
     assert any("[logging] base_log_dir: ignored" in w for w in warnings)
     assert any("[logging] port: ignored" in w for w in warnings)
     assert len(warnings) == 2  # once each, though the global file is read for the stream too
+
+
+def test_use_checksum_and_check_size_are_accepted_and_said_to_be_ignored(
+        conf: Conf, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing reads them: mstm verifies sha256 at the target whatever rsync does."""
+    conf.glob["rsync_ssh"] = {"use_checksum": "false", "check_size": "no"}
+    with caplog.at_level(logging.WARNING, logger="mstm.config"):
+        conf.stream()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mstm.config"]
+    assert any("[rsync_ssh] use_checksum: ignored" in w for w in warnings)
+    assert any("[rsync_ssh] check_size: ignored" in w for w in warnings)
 
 
 def test_warnings_are_not_logged_when_the_configuration_is_broken(
