@@ -90,7 +90,7 @@ class Attacks:
 
     def join(self) -> None:
         for t in self.threads:
-            t.join(timeout=60)
+            t.join(timeout=max(0.0, self.deadline - time.monotonic()) + 60)
             assert not t.is_alive(), f"attack {t.name} did not end"
 
     def _count(self, what: str) -> None:
