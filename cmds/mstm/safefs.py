@@ -22,6 +22,12 @@ below a stream directory goes through this module:
 * :func:`prune` deletes, bottom-up and from descriptors, exactly the entries a
   predicate accepts, then the directories left empty; anything added meanwhile stays.
 
+It also holds the primitives that remove whatever is in a tree, rename without
+replacing and flush a filesystem (:func:`remove_tree`, :func:`rename_noreplace`,
+:func:`syncfs`), which mstm-receive and the transports' staging areas use.  It is one
+module of ~700 lines on purpose: issue 12 asks for exactly one place where a path below
+a stream (or a target) directory is resolved, so that no second copy can drift.
+
 The stream directory itself may be reached through a symbolic link (an admin's choice,
 made in the configuration); nothing below it ever is.  Paths are ``str`` decoded with
 :func:`os.fsdecode` (surrogateescape), "/"-separated and relative; ``os.fsencode`` gives
