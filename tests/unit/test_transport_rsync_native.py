@@ -125,3 +125,23 @@ def test_the_listing_tells_directories_links_and_files_apart() -> None:
            b"-rw-r--r--              5 2026/01/01 12:00:00 run42/a b\n"
            b"prw-r--r--              0 2026/01/01 12:00:00 fifo\n")
     assert parse_types(out) == {"run42": "d", "run42/l": "l", "run42/a b": "f", "fifo": "x"}
+
+
+def test_the_source_digest_behind_a_daemon_match_is_never_read_from_outside_the_stream(
+        tmp_path: Path) -> None:
+    """inspect vouches for a daemon's checksum match with the source's own sha256: a
+    directory of the stream swapped for a link out of it yields no digest at all."""
+    from mstm.transports.rsync_native import _sha256, _version
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.dat").write_bytes(b"public")
+    version = _version(src, "sub/a.dat", False)
+    assert version is not None and _sha256(src, "sub/a.dat", version, False)
+    outside.mkdir()
+    (outside / "a.dat").write_bytes(b"secret")
+    (src / "sub" / "a.dat").unlink()
+    (src / "sub").rmdir()
+    (src / "sub").symlink_to(outside)
+    assert _version(src, "sub/a.dat", True) is None
+    assert _sha256(src, "sub/a.dat", version, True) is None

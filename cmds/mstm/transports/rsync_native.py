@@ -361,7 +361,7 @@ class RsyncNative:
         present = [p for p in relpaths if p in sizes]
         if not present:
             return dirs
-        before = {p: _version(self.source_dir, p) for p in present}
+        before = {p: _version(self.source_dir, p, self.follow_symlinks) for p in present}
         # (a followed link is compared as the file it points to, as it was sent)
         follow = ["--copy-links", "--no-dirs"] if self.follow_symlinks else ["--recursive"]
         check = self._run([*self._base_argv(), "--dry-run", "--checksum", "-ii",
@@ -375,7 +375,7 @@ class RsyncNative:
             digest = None
             version = before[p]
             if same.get(p) and version is not None:
-                digest = _sha256(self.source_dir, p, version)
+                digest = _sha256(self.source_dir, p, version, self.follow_symlinks)
                 if digest is not None and staged:
                     # what publish will link: exactly this version's attributes
                     self._verified[(staged, p)] = version
@@ -562,25 +562,35 @@ class RsyncNative:
         return None
 
 
-def _version(source: Path, relpath: str) -> tuple[int, int, int] | None:
+def _version(source: Path, relpath: str, follow: bool) -> tuple[int, int, int] | None:
+    """(size, mtime, ctime) of a source, reached through safefs (no link followed below
+    the stream directory; the item's own link only with follow_symlinks)."""
     try:
-        st = os.stat(os.path.join(os.fsencode(source), os.fsencode(relpath)))
-    except OSError:
+        with safefs.opened_root(source) as root:
+            fd = safefs.open_regular(root, relpath, follow_symlinks=follow)
+    except (OSError, ValueError):
         return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _sha256(source: Path, relpath: str, before: tuple[int, int, int]) -> str | None:
-    """The source's sha256, if it is still the version the daemon's checksum matched."""
-    path = os.path.join(os.fsencode(source), os.fsencode(relpath))
+def _sha256(source: Path, relpath: str, before: tuple[int, int, int], follow: bool
+            ) -> str | None:
+    """The source's sha256, if it is still the version the daemon's checksum matched;
+    read through safefs, never from outside the stream directory."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb", buffering=0) as f:
+        with safefs.opened_root(source) as root:
+            fd = safefs.open_regular(root, relpath, follow_symlinks=follow)
+        with open(fd, "rb", buffering=0) as f:
             while chunk := f.read(_HASH_BLOCK):
                 h.update(chunk)
-    except OSError:
+    except (OSError, ValueError):
         return None
-    return h.hexdigest() if _version(source, relpath) == before else None
+    return h.hexdigest() if _version(source, relpath, follow) == before else None
 
 
 def _refuses_fsync(stderr: bytes) -> bool:
