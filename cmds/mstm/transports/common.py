@@ -19,22 +19,51 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from mstm import safefs
 from mstm.errors import ConfigError, TargetUnavailable
-from mstm.transports.base import Progress, SendResult, ShouldStop
+from mstm.transports.base import Item, Progress, SendResult, ShouldStop
 
 log = logging.getLogger("mstm.transport")
 T = TypeVar("T")
 
 CHUNK = 256 * 1024
 PART_SUFFIX = ".mstm-part"  # temporary upload name: "." + name + PART_SUFFIX, beside it
-STAGING = ".mstm-staging"  # where directory items wait for publish()
+STALE_SECONDS = 86400.0  # a staging batch untouched this long was left by a killed sender
+
+
+class ItemProblem(Exception):
+    """One item cannot be sent or published; the message says why."""
+
+
+def open_source_root(source: str | bytes | Path, items: Sequence[Item], result: SendResult
+                     ) -> int | None:
+    """A descriptor of the stream directory to read *items* from (through
+    :mod:`mstm.safefs`), or None with every item marked failed in *result*."""
+    try:
+        return safefs.open_root(source)
+    except OSError as err:
+        for item in items:
+            result.item_errors[item.relpath] = \
+                f"cannot open the stream directory: {err.strerror or err}"
+        return None
+
+
+def file_mode(mode: int) -> int:
+    """The permission bits a file gets at the target: never setuid, setgid or sticky."""
+    return stat.S_IMODE(mode) & 0o777
+
+
+def dir_mode(mode: int) -> int:
+    """A directory of a directory item: its bits, never s/t, always owner rwx."""
+    return (stat.S_IMODE(mode) & 0o777) | 0o700
 
 
 def part_name(relpath: str) -> str:

@@ -77,11 +77,16 @@ from mstm.errors import TargetUnavailable
 from mstm.protocol import BATCH_RE, OUR_BATCH_RE
 from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
+    STALE_SECONDS,
+    ItemProblem,
     Monitor,
     Throttle,
     call_watched,
     chunk_size,
+    dir_mode,
+    file_mode,
     note_item_errors,
+    open_source_root,
     part_name,
     poll_until,
     run_watched,
@@ -97,7 +102,6 @@ UNAVAILABLE = frozenset({
 })
 _BIG_CHUNK = 8 << 20
 _HASH_BLOCK = 1 << 20
-STALE_SECONDS = 86400.0  # a staging batch untouched this long was left by a killed sender
 DIR_FLAGS = safefs.DIR_FLAGS
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
@@ -108,20 +112,6 @@ _renameat2 = getattr(_libc, "renameat2", None)
 
 class TargetGone(Exception):
     """Raised inside the worker when the file system fails as a whole."""
-
-
-class ItemProblem(Exception):
-    """One item cannot be sent or published; the message says why."""
-
-
-def file_mode(mode: int) -> int:
-    """The permission bits a file gets at the target: never setuid, setgid or sticky."""
-    return stat.S_IMODE(mode) & 0o777
-
-
-def dir_mode(mode: int) -> int:
-    """A directory of a directory item: its bits, never s/t, always owner rwx."""
-    return (stat.S_IMODE(mode) & 0o777) | 0o700
 
 
 def split_path(path: str | bytes) -> list[bytes]:
@@ -233,13 +223,10 @@ class Local:
 
         def work(mon: Monitor) -> SendResult:
             result = SendResult()
-            try:
-                src_fd = safefs.open_root(self.source)
-            except OSError as err:
-                for item in items:
-                    result.item_errors[item.relpath] = \
-                        f"cannot open the stream directory: {err.strerror or err}"
+            src = open_source_root(self.source, items, result)
+            if src is None:
                 return result
+            src_fd: int = src
             try:
                 try:
                     dest_fd = self._open_dest(dest, private=staging_batch is not None)

@@ -88,15 +88,19 @@ from mstm.errors import TargetUnavailable
 from mstm.protocol import BATCH_RE, OUR_BATCH_RE
 from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
 from mstm.transports.common import (
+    STALE_SECONDS,
+    ItemProblem,
     Monitor,
     Throttle,
     call_watched,
     chunk_size,
+    dir_mode,
+    file_mode,
     note_item_errors,
+    open_source_root,
     poll_until,
     run_watched,
 )
-from mstm.transports.local import STALE_SECONDS, ItemProblem, dir_mode, file_mode
 
 log = logging.getLogger("mstm.sftp")
 logging.getLogger("paramiko").setLevel(logging.WARNING)
@@ -242,13 +246,10 @@ class Sftp:
 
         def work(mon: Monitor) -> SendResult:
             result = SendResult()
-            try:
-                src_fd = safefs.open_root(self.source)
-            except OSError as err:
-                for item in items:
-                    result.item_errors[item.relpath] = \
-                        f"cannot open the stream directory: {err.strerror or err}"
+            src = open_source_root(self.source, items, result)
+            if src is None:
                 return result
+            src_fd: int = src
             try:
                 root = self._prepare_dest(sftp, dest, private=private is not None)
                 for item in items:
