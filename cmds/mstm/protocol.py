@@ -199,6 +199,14 @@ def decode_path(text: str) -> str:
     return check_path(os.fsdecode(_unquote(text)))
 
 
+def _path_on_line(text: str, what: str, n: int) -> str:
+    """decode_path, its error naming the file and the line."""
+    try:
+        return decode_path(text)
+    except ProtocolError as err:
+        raise ProtocolError(f"{what}: line {n}: {err}") from None
+
+
 # --------------------------------------------------------------------------- control
 
 
@@ -321,10 +329,7 @@ def parse_control(data: bytes, *, receipt_ext: str = "mstm-rcpt",
     for n, line in enumerate(body, start=5):
         parts = line.split(" ")
         if len(parts) == 2 and parts[0] == "dir":
-            try:
-                relpath = decode_path(parts[1])
-            except ProtocolError as err:
-                raise ProtocolError(f"{what}: line {n}: {err}") from None
+            relpath = _path_on_line(parts[1], what, n)
             if relpath in seen:
                 raise ProtocolError(f"{what}: line {n}: path {parts[1][:200]!r} listed twice")
             seen.add(relpath)
@@ -338,10 +343,7 @@ def parse_control(data: bytes, *, receipt_ext: str = "mstm-rcpt",
             raise ProtocolError(f"{what}: line {n}: bad size {size[:30]!r}")
         if len(digest) != width or not _HEX_RE.match(digest):
             raise ProtocolError(f"{what}: line {n}: bad {algorithm} digest {digest[:80]!r}")
-        try:
-            relpath = decode_path(encoded)
-        except ProtocolError as err:
-            raise ProtocolError(f"{what}: line {n}: {err}") from None
+        relpath = _path_on_line(encoded, what, n)
         if relpath in seen:
             raise ProtocolError(f"{what}: line {n}: path {encoded[:200]!r} listed twice")
         seen.add(relpath)
@@ -408,10 +410,7 @@ def parse_receipt(data: bytes, *, batch: str, max_bytes: int = 64 << 20) -> Rece
         status = _STATUSES.get(parts[1])
         if status is None:
             raise ProtocolError(f"{what}: line {n}: unknown status {parts[1][:30]!r}")
-        try:
-            relpath = decode_path(parts[2])
-        except ProtocolError as err:
-            raise ProtocolError(f"{what}: line {n}: {err}") from None
+        relpath = _path_on_line(parts[2], what, n)
         if relpath in seen:
             raise ProtocolError(f"{what}: line {n}: path listed twice")
         seen.add(relpath)
