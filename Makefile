@@ -135,9 +135,9 @@ build/man/%: man/%.md Makefile
 	@mkdir -p $(@D)
 	$(PANDOC_MAN) -o $@ $<
 
-# mstm.conf(5): the settings are generated from config.py's SCHEMA, so the page can never
+# mstm.conf(5): the settings are generated from the config package's SCHEMA, so the page can never
 # disagree with the code; the prose around them is man/mstm.conf.5.md.in.
-build/man/mstm.conf.5.md: man/mstm.conf.5.md.in man/gen_conf_page.py cmds/mstm/config.py
+build/man/mstm.conf.5.md: man/mstm.conf.5.md.in man/gen_conf_page.py $(wildcard cmds/mstm/config/*.py)
 	@mkdir -p $(@D)
 	PYTHONPATH=cmds $(PYTHON) man/gen_conf_page.py $< > $@.tmp
 	mv $@.tmp $@

@@ -33,7 +33,7 @@ Symbolic links: with ``follow_symlinks`` off (the default) a link is never an it
 is skipped with a reason and left alone.  With it on (``transfer_unit = file``), a link
 to a regular file is an item whose version (size, mtime) is that of the file it points
 to: that content is sent, hashed and verified, and in move mode only the link is deleted
-(:mod:`mstm.finish`).  A link to a directory, a dangling link, a loop, a link to a FIFO
+(:mod:`mstm.send.finish`).  A link to a directory, a dangling link, a loop, a link to a FIFO
 or device is skipped with a reason.  Inside a directory unit nothing is ever followed,
 and a unit that holds a link, FIFO, socket or device is skipped with the reason: a
 directory unit carries regular files and directories (empty ones too), each verified at
@@ -495,7 +495,7 @@ def enqueue_ready(stream: Any, spool: Spool, ready: Iterable[Candidate]) -> int:
     """Queue the ready items of *stream* that its spool does not know; how many were new.
 
     In move mode an item whose id is in ``done/`` while its source is still here is
-    queued again (see mstm.finish): it is a new file sharing path, size and mtime with
+    queued again (see mstm.send.finish): it is a new file sharing path, size and mtime with
     one delivered before, or one whose deletion failed, and is sent and verified again,
     never deleted unsent.  In mirror mode ``done/`` means "this version is at the target".
     """

@@ -26,8 +26,8 @@ from tests.conftest import need
 from tests.harness.sshd import SSHD, LoopbackSshd, free_port
 from tests.harness.streams import StreamEnv
 
-from mstm.ledger import DONE, UNMAPPED, Entry, Ledger
 from mstm.pull import parse_listing
+from mstm.pull.ledger import DONE, UNMAPPED, Entry, Ledger
 
 pytestmark = pytest.mark.integration
 

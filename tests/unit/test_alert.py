@@ -33,10 +33,10 @@ from mstm.alert import (
     is_mstm,
     threshold_priority,
 )
+from mstm.alert.mailer import Mailer, MailError, read_password
 from mstm.cli.alert import main as alert_main
 from mstm.config import GlobalConfig, load_global
 from mstm.errors import ConfigError
-from mstm.mailer import Mailer, MailError, read_password
 
 # --------------------------------------------------------------------------- fakes
 

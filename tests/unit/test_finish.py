@@ -1,4 +1,4 @@
-"""mstm.finish: deleting a delivered source; and what a scan does with a source whose
+"""mstm.send.finish: deleting a delivered source; and what a scan does with a source whose
 id is already in done/ (mstm.scan.enqueue_ready): in move mode it is sent again, never
 deleted unsent.  Driven directly, and through the real mstm-scan command with a ``local``
 stream (no server needed).
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from mstm import finish
-from mstm.finish import Verified, delete_source
 from mstm.safefs import Version
 from mstm.scan import enqueue_ready, scan
+from mstm.send import finish
+from mstm.send.finish import Verified, delete_source
 from mstm.spool import ItemRecord, Spool
 
 BIN = Path(sys.executable).parent

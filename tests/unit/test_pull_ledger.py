@@ -1,4 +1,4 @@
-"""mstm.ledger and the per-item locks of mstm.pull: what a person and many workers see."""
+"""mstm.pull.ledger and the per-item locks of mstm.pull: what a person and many workers see."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mstm.ledger import DONE, HEADER, UNMAPPED, Entry, Ledger, LedgerError
 from mstm.pull import ItemLock
+from mstm.pull.ledger import DONE, HEADER, UNMAPPED, Entry, Ledger, LedgerError
 
 
 def done(name: str, signature: str | None = "entries=1 bytes=0 mtime=1.0") -> Entry:

@@ -14,7 +14,6 @@ import pytest
 from mstm import alert
 from mstm.config import StreamConfig, load_stream
 from mstm.errors import ConfigError
-from mstm.ledger import DONE, UNMAPPED, Entry, Ledger
 from mstm.log import MESSAGE_IDS
 from mstm.pull import (
     FETCH,
@@ -34,6 +33,7 @@ from mstm.pull import (
     plan,
     refuse_name,
 )
+from mstm.pull.ledger import DONE, UNMAPPED, Entry, Ledger
 
 Sections = dict[str, dict[str, str]]
 

@@ -1,4 +1,4 @@
-"""mstm.receiver: verify, publish and answer; every named attack on the incoming area.
+"""mstm.receive: verify, publish and answer; every named attack on the incoming area.
 
 Layout of each test: ``tmp_path/published`` is the stream's directory D, the incoming
 area I is ``D/.mstm-incoming``, and ``tmp_path/outside`` is what an attacker aims at:
@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mstm import protocol as p
-from mstm import receiver as rx
+from mstm import receive as rx
 from mstm.protocol import ControlItem, Status
-from mstm.receiver import Receiver, Settings
+from mstm.receive import Receiver, Settings
 
 BIN = Path(sys.executable).parent
 RCPT, CTRL, THANKS = "mstm-rcpt", "mstm-ctrl", "mstm-thanks"

@@ -30,7 +30,7 @@ from hypothesis.stateful import (
 )
 
 from mstm.config import StreamConfig, load_stream
-from mstm.sender import Sender
+from mstm.send import Sender
 from mstm.spool import ItemRecord, Spool
 from mstm.transports.base import STAGING
 from mstm.transports.memory import MemoryTransport

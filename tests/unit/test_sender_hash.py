@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-import mstm.sender as sender
+import mstm.send as sender
 from mstm import safefs
 from mstm.safefs import Version
-from mstm.sender import _hash_file, local_digest
+from mstm.send import _hash_file, local_digest
 from mstm.spool import ItemRecord
 
 

@@ -1,4 +1,4 @@
-"""mstm-alert: mail about problems (see mstm.alert and mstm.mailer)."""
+"""mstm-alert: mail about problems (see mstm.alert and mstm.alert.mailer)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from mstm.alert import (
     read_stdin,
     state_dir,
 )
+from mstm.alert.mailer import Mailer, MailError
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_OK, EXIT_TEMPFAIL, ConfigError, TargetUnavailable
-from mstm.mailer import Mailer, MailError
 
 log = logging.getLogger("mstm.alert")
 

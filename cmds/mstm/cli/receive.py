@@ -14,7 +14,7 @@ from mstm import config
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_OK
 from mstm.notify import Notifier
-from mstm.receiver import Receiver, Settings
+from mstm.receive import Receiver, Settings
 
 log = logging.getLogger("mstm.receive")
 

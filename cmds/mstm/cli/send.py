@@ -17,7 +17,7 @@ from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_TEMPFAIL
 from mstm.log import under_journal
 from mstm.notify import Notifier
-from mstm.sender import Sender, TtyProgress
+from mstm.send import Sender, TtyProgress
 from mstm.spool import Spool
 from mstm.transports import make_transport
 

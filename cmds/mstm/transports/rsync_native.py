@@ -91,7 +91,7 @@ from mstm.transports.base import (
     staging_dir,
 )
 from mstm.transports.common import read_secret
-from mstm.transports.rsyncrun import PROGRESS_FORMAT, run_rsync
+from mstm.transports.rsync import PROGRESS_FORMAT, run_rsync
 from mstm.transports.ssh import spawn
 
 log = logging.getLogger("mstm.rsync_native")

@@ -82,7 +82,7 @@ from mstm.transports.base import (
     staging_dir,
 )
 from mstm.transports.common import Monitor, Throttle, chunk_size, run_watched
-from mstm.transports.rsyncrun import PROGRESS_FORMAT, run_rsync
+from mstm.transports.rsync import PROGRESS_FORMAT, run_rsync
 from mstm.transports.ssh import SshConnection
 from mstm.transports.stream import (
     CHUNK,

@@ -10,7 +10,7 @@ this" and the items they were about.
 
 Nothing is mailed twice and nothing is skipped:
 
-* a closed batch is written to the outbox (see :mod:`mstm.mailer`) *before* the journal
+* a closed batch is written to the outbox (see :mod:`mstm.alert.mailer`) *before* the journal
   cursor is saved (``<state_dir>/alert.cursor``, written atomically);
 * the cursor saved is that of the last entry read, and it is saved only when every entry
   up to it is either in the outbox or below the threshold; after a restart reading
@@ -62,9 +62,9 @@ from uuid import UUID
 
 import jinja2
 
+from mstm.alert.mailer import Delivery, Mailer, Outbox, write_atomic
 from mstm.config import EmailConfig, GlobalConfig
 from mstm.errors import EXIT_CONFIG, die
-from mstm.mailer import Delivery, Mailer, Outbox, write_atomic
 from mstm.notify import Notifier
 
 log = logging.getLogger("mstm.alert")
@@ -324,7 +324,7 @@ class Templates:
         options: dict[str, Any] = {"trim_blocks": True, "lstrip_blocks": True,
                                    "keep_trailing_newline": True,
                                    "autoescape": jinja2.select_autoescape(["html"])}
-        self.builtin = jinja2.Environment(loader=jinja2.PackageLoader("mstm", "templates"),
+        self.builtin = jinja2.Environment(loader=jinja2.PackageLoader("mstm.alert", "templates"),
                                           undefined=jinja2.StrictUndefined, **options)
         self.admin = (jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)),
                                          **options) if template_dir else None)

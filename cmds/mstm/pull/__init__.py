@@ -5,7 +5,7 @@ A pull stream (``[data_stream] direction = pull``) lists ``[pull] source_dir`` o
 directory or a regular file) into a local folder chosen by ordered ``map`` rules under
 ``[data_stream] directory``.  One cycle:
 
-1. the done-ledger (:mod:`mstm.ledger`) is read again (a person may have edited it);
+1. the done-ledger (:mod:`mstm.pull.ledger`) is read again (a person may have edited it);
 2. one remote command lists the whole tree, NUL-separated (``find -printf``), so every
    item gets a signature: its number of entries, total bytes and newest mtime;
 3. each item is selected (``item_pattern``, ``max_age_days``), checked (a name that
@@ -65,11 +65,11 @@ import psutil
 from mstm import safefs
 from mstm.config import StreamConfig
 from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, TargetUnavailable, die
-from mstm.ledger import DONE, UNMAPPED, Entry, Ledger, LedgerError, now_iso
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
+from mstm.pull.ledger import DONE, UNMAPPED, Entry, Ledger, LedgerError, now_iso
 from mstm.scan import is_paused, say_pause_change
-from mstm.sender import json_path
+from mstm.send import json_path
 from mstm.transports.ssh import SshConnection, SshTarget, spawn
 
 log = logging.getLogger("mstm.pull")

@@ -13,7 +13,7 @@ The order of a delivery, and why nothing is lost at any instant:
    done/).  A crash between the unlink and the commit leaves a claim whose source is
    gone: taken over, found vanished, dropped (the target holds the verified copy).  So
    a done record never stands for a deletion still to do, and a source found with a
-   done record is a new file, sent again (see mstm.finish).
+   done record is a new file, sent again (see mstm.send.finish).
 
 Connection failures release the batch untouched (no attempt counted) and back the
 whole destination off; item failures (mismatch, missing) count an attempt and the item
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mstm import finish, protocol, safefs
+from mstm import protocol, safefs
 from mstm import scan as scanning
 from mstm.backoff import DestinationBackoff
 from mstm.config import StreamConfig
@@ -43,6 +43,7 @@ from mstm.errors import TargetUnavailable
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
 from mstm.safefs import Version
+from mstm.send import finish
 from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy
 from mstm.transports.base import Item, RemoteFile, Transport, exchange, staging_dir
 
