@@ -30,7 +30,7 @@ from mstm.diskwatch import (
     targets_of,
 )
 from mstm.log import MESSAGE_IDS
-from mstm.scan import is_paused
+from mstm.pause import is_paused
 from mstm.spool import ItemRecord, Spool
 
 # level_good / level_low / level_vlow / hysteresis of every test, in MiB
@@ -487,7 +487,7 @@ def test_once_prints_the_levels_as_a_table_and_json_on_request(
         site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     site.add("bulk", 10)
     g = site.write()
-    monkeypatch.setattr("mstm.diskwatch.RealFileSystems", lambda: site.disk)
+    monkeypatch.setattr("mstm.diskwatch.watch.RealFileSystems", lambda: site.disk)
     site.disk.set_free(15)
     r = CliRunner().invoke(diskwatch_main, ["--config", str(g), "--once", "--dry-run"])
     assert r.exit_code == 0, r.output
@@ -509,7 +509,7 @@ def test_a_broken_stream_file_is_reported_and_the_other_streams_are_still_watche
     site.add("broken", 10)
     g = site.write()
     (site.etc / "broken.ini").write_text("[data_stream]\npriority = high\n")
-    monkeypatch.setattr("mstm.diskwatch.RealFileSystems", lambda: site.disk)
+    monkeypatch.setattr("mstm.diskwatch.watch.RealFileSystems", lambda: site.disk)
     site.disk.set_free(15)
     r = CliRunner().invoke(diskwatch_main, ["--config", str(g)])
     assert r.exit_code == 78, r.output

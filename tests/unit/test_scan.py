@@ -19,11 +19,11 @@ import pytest
 
 from mstm import safefs
 from mstm.errors import EXIT_CONFIG
+from mstm.pause import is_paused
 from mstm.scan import (
     Candidate,
     ScanReport,
     StreamDirectoryError,
-    is_paused,
     marker_for,
     scan,
 )

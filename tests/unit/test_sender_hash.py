@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-import mstm.send as sender
+import mstm.send.digests as sender
 from mstm import safefs
 from mstm.safefs import Version
-from mstm.send import _hash_file, local_digest
+from mstm.send.digests import _hash_file, local_digest
 from mstm.spool import ItemRecord
 
 

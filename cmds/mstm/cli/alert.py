@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -24,6 +22,7 @@ from mstm.alert import (
 from mstm.alert.mailer import Mailer, MailError
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_OK, EXIT_TEMPFAIL, ConfigError, TargetUnavailable
+from mstm.runloop import stop_on_signals
 
 log = logging.getLogger("mstm.alert")
 
@@ -109,12 +108,6 @@ def check_server(mailer: Mailer, gcfg: config.GlobalConfig) -> int:
 def run_follow(gcfg: config.GlobalConfig, postman: Postman) -> int:
     cursors = CursorStore(state_dir(gcfg.email))
     follower = Follower(gcfg, postman, JournalSource(cursors.load()), cursors)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received; stopping", signal.Signals(signum).name)
-        follower.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(follower.loop.stop, doing="stopping", logger=log)
     follower.follow()
     return EXIT_OK

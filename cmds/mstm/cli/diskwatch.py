@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.diskwatch import DiskWatch, Report, load_streams, status_line
 from mstm.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE
-from mstm.notify import Notifier
+from mstm.runloop import RunLoop, stop_on_signals
 
 log = logging.getLogger("mstm.diskwatch")
 
@@ -61,32 +58,20 @@ def render(report: Report) -> str:
 
 def follow(watch: DiskWatch, interval: float) -> None:
     """Check every *interval* seconds until SIGTERM/SIGINT; tell systemd how it goes."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received; stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    notifier = Notifier()
+    loop = RunLoop()
+    stop_on_signals(loop.stop, doing="stopping", logger=log)
     first = True
-    while not stop.is_set():
+    while not loop.stopping:
         try:
             text = status_line(watch.check())
         except OSError as e:  # a passing problem (a directory unmounted): try again later
             log.error("check failed: %s", e)
             text = f"check failed: {e}"
         if first:
-            notifier.ready(text)
+            loop.notifier.ready(text)
             first = False
         else:
-            notifier.status(text)
-        notifier.watchdog()
-        waited = 0.0
-        while waited < interval and not stop.is_set():
-            step = min(interval - waited, notifier.max_sleep or interval)
-            stop.wait(step)
-            waited += step
-            notifier.watchdog()
-    notifier.stopping()
+            loop.notifier.status(text)
+        loop.tick()
+        loop.sleep(interval)
+    loop.notifier.stopping()

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -16,8 +13,7 @@ from mstm import config
 from mstm import scan as scanning
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_OK, EXIT_USAGE, die
-from mstm.log import event, show
-from mstm.notify import Notifier
+from mstm.runloop import RunLoop, stop_on_signals
 from mstm.spool import Spool, SpoolBusy, item_id
 
 log = logging.getLogger("mstm.scan")
@@ -57,12 +53,11 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
         spool = None if printing else Spool(cfg.spool_dir,
                                             lease_seconds=cfg.outgoing.lease_seconds).open()
         printed: set[str] = set()
-        stop = threading.Event()
         out = sys.stdout.buffer
 
         def one_pass() -> scanning.ScanReport:
-            report = scanning.scan(cfg)
             if printing:
+                report = scanning.scan(cfg)
                 end = b"\0" if print0 else b"\n"
                 for c in report.ready:
                     rid = item_id(c.relpath, c.size, c.mtime_ns)
@@ -74,13 +69,7 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
                 out.flush()
                 return report
             assert spool is not None
-            added = scanning.enqueue_ready(cfg, spool, report.ready)
-            if added:
-                log.info("%s: %d new item(s) queued", cfg.name, added,
-                         extra=event("enqueued", stream=cfg.name))
-            for relpath, reason in report.skipped:
-                log.debug("skipped %s: %s", show(relpath), reason)
-            return report
+            return scanning.scan_and_queue(cfg, spool)
 
         def locked_pass() -> scanning.ScanReport | None:
             if spool is None:
@@ -102,18 +91,14 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
         from mstm.watch import Watcher
 
         watcher = Watcher(cfg.directory, poll_interval=cfg.poll_interval, recursive=True)
-        notifier = Notifier()
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-            watcher.wake()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        loop = RunLoop()
+        notifier = loop.notifier
+        loop.on_stop(watcher.wake)
+        stop_on_signals(loop.stop, doing="stopping", name=cfg.name, logger=log)
         notifier.ready(f"watching {cfg.directory}")
         try:
-            while not stop.is_set():
-                notifier.watchdog()
+            while not loop.stopping:
+                loop.tick()
                 report = locked_pass()
                 timeouts = [cfg.poll_interval * 20]
                 if notifier.max_sleep:

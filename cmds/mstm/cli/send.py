@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -17,6 +15,7 @@ from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_TEMPFAIL
 from mstm.log import under_journal
 from mstm.notify import Notifier
+from mstm.runloop import stop_on_signals
 from mstm.send import Sender, TtyProgress
 from mstm.spool import Spool
 from mstm.transports import make_transport
@@ -65,7 +64,8 @@ def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: boo
 
             return pull.run_command(cfg, follow=mode == "follow", execute=execute,
                                     as_json=as_json, show_status=show_status,
-                                    notifier=Notifier(), install_signals=_on_stop_signals)
+                                    notifier=Notifier(),
+                                    install_signals=partial(stop_on_signals, logger=log))
         spool = Spool(cfg.spool_dir, lease_seconds=cfg.outgoing.lease_seconds).open()
         if show_status:
             counts = spool.counts()
@@ -85,14 +85,7 @@ def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: boo
         sender = Sender(cfg, spool=spool, transport=transport, notifier=Notifier(),
                         progress=TtyProgress(cfg.name) if interactive and mode == "once" else None,
                         scan=not no_scan)
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("%s: %s received; finishing the current step", cfg.name,
-                     signal.Signals(signum).name)
-            sender.stop()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop_on_signals(sender.stop, name=cfg.name, logger=log)
         try:
             if mode == "follow":
                 sender.follow()
@@ -117,11 +110,3 @@ def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: boo
 
     run_command("mstm-send", body, verbose=verbose, quiet=quiet)
 
-
-def _on_stop_signals(stop: Callable[[], None]) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received; finishing the current step", signal.Signals(signum).name)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

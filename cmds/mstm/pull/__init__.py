@@ -67,8 +67,8 @@ from mstm.config import StreamConfig
 from mstm.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE, TargetUnavailable, die
 from mstm.log import event, fields, show, under_journal
 from mstm.notify import Notifier
+from mstm.pause import is_paused, say_pause_change
 from mstm.pull.ledger import DONE, UNMAPPED, Entry, Ledger, LedgerError, now_iso
-from mstm.scan import is_paused, say_pause_change
 from mstm.send import json_path
 from mstm.transports.ssh import SshConnection, SshTarget, spawn
 

@@ -57,7 +57,7 @@ from typing import Any
 
 from mstm import safefs
 from mstm.errors import EXIT_CONFIG, EXIT_TEMPFAIL, MstmError
-from mstm.log import event
+from mstm.log import event, fields, show
 from mstm.openfiles import open_for_writing
 from mstm.spool import ItemRecord, Spool
 
@@ -450,47 +450,6 @@ def scan(
     return report
 
 
-def is_paused(stream: Any) -> str | None:
-    """The reason the local sender of *stream* is paused, or None.
-
-    Paused while ``<directory>/<outgoing.stop_file>`` exists (put there by an operator or
-    by mstm-diskwatch).  The first line of a small regular stop file is quoted in the
-    reason; FIFOs and the like are never opened.
-    """
-    path = Path(stream.directory) / stream.outgoing.stop_file
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        log.debug("cannot check stop file %s: %s", path, e)
-        return None
-    reason = f"stop file {path} exists"
-    if stat.S_ISREG(st.st_mode) and st.st_size > 0:
-        try:
-            with open(path, "rb") as f:
-                first = f.read(200).splitlines()
-        except OSError:
-            first = []
-        text = first[0].decode("utf-8", "replace").strip() if first else ""
-        if text:
-            reason += f": {text}"
-    return reason
-
-
-def say_pause_change(logger: logging.Logger, stream: str, before: str | None,
-                     now: str | None) -> None:
-    """Log a change of a stream's pause, once: a warning with the new reason, or that it
-    resumed (MESSAGE_IDs "paused" and "resumed")."""
-    if now == before:
-        return
-    if now:
-        logger.warning("%s: paused: %s", stream, now,
-                       extra=event("paused", stream=stream, reason=now))
-    elif before:
-        logger.info("%s: resumed", stream, extra=event("resumed", stream=stream))
-
-
 def enqueue_ready(stream: Any, spool: Spool, ready: Iterable[Candidate]) -> int:
     """Queue the ready items of *stream* that its spool does not know; how many were new.
 
@@ -503,3 +462,17 @@ def enqueue_ready(stream: Any, spool: Spool, ready: Iterable[Candidate]) -> int:
     records = [ItemRecord(relpath=c.relpath, size=c.size, mtime_ns=c.mtime_ns,
                           is_dir=c.is_dir, enqueued_at=now) for c in ready]
     return spool.enqueue(records, again_if_done=stream.outgoing.transfer_mode == "move")
+
+
+def scan_and_queue(stream: Any, spool: Spool) -> ScanReport:
+    """Scan *stream* and queue what is ready in *spool*, saying what was queued and
+    (at debug level) what was skipped and why.  The caller holds the spool's scan lock."""
+    report = scan(stream)
+    added = enqueue_ready(stream, spool, report.ready)
+    if added:
+        log.info("%s: %d new item(s) queued", stream.name, added,
+                 extra=event("enqueued", stream=stream.name))
+    for relpath, reason in report.skipped:
+        log.debug("skipped %s: %s", show(relpath), reason,
+                  extra=fields(stream=stream.name, item=relpath, reason=reason))
+    return report

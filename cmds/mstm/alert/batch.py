@@ -1,0 +1,78 @@
+"""Events gathered for one mail: alike events (:func:`dedup_key`) shown once, counted."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mstm.alert.events import Alert
+
+MAX_GROUPS = 100  # distinct kinds of event shown in one mail; the rest are counted
+MAX_ITEMS = 10  # item names listed per group
+
+
+def dedup_key(a: Alert) -> tuple[str, ...]:
+    """What makes two events "alike": program, stream, event, priority and the message
+    with the item's name and every number blanked out."""
+    text = a.reason or a.message
+    if a.item:
+        text = text.replace(a.item, "\0")
+    text = re.sub(r"\d+", "#", text)
+    return (a.identifier, a.stream or "", a.event or a.message_id or "", str(a.priority), text)
+
+
+@dataclass
+class Group:
+    """Alike events: the first and the last, how many, and the items they were about."""
+
+    first: Alert
+    last: Alert
+    count: int = 1
+    items: list[str] = field(default_factory=list)
+    more_items: int = 0
+
+    @property
+    def more(self) -> int:
+        return self.count - 1
+
+    @property
+    def priority_name(self) -> str:
+        return self.first.priority_name
+
+
+@dataclass
+class Batch:
+    """Events gathered for one mail."""
+
+    groups: dict[tuple[str, ...], Group] = field(default_factory=dict)
+    total: int = 0
+    overflow: int = 0
+    opened: float = 0.0  # clock() when the first event came
+    clock: Callable[[], float] = time.monotonic
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def add(self, a: Alert) -> None:
+        if not self.total:
+            self.opened = self.clock()
+        self.total += 1
+        key = dedup_key(a)
+        g = self.groups.get(key)
+        if g is None:
+            if len(self.groups) >= MAX_GROUPS:
+                self.overflow += 1
+                return
+            g = self.groups[key] = Group(a, a, 0)
+        g.count += 1
+        g.last = a
+        if a.item and a.item not in g.items:
+            if len(g.items) < MAX_ITEMS:
+                g.items.append(a.item)
+            else:
+                g.more_items += 1
+
+    def ordered(self) -> list[Group]:
+        return sorted(self.groups.values(), key=lambda g: (g.first.priority, g.first.time))
