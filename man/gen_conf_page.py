@@ -1,5 +1,5 @@
 """Write mstm.conf(5)'s markdown: the prose of a template, with every setting generated
-from the schema in mstm/config.py, so the manual can never disagree with the code.
+from the schema in mstm/config/schema.py, so the manual can never disagree with the code.
 
 Usage: PYTHONPATH=cmds python3 man/gen_conf_page.py man/mstm.conf.5.md.in > out.md
 

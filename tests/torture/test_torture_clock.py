@@ -60,7 +60,7 @@ def test_clock_jumps_forwards_and_backwards_lose_no_lease_and_no_item(tmp_path: 
         if k.startswith("remote"):
             # another host: a new identity after a lost lease is named after it, and it
             # judges the owners of this host by heartbeat age
-            sp._host = f"else{k[-1]}"
+            sp._leases.host = f"else{k[-1]}"
     records = [ItemRecord(relpath=f"c/{i:05d}.dat", size=i, mtime_ns=i) for i in range(n)]
     assert spools["local-a"].enqueue(records) == n
     held: dict[str, list[Claim]] = {k: [] for k in spools}

@@ -125,14 +125,14 @@ def _deny_access_as_root(monkeypatch: pytest.MonkeyPatch, name: str) -> bool:
     """Root reads any directory, so for the unreadable case fake what access(2) says."""
     if name != "directory_unreadable" or os.geteuid() != 0:
         return False
-    import mstm.config
+    import mstm.config.build
 
     real = os.access
 
     def access(path: object, mode: int, **kw: object) -> bool:  # directories: denied
         return False if os.path.isdir(path) else real(path, mode)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mstm.config.os, "access", access)
+    monkeypatch.setattr(mstm.config.build.os, "access", access)
     return True
 
 def _local_target(where: str) -> Callable[[Conf], None]:

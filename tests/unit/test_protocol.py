@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mstm import protocol
 from mstm import protocol as p
-from mstm.protocol import Control, ControlItem, ProtocolError, Receipt, Status
+from mstm.protocol import Control, ControlItem, ProtocolError, Receipt, Status, files
 
 D0 = "0" * 64
 DIGEST = hashlib.sha256(b"x").hexdigest()
@@ -175,7 +175,7 @@ def test_control_size_limit_is_checked_before_anything_else() -> None:
 
 
 def test_more_than_a_million_items_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p, "MAX_ITEMS", 3)
+    monkeypatch.setattr(files, "MAX_ITEMS", 3)  # where the reader looks it up
     ok = control_bytes(*(f"item 1 {D0} f{i}" for i in range(3)))
     assert len(p.parse_control(ok).items) == 3
     with pytest.raises(ProtocolError, match="more than"):

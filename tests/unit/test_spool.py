@@ -21,12 +21,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mstm import spool as spool_mod
-from mstm.spool import STATES, Claim, ItemRecord, Spool, SpoolBusy, SpoolError, item_id
+from mstm.spool import STATES, Claim, ItemRecord, Spool, SpoolBusy, SpoolError, item_id, owners
+from mstm.spool import spool as spool_mod
 
 LEASE = 60.0
 BIG = 10**15  # max_bytes that never limits
-HOST = spool_mod._safe_host(socket.gethostname())
+HOST = owners.safe_host(socket.gethostname())
 
 
 class Clock:
@@ -251,8 +251,8 @@ def test_enqueue_of_many_records_fsyncs_each_directory_once(
     spool: Spool, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[str] = []
-    real = spool_mod._fsync_dir
-    monkeypatch.setattr(spool_mod, "_fsync_dir", lambda d: (synced.append(d), real(d)))
+    real = spool_mod.fsync_dir
+    monkeypatch.setattr(spool_mod, "fsync_dir", lambda d: (synced.append(d), real(d)))
     assert spool.enqueue(rec(f"d/{i}") for i in range(2000)) == 2000
     assert synced == [str(root / "new")]
     assert spool.counts()["new"] == 2000
@@ -571,7 +571,7 @@ def test_owner_without_claims_that_died_is_cleaned_up(root: Path, clock: Clock) 
     clock.advance(LEASE + 1)
     assert other.reclaim_expired() == 0
     assert not (root / "owners" / ghost.owner).exists()
-    clock.advance(spool_mod.EXPIRED_MAX_AGE + 1)
+    clock.advance(owners.EXPIRED_MAX_AGE + 1)
     other.reclaim_expired()
     assert sorted(os.listdir(root / "owners")) == [other.owner]
 
