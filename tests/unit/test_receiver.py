@@ -30,8 +30,16 @@ from hypothesis import strategies as st
 
 from mstm import protocol as p
 from mstm import receive as rx
+from mstm import safefs
 from mstm.protocol import ControlItem, Status
 from mstm.receive import Receiver, Settings
+from mstm.receive import abandoned as rx_abandoned
+from mstm.receive import areas as rx_areas
+from mstm.receive import batch as rx_batch
+from mstm.receive import cleanup as rx_cleanup
+from mstm.receive import mistamover as rx_mistamover
+from mstm.receive import receiver as rx_receiver
+from mstm.receive import survey as rx_survey
 
 BIN = Path(sys.executable).parent
 RCPT, CTRL, THANKS = "mstm-rcpt", "mstm-ctrl", "mstm-thanks"
@@ -342,7 +350,7 @@ def test_a_crash_between_staging_and_publishing_loses_nothing(
     files = {f"f{i}": os.urandom(100) for i in range(10)}
     r = site.receiver()
     batch = site.send(files)
-    real = rx.rename_noreplace
+    real = rx_batch.rename_noreplace
     calls = []
 
     def crash_on_fifth(*a: object, **kw: object) -> None:
@@ -351,11 +359,11 @@ def test_a_crash_between_staging_and_publishing_loses_nothing(
             raise KeyboardInterrupt  # stands for SIGKILL at this instant
         real(*a, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rx, "rename_noreplace", crash_on_fifth)
+    monkeypatch.setattr(rx_batch, "rename_noreplace", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         r.run_once()
     r.close()
-    monkeypatch.setattr(rx, "rename_noreplace", real)
+    monkeypatch.setattr(rx_batch, "rename_noreplace", real)
     assert not (site.I / f"{batch}.{RCPT}").exists()
     r2 = site.receiver()
     r2.run_once()
@@ -374,20 +382,20 @@ def test_a_lost_receipt_is_written_again_and_says_ok_for_published_items(site: S
 
 def test_leftover_temp_and_staging_files_of_a_crash_are_removed_at_start(site: Site) -> None:
     site.I.mkdir()
-    (site.I / (rx.TMP_PREFIX + "dead")).write_bytes(b"half a receipt")
-    (site.I / rx.STAGING / "gone-batch").mkdir(parents=True)
+    (site.I / (rx_areas.TMP_PREFIX + "dead")).write_bytes(b"half a receipt")
+    (site.I / rx_areas.STAGING / "gone-batch").mkdir(parents=True)
     site.receiver()
     assert site.incoming() == []
 
 
 def test_leftover_staging_is_removed_periodically_too_and_only_our_own(site: Site) -> None:
     r = site.receiver()
-    staging = site.I / rx.STAGING
+    staging = site.I / rx_areas.STAGING
     (staging / "gone-batch").mkdir(parents=True)
     (staging / "gone-batch" / ("7-" + "f" * 40)).write_bytes(b"staged")
     (staging / "someone").mkdir()
     (staging / "someone" / "data").write_bytes(b"keep")
-    r._last_expiry -= rx.EXPIRY_CHECK_SECONDS  # a minute later: the periodic look
+    r._last_expiry -= rx_receiver.EXPIRY_CHECK_SECONDS  # a minute later: the periodic look
     r.run_once()
     assert sorted(os.listdir(staging)) == ["someone"]
     assert (staging / "someone" / "data").read_bytes() == b"keep"
@@ -395,14 +403,14 @@ def test_leftover_staging_is_removed_periodically_too_and_only_our_own(site: Sit
 
 def test_replaced_trees_left_in_the_published_staging_area_are_removed_when_old(
         site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
-    staging = site.D / rx.STAGING
+    staging = site.D / rx_areas.STAGING
     for name in (".replaced.4242", ".replaced.0123456789ab", ".replaced.0123456789ab.zip",
                  ".replaced.x", "run42"):
         (staging / name / "sub").mkdir(parents=True)
         (staging / name / "sub" / "f").write_bytes(b"old")
     site.receiver().close()
     assert len(os.listdir(staging)) == 5  # young: a publisher may still be at it
-    monkeypatch.setattr(rx, "REPLACED_SECONDS", 0.0)
+    monkeypatch.setattr(rx_cleanup, "REPLACED_SECONDS", 0.0)
     site.receiver()
     assert sorted(os.listdir(staging)) == [".replaced.x", "run42"]
 
@@ -450,7 +458,7 @@ def test_across_file_systems_items_are_copied_then_renamed(tmp_path: Path) -> No
         assert s.receipt(batch) == dict.fromkeys(files, Status.OK)
         assert s.receipt("b2") == {"bad": Status.BAD_CHECKSUM}
         assert s.published() == files
-        assert not (s.D / rx.STAGING).exists()
+        assert not (s.D / rx_areas.STAGING).exists()
         s.close()
     finally:
         import shutil
@@ -467,7 +475,8 @@ class Calls:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, syncfs_works: bool = True,
                  fail_fsync_of: str | None = None) -> None:
         self.log: list[tuple[str, str]] = []
-        real_fsync, real_rename, real_write = os.fsync, rx.rename_noreplace, rx._write_atomic
+        real_fsync, real_rename = os.fsync, rx_batch.rename_noreplace
+        real_write = rx_receiver.write_atomic
 
         def syncfs(fd: int) -> bool:
             self.log.append(("syncfs", os.readlink(f"/proc/self/fd/{fd}")))
@@ -491,11 +500,11 @@ class Calls:
             self.log.append(("receipt", name))
             real_write(dir_fd, name, data, mode)
 
-        real_syncfs = rx._syncfs
-        monkeypatch.setattr(rx, "_syncfs", syncfs)
-        monkeypatch.setattr(rx.os, "fsync", fsync)
-        monkeypatch.setattr(rx, "rename_noreplace", rename_noreplace)
-        monkeypatch.setattr(rx, "_write_atomic", write_atomic)
+        real_syncfs = rx_batch.syncfs
+        monkeypatch.setattr(rx_batch, "syncfs", syncfs)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(rx_batch, "rename_noreplace", rename_noreplace)
+        monkeypatch.setattr(rx_receiver, "write_atomic", write_atomic)
 
     @staticmethod
     def staged_name(relpath: str) -> str:
@@ -523,7 +532,7 @@ def test_a_batch_of_n_files_is_flushed_by_one_syncfs_then_published_then_answere
     # item is published, then their one directory is flushed, then the receipt written
     assert [k for k, _ in calls.log[:receipt]] == (
         ["syncfs"] + ["publish"] * len(files) + ["fsync-dir"])
-    assert calls.log[0][1].endswith(f"{rx.STAGING}/{batch}")
+    assert calls.log[0][1].endswith(f"{rx_areas.STAGING}/{batch}")
     assert calls.log[receipt - 1][1] == str(site.D)
 
 
@@ -571,14 +580,14 @@ def test_when_the_renames_cannot_be_flushed_no_receipt_is_written_until_they_are
     files = {f"{d}/f{i}": os.urandom(50) for i in range(5) for d in "ab"}
     r = site.receiver()
     batch = site.send(files)
-    real = rx._syncfs
+    real = rx_batch.syncfs
     calls: list[int] = []
 
     def second_fails(fd: int) -> bool:
         calls.append(fd)
         return len(calls) != 2 and real(fd)
 
-    monkeypatch.setattr(rx, "_syncfs", second_fails)
+    monkeypatch.setattr(rx_batch, "syncfs", second_fails)
     r.run_once()
     assert len(calls) == 2 and not (site.I / f"{batch}.{RCPT}").exists()
     assert site.published() == files
@@ -621,7 +630,7 @@ def test_a_crash_after_the_syncfs_and_before_publishing_loses_nothing(
     def crash(fd: int) -> bool:
         raise KeyboardInterrupt  # stands for SIGKILL once the data is checked
 
-    monkeypatch.setattr(rx, "_syncfs", crash)
+    monkeypatch.setattr(rx_batch, "syncfs", crash)
     with pytest.raises(KeyboardInterrupt):
         r.run_once()
     r.close()
@@ -864,7 +873,7 @@ def test_a_directory_swapped_in_for_an_item_after_its_check_is_refused(
             (site.I / batch / "x" / "inner").write_bytes(b"data")
         real_rename(src, dst, **kw)
 
-    monkeypatch.setattr(rx.os, "rename", swap_then_rename)
+    monkeypatch.setattr(os, "rename", swap_then_rename)
     r.run_once()
     assert site.receipt(batch) == {"x": Status.REFUSED, "y": Status.OK}
     assert site.published() == {"y": b"more"}
@@ -872,7 +881,7 @@ def test_a_directory_swapped_in_for_an_item_after_its_check_is_refused(
 
 def test_a_staging_impostor_in_the_incoming_area_is_quarantined(site: Site) -> None:
     site.I.mkdir()
-    (site.I / rx.STAGING).symlink_to(site.outside)
+    (site.I / rx_areas.STAGING).symlink_to(site.outside)
     r = site.receiver()
     batch = site.send({"a": b"1"})
     r.run_once()
@@ -978,7 +987,7 @@ def test_a_mistamover_control_before_its_data_waits_instead_of_answering_missing
     r.run_once()
     assert p.parse_mistamover_receipt((site.I / receipt).read_bytes()).code == 0
     receipt2 = msm_control(site, "never.nc", None)
-    monkeypatch.setattr(rx, "MSM_DATA_GRACE", 0.0)
+    monkeypatch.setattr(rx_mistamover, "MSM_DATA_GRACE", 0.0)
     r.run_once()
     assert p.parse_mistamover_receipt((site.I / receipt2).read_bytes()).code == \
         p.MsmCode.NO_SUCH_FILE
@@ -1016,7 +1025,7 @@ def test_unacknowledged_mistamover_receipts_expire(site: Site,
     r = site.receiver()
     receipt = msm_control(site, "a.nc", b"A")
     r.run_once()
-    old = time.time() - rx.MSM_RECEIPT_TTL - 10
+    old = time.time() - rx_cleanup.MSM_RECEIPT_TTL - 10
     os.utime(site.I / receipt, (old, old))
     monkeypatch.setattr(r, "_last_expiry", 0.0)
     r.run_once()
@@ -1027,7 +1036,7 @@ def test_answered_batches_without_a_thank_you_expire_after_a_week(site: Site) ->
     r = site.receiver()
     batch = site.send({"a": b"1"})
     r.run_once()
-    old = time.time() - rx.ANSWERED_TTL - 10
+    old = time.time() - rx_cleanup.ANSWERED_TTL - 10
     os.utime(site.I / f"{batch}.{RCPT}", (old, old))
     r._last_expiry = 0.0
     r.run_once()
@@ -1038,7 +1047,7 @@ def test_answered_batches_without_a_thank_you_expire_after_a_week(site: Site) ->
 # --------------------------------------------------------------------------- abandoned batches
 #
 # A sender killed mid-rsync leaves I/<batch>/ with no control file.  The tests fake the
-# receiver's wall clock (r._clock) and back-date mtimes with os.utime: ctime cannot be
+# receiver's wall clock (r.abandoned.clock) and back-date mtimes with os.utime: ctime cannot be
 # set, so "old" means the clock moved on, not that the files were back-dated.
 
 LIMIT = 3600.0
@@ -1090,8 +1099,8 @@ def backdate(path: Path, seconds: float) -> None:
 
 def later(r: Receiver, seconds: float) -> None:
     """The receiver's clock, *seconds* from now; and its next look is due at once."""
-    r._clock = lambda: time.time() + seconds
-    r._next_abandoned = 0.0
+    r.abandoned.clock = lambda: time.time() + seconds
+    r.abandoned.next_look = 0.0
 
 
 def removals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -1168,7 +1177,7 @@ def test_a_batch_directory_with_a_control_file_receipt_or_thank_you_stays(
     (site.I / name).write_bytes(b"")
     backdate(site.I, 2 * LIMIT)
     later(r, LIMIT + 100)
-    assert r._look_for_abandoned(rx.Summary()) is None
+    assert r.abandoned.look(rx.Summary()) is None
     assert sorted(site.incoming()) == sorted([B1, name])
 
 
@@ -1240,16 +1249,16 @@ def test_a_control_file_appearing_while_a_batch_is_removed_keeps_the_batch(
     r = site.receiver()
     items = site.put(B1, {"x": b"racing"})
     later(r, LIMIT + 100)
-    real = rx._survey
+    real = rx_abandoned.survey
 
-    def survey_then_control(*args: object, **kw: object) -> rx._Survey:
+    def survey_then_control(*args: object, **kw: object) -> rx_survey.Survey:
         result = real(*args, **kw)  # type: ignore[arg-type]
-        if str(args[1]).startswith(rx.ABANDONED_PREFIX):  # the look again, set aside
+        if str(args[1]).startswith(rx_abandoned.ABANDONED_PREFIX):  # the look again, set aside
             site.control(B1, items)
         return result
 
-    monkeypatch.setattr(rx, "_survey", survey_then_control)
-    assert r._look_for_abandoned(rx.Summary()) is None
+    monkeypatch.setattr(rx_abandoned, "survey", survey_then_control)
+    assert r.abandoned.look(rx.Summary()) is None
     assert site.incoming() == [B1, f"{B1}.{CTRL}"]
     monkeypatch.undo()
     r.run_once()
@@ -1262,15 +1271,15 @@ def test_a_write_into_a_batch_while_it_is_being_removed_keeps_the_batch(
     r = site.receiver()
     partial_batch(site, B1)
     later(r, LIMIT + 100)
-    real = rx._survey
+    real = rx_abandoned.survey
 
-    def survey_after_a_write(parent_fd: int, name: str, **kw: object) -> rx._Survey:
-        if name.startswith(rx.ABANDONED_PREFIX):  # a sender that held the directory open
+    def survey_after_a_write(parent_fd: int, name: str, **kw: object) -> rx_survey.Survey:
+        if name.startswith(rx_abandoned.ABANDONED_PREFIX):  # a sender that held the directory open
             time.sleep(0.02)  # past the file system's timestamp granularity
             (site.I / name / "obs" / "deep" / "more").write_bytes(b"more")
         return real(parent_fd, name, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rx, "_survey", survey_after_a_write)
+    monkeypatch.setattr(rx_abandoned, "survey", survey_after_a_write)
     assert r.run_once().abandoned == 0
     assert site.incoming() == [B1]
     assert (site.I / B1 / "obs" / "deep" / "more").read_bytes() == b"more"
@@ -1284,14 +1293,14 @@ def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried
     partial_batch(site, B1)
     batch = site.send({"ok": b"1"})  # a good batch goes through meanwhile
 
-    real = rx._remove_tree
+    real = rx_abandoned.remove_tree
 
     def fail(name: str, *args: object, **kw: object) -> None:
-        if name.startswith(rx.ABANDONED_PREFIX):
+        if name.startswith(rx_abandoned.ABANDONED_PREFIX):
             raise PermissionError(errno.EACCES, "Permission denied")
         real(name, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(rx, "_remove_tree", fail)
+    monkeypatch.setattr(rx_abandoned, "remove_tree", fail)
     with caplog.at_level(logging.INFO, logger="mstm"):
         for _ in range(3):
             later(r, LIMIT + 100)
@@ -1302,12 +1311,12 @@ def test_a_directory_that_cannot_be_removed_is_logged_once_not_fatal_and_retried
     monkeypatch.undo()
     later(r, LIMIT + 100)
     r.run_once()
-    assert not any(n.startswith(rx.ABANDONED_PREFIX) or n == B1 for n in site.incoming())
+    assert not any(n.startswith(rx_abandoned.ABANDONED_PREFIX) or n == B1 for n in site.incoming())
 
 
 def test_a_batch_directory_set_aside_before_a_crash_is_removed_at_start(site: Site) -> None:
     site.I.mkdir()
-    aside = site.I / f"{rx.ABANDONED_PREFIX}{B1}-0123abcd"
+    aside = site.I / f"{rx_abandoned.ABANDONED_PREFIX}{B1}-0123abcd"
     (aside / "d").mkdir(parents=True)
     (aside / "d" / "f").write_bytes(b"x")
     (aside / "out").symlink_to(site.outside)
@@ -1324,9 +1333,9 @@ def test_a_mount_point_inside_a_batch_directory_is_never_removed(
     r = site.receiver()
     partial_batch(site, B1)
     mounted = site.I / B1 / "obs" / "deep"
-    real = rx._mount_id
+    real = rx_survey.mount_id
     mounted_ino = mounted.stat().st_ino
-    monkeypatch.setattr(rx, "_mount_id", lambda fd: "elsewhere" if os.fstat(fd).st_ino
+    monkeypatch.setattr(rx_survey, "mount_id", lambda fd: "elsewhere" if os.fstat(fd).st_ino
                         == mounted_ino else real(fd))
     with caplog.at_level(logging.INFO, logger="mstm"):
         for _ in range(2):
@@ -1344,31 +1353,31 @@ def test_looks_for_abandoned_batches_at_start_then_at_most_every_tenth_of_the_li
     abandoned_site(site)
     r = site.receiver()
     looks = []
-    real = r._look_for_abandoned
-    monkeypatch.setattr(r, "_look_for_abandoned",
+    real = r.abandoned.look
+    monkeypatch.setattr(r.abandoned, "look",
                         lambda summary: looks.append(1) or real(summary))
     for _ in range(20):
         r.run_once()
     assert len(looks) == 1
-    assert r._next_abandoned - time.monotonic() == pytest.approx(LIMIT / 10, abs=5)
+    assert r.abandoned.next_look - time.monotonic() == pytest.approx(LIMIT / 10, abs=5)
 
 
 def test_a_look_examines_a_bounded_number_of_entries_and_the_next_one_goes_on(
         site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     abandoned_site(site)
-    monkeypatch.setattr(rx, "ABANDONED_BUDGET", 10)
+    monkeypatch.setattr(rx_abandoned, "ABANDONED_BUDGET", 10)
     r = site.receiver()
     for batch in (B1, B2, B3, B4):
         site.put(batch, {f"f{i}": b"x" for i in range(7)})  # 8 entries each
     examined: list[str] = []
-    real = rx._survey
+    real = rx_abandoned.survey
 
-    def counting(parent_fd: int, name: str, **kw: object) -> rx._Survey:
+    def counting(parent_fd: int, name: str, **kw: object) -> rx_survey.Survey:
         result = real(parent_fd, name, **kw)  # type: ignore[arg-type]
         examined.append(f"{name}:{result.verdict}")
         return result
 
-    monkeypatch.setattr(rx, "_survey", counting)
+    monkeypatch.setattr(rx_abandoned, "survey", counting)
     gone = []
     for _ in range(4):
         later(r, LIMIT + 100)
@@ -1442,14 +1451,14 @@ def test_stop_during_the_checks_publishes_nothing_and_leaves_the_batch_for_the_r
     files = {f"f{i}": os.urandom(10) for i in range(5)}
     r = site.receiver()
     batch = site.send(files)
-    real = r._check
+    real = r.publisher._check
 
     def check_then_stop(job: object, index: int, item: ControlItem) -> object:
         result = real(job, index, item)  # type: ignore[arg-type]
         r.stop()
         return result
 
-    monkeypatch.setattr(r, "_check", check_then_stop)
+    monkeypatch.setattr(r.publisher, "_check", check_then_stop)
     r.run_once()
     # the first item was checked in staging; nothing is published before all are
     assert site.published() == {} and not (site.I / f"{batch}.{RCPT}").exists()
@@ -1562,9 +1571,9 @@ def test_rename_noreplace_never_replaces(tmp_path: Path) -> None:
         (tmp_path / "a").write_bytes(b"a")
         (tmp_path / "b").write_bytes(b"b")
         with pytest.raises(FileExistsError):
-            rx.rename_noreplace("a", "b", src_dir_fd=fd, dst_dir_fd=fd)
+            safefs.rename_noreplace("a", "b", src_dir_fd=fd, dst_dir_fd=fd)
         assert (tmp_path / "b").read_bytes() == b"b"
-        rx.rename_noreplace("a", "c", src_dir_fd=fd, dst_dir_fd=fd)
+        safefs.rename_noreplace("a", "c", src_dir_fd=fd, dst_dir_fd=fd)
         assert (tmp_path / "c").read_bytes() == b"a" and not (tmp_path / "a").exists()
     finally:
         os.close(fd)
@@ -1575,10 +1584,10 @@ def test_open_dir_refuses_symlinks_in_every_component(tmp_path: Path) -> None:
     (tmp_path / "a" / "l").symlink_to(tmp_path / "a" / "b")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.close(rx.open_dir(["a", "b"], fd))
+        os.close(safefs.open_dir(["a", "b"], fd))
         for parts in (["a", "l"], ["a", "l", "x"]):
             with pytest.raises(OSError) as info:
-                rx.open_dir(parts, fd, create=True)
+                safefs.open_dir(parts, fd, create=True)
             assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
         assert not (tmp_path / "a" / "b" / "x").exists()
     finally:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
-from types import FrameType
 
 import click
 
@@ -15,6 +13,7 @@ from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.errors import EXIT_OK
 from mstm.notify import Notifier
 from mstm.receive import Receiver, Settings
+from mstm.runloop import stop_on_signals
 
 log = logging.getLogger("mstm.receive")
 
@@ -56,14 +55,8 @@ def main(stream: str, mode: str, as_json: bool, force_poll: bool, check: bool,
                      cfg.stream_file)
             return EXIT_OK
         receiver = Receiver(settings, notifier=Notifier(), force_poll=force_poll)
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            log.info("%s: %s received; finishing the current item", cfg.name,
-                     signal.Signals(signum).name)
-            receiver.stop()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop_on_signals(receiver.stop, doing="finishing the current item", name=cfg.name,
+                        logger=log)
         with receiver:
             if mode == "follow":
                 receiver.follow()
