@@ -28,7 +28,7 @@ from tests.harness.streams import StreamEnv
 
 from mstm.errors import TargetUnavailable
 from mstm.protocol import new_batch_id
-from mstm.transports.base import STAGING, Item, staging_dir
+from mstm.transports.base import STAGING, Item, TransportOptions, staging_dir
 from mstm.transports.rsync_ssh import RsyncSsh
 from mstm.transports.ssh import SshConnection, SshTarget
 from mstm.transports.stream import temp_name
@@ -108,7 +108,7 @@ class Target:
                 super().open()
                 log.unlink(missing_ok=True)
 
-        return Quiet(conn=conn, source_dir=source, target_dir=str(self.dir))
+        return Quiet(TransportOptions(source_dir=source, target_dir=str(self.dir)), conn=conn)
 
     def part(self, relpath: str) -> Path:
         """Where stream.py keeps the partial data of *relpath*."""

@@ -24,7 +24,7 @@ from tests.harness.servers import FtpServer
 from tests.harness.sshd import SSHD, LoopbackSshd
 
 from mstm.protocol import new_batch_id
-from mstm.transports.base import STAGING, Item, staging_dir
+from mstm.transports.base import STAGING, Item, TransportOptions, staging_dir
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,8 @@ def _make(kind: str, root: Path, **kw: Any) -> Rig:
 
         dst = root / "dst"
         dst.mkdir()
-        return Rig(kind, Local(source_dir=src, target_dir=str(dst), **kw), src, dst, str(dst))
+        return Rig(kind, Local(TransportOptions(source_dir=src, target_dir=str(dst), **kw)), src,
+                   dst, str(dst))
     if kind == "sftp":
         from mstm.transports.sftp import Sftp
 
@@ -76,8 +77,9 @@ def _make(kind: str, root: Path, **kw: Any) -> Rig:
         sshd = LoopbackSshd(root=root / "sshd").start()
         dst = root / "dst"
         dst.mkdir()
-        t: Any = Sftp(host="127.0.0.1", port=sshd.port, identity_file=sshd.client_key,
-                 known_hosts=sshd.known_hosts, source_dir=src, target_dir=str(dst), **kw)
+        t: Any = Sftp(TransportOptions(source_dir=src, target_dir=str(dst), **kw),
+                      host="127.0.0.1", port=sshd.port, identity_file=sshd.client_key,
+                      known_hosts=sshd.known_hosts)
         return Rig(kind, t, src, dst, str(dst), sshd)
     from mstm.transports.ftp import Ftp
 
@@ -85,8 +87,9 @@ def _make(kind: str, root: Path, **kw: Any) -> Rig:
     server.start()
     dst = server.home / "incoming"
     dst.mkdir()
-    t2: Any = Ftp(host="127.0.0.1", port=server.port, username=server.user,
-            password_file=server.password_file, source_dir=src, target_dir="/incoming", **kw)
+    t2: Any = Ftp(TransportOptions(source_dir=src, target_dir="/incoming", **kw),
+                  host="127.0.0.1", port=server.port, username=server.user,
+                  password_file=server.password_file)
     return Rig(kind, t2, src, dst, "/incoming", server)
 
 

@@ -24,7 +24,7 @@ from tests.conftest import need, need_root
 from tests.harness.sshd import LoopbackSshd
 
 from mstm.protocol import new_batch_id
-from mstm.transports.base import STAGING, Item, staging_dir
+from mstm.transports.base import STAGING, Item, TransportOptions, staging_dir
 from mstm.transports.rsync_ssh import RsyncSsh
 from mstm.transports.ssh import SshConnection, SshTarget
 
@@ -60,7 +60,7 @@ def rig(tmp_path: Path, sshd: LoopbackSshd) -> Iterator[tuple[RsyncSsh, Path, Pa
     conn = SshConnection(SshTarget(host="127.0.0.1", port=sshd.port,
                                    identity_file=sshd.client_key,
                                    known_hosts=sshd.known_hosts, connect_timeout=5))
-    t = RsyncSsh(conn=conn, source_dir=source, target_dir=str(target))
+    t = RsyncSsh(TransportOptions(source_dir=source, target_dir=str(target)), conn=conn)
     t.open()
     yield t, source, target
     t.close()
@@ -151,13 +151,13 @@ def test_a_verified_file_replaces_the_old_one_and_nothing_is_left_in_staging(
 KILLABLE = r"""
 import sys
 from pathlib import Path
-from mstm.transports.base import Item, staging_dir
+from mstm.transports.base import Item, TransportOptions, staging_dir
 from mstm.transports.rsync_ssh import RsyncSsh
 from mstm.transports.ssh import SshConnection, SshTarget
 port, key, known, src, tgt, batch, size = sys.argv[1:]
 conn = SshConnection(SshTarget(host="127.0.0.1", port=int(port), identity_file=Path(key),
                                known_hosts=Path(known), connect_timeout=5))
-t = RsyncSsh(conn=conn, source_dir=Path(src), target_dir=tgt, bwlimit=16384)
+t = RsyncSsh(TransportOptions(source_dir=Path(src), target_dir=tgt, bwlimit=16384), conn=conn)
 t.open()
 t.send([Item("resume.dat", int(size))], dest=staging_dir(tgt, batch))
 """
@@ -379,8 +379,8 @@ def native(tmp_path: Path) -> Iterator[tuple[object, Path, Path]]:
     source.mkdir()
     target = daemon.path / "in"
     target.mkdir()
-    t = RsyncNative(host="127.0.0.1", port=daemon.port, module=daemon.module,
-                    target_dir="/in", source_dir=source, username=daemon.user,
+    t = RsyncNative(TransportOptions(source_dir=source, target_dir="/in"), host="127.0.0.1",
+                    port=daemon.port, module=daemon.module, username=daemon.user,
                     password_file=daemon.password_file)
     t.open()
     yield t, source, target

@@ -342,7 +342,7 @@ def test_a_once_run_acts_only_with_execute_or_under_systemd(
         return pull.CycleReport(s.name, self.execute, self.source)
 
     monkeypatch.setattr(pull.Puller, "cycle", cycle)
-    monkeypatch.setattr(pull, "under_journal", lambda: journal)
+    monkeypatch.setattr(pull.command, "under_journal", lambda: journal)
     out: list[str] = []
     code = pull.run_command(s, follow=False, execute=execute, as_json=False,
                             show_status=False, echo=out.append)

@@ -31,7 +31,7 @@ from hypothesis.stateful import (
 from mstm.config import StreamConfig, load_stream
 from mstm.send import Sender
 from mstm.spool import ItemRecord, Spool
-from mstm.transports.base import STAGING
+from mstm.transports.base import STAGING, TransportOptions
 from mstm.transports.memory import MemoryTransport
 
 TARGET = "/archive/proj1"
@@ -62,8 +62,8 @@ class Env:
         self.stream: StreamConfig = load_stream("proj1", root / "global.ini")
         self.spool = Spool(self.stream.spool_dir, lease_seconds=self.stream.outgoing.lease_seconds,
                            owner=owner).open()
-        self.target = MemoryTransport(source_dir=self.src, target_dir=TARGET,
-                                      follow_symlinks=follow_symlinks)
+        self.target = MemoryTransport(TransportOptions(source_dir=self.src, target_dir=TARGET,
+                                                       follow_symlinks=follow_symlinks))
         self.sender = Sender(self.stream, spool=self.spool, transport=self.target)
 
     def write(self, relpath: str, data: bytes, *, where: Path | None = None) -> Path:

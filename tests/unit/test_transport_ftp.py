@@ -6,15 +6,15 @@ from collections.abc import Callable
 
 import pytest
 
-from mstm.transports.ftp import NameNotSendable, _ftp_name, _kind_below, _listing
+from mstm.transports.ftp_commands import NameNotSendable, ftp_name, kind_below, listing
 
 
 def test_names_ftp_cannot_carry_are_refused_not_mangled() -> None:
-    assert _ftp_name("/in/ünïcødé with space.dat") == "/in/ünïcødé with space.dat"
+    assert ftp_name("/in/ünïcødé with space.dat") == "/in/ünïcødé with space.dat"
     with pytest.raises(NameNotSendable, match="line break"):
-        _ftp_name("/in/new\nline")
+        ftp_name("/in/new\nline")
     with pytest.raises(NameNotSendable, match="UTF-8"):
-        _ftp_name("/in/" + b"\xff".decode("utf-8", "surrogateescape"))
+        ftp_name("/in/" + b"\xff".decode("utf-8", "surrogateescape"))
 
 
 class FakeFtp:
@@ -40,11 +40,11 @@ class FakeFtp:
 
 def test_list_tells_links_directories_and_files_apart() -> None:
     ftp = FakeFtp()
-    assert _listing(ftp, "/t") == {"run42": "d", "deep": "l",  # type: ignore[arg-type]
+    assert listing(ftp, "/t") == {"run42": "d", "deep": "l",  # type: ignore[arg-type]
                                    "a file with  spaces.dat": "f", "fifo": "o"}
     assert ftp.commands[-1] == "TYPE I"  # binary again after the listing
     seen: dict[str, dict[str, str]] = {}
-    assert _kind_below(ftp, "/t", "run42/x", seen) == "f"  # type: ignore[arg-type]
-    assert _kind_below(ftp, "/t", "run42", seen) == "d"  # type: ignore[arg-type]
-    assert _kind_below(ftp, "/t", "deep/f.dat", seen) is None  # type: ignore[arg-type]
-    assert _kind_below(ftp, "/t", "deep", seen) == "l"  # type: ignore[arg-type]
+    assert kind_below(ftp, "/t", "run42/x", seen) == "f"  # type: ignore[arg-type]
+    assert kind_below(ftp, "/t", "run42", seen) == "d"  # type: ignore[arg-type]
+    assert kind_below(ftp, "/t", "deep/f.dat", seen) is None  # type: ignore[arg-type]
+    assert kind_below(ftp, "/t", "deep", seen) == "l"  # type: ignore[arg-type]

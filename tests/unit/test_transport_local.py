@@ -11,7 +11,7 @@ import pytest
 
 from mstm.errors import TargetUnavailable
 from mstm.protocol import new_batch_id
-from mstm.transports.base import Item, staging_dir
+from mstm.transports.base import Item, TransportOptions, staging_dir
 from mstm.transports.local import Local
 
 
@@ -19,11 +19,12 @@ def make(tmp_path: Path, **kw: object) -> tuple[Local, Path, Path]:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
-    return Local(source_dir=src, target_dir=str(dst), **kw), src, dst  # type: ignore[arg-type]
+    options = TransportOptions(source_dir=src, target_dir=str(dst), **kw)  # type: ignore[arg-type]
+    return Local(options), src, dst
 
 
 def test_open_fails_when_the_target_directory_is_missing(tmp_path: Path) -> None:
-    t = Local(source_dir=tmp_path, target_dir=str(tmp_path / "not-mounted"))
+    t = Local(TransportOptions(source_dir=tmp_path, target_dir=str(tmp_path / "not-mounted")))
     with pytest.raises(TargetUnavailable, match="No such file"):
         t.open()
     assert not t.alive()
@@ -117,7 +118,7 @@ def test_without_dest_a_file_goes_to_its_final_name_through_a_hidden_one(
 
 
 def test_the_handshake_files_and_the_stop_file(tmp_path: Path) -> None:
-    t, _src, dst = make(tmp_path, stop_dirs=[str(tmp_path / "dst" / "in")])
+    t, _src, dst = make(tmp_path, stop_dirs=(str(tmp_path / "dst" / "in"),))
     t.open()
     t.put_file(str(dst / "in"), "batch.ctrl", b"hello")
     assert (dst / "in" / "batch.ctrl").read_bytes() == b"hello"

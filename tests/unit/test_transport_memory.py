@@ -11,7 +11,7 @@ import pytest
 
 from mstm.errors import TargetUnavailable
 from mstm.protocol import new_batch_id
-from mstm.transports.base import Item, RemoteFile, staging_dir
+from mstm.transports.base import Item, RemoteFile, TransportOptions, staging_dir
 from mstm.transports.local import Local
 from mstm.transports.memory import MemoryTransport
 
@@ -19,7 +19,7 @@ from mstm.transports.memory import MemoryTransport
 def make(tmp_path: Path) -> tuple[MemoryTransport, Path]:
     src = tmp_path / "src"
     src.mkdir()
-    t = MemoryTransport(source_dir=src, target_dir="/t")
+    t = MemoryTransport(TransportOptions(source_dir=src, target_dir="/t"))
     t.open()
     return t, src
 
@@ -152,7 +152,7 @@ def test_publish_agrees_with_the_local_transport(tmp_path: Path, name: str) -> N
     src.mkdir()
     dst.mkdir()
     _source(src)
-    mem = MemoryTransport(source_dir=src, target_dir=str(dst))
+    mem = MemoryTransport(TransportOptions(source_dir=src, target_dir=str(dst)))
     for rel, what in before.items():
         path = dst / rel.rstrip("/")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def test_publish_agrees_with_the_local_transport(tmp_path: Path, name: str) -> N
     assert _memory_tree(mem) == _tree(dst)
     its = [Item(rel, 0, kind == "dir") for rel, kind in items]
     results = []
-    for t in (Local(source_dir=src, target_dir=str(dst)), mem):
+    for t in (Local(TransportOptions(source_dir=src, target_dir=str(dst))), mem):
         t.open()
         batch = new_batch_id()
         r = t.send(its, dest=staging_dir(str(dst), batch))

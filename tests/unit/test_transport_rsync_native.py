@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mstm.transports.base import TransportOptions
 from mstm.transports.rsync_native import RsyncNative, parse_itemized, parse_listing, unescape
 
 
@@ -32,10 +33,12 @@ def test_the_checksum_dry_run_tells_identical_from_different() -> None:
                                    "differs": False, "new": False}
 
 
-def make(tmp_path: Path, **kw: object) -> RsyncNative:
-    return RsyncNative(host="archive.example.org", port=8730, module="data",
-                       target_dir="/in/proj1/", source_dir=tmp_path, username="mstm",
-                       **kw)  # type: ignore[arg-type]
+def make(tmp_path: Path, *, bwlimit: int = 0, follow_symlinks: bool = False,
+         **kw: object) -> RsyncNative:
+    options = TransportOptions(source_dir=tmp_path, target_dir="/in/proj1/", bwlimit=bwlimit,
+                               follow_symlinks=follow_symlinks)
+    return RsyncNative(options, host="archive.example.org", port=8730, module="data",
+                       username="mstm", **kw)  # type: ignore[arg-type]
 
 
 def test_the_password_travels_in_the_environment_never_on_the_command_line(
@@ -67,7 +70,8 @@ def test_without_a_password_file_the_systemd_credential_is_used(
 def test_target_dir_is_a_path_inside_the_module(tmp_path: Path) -> None:
     t = make(tmp_path)
     assert t.url(t.target_dir) == "rsync://mstm@archive.example.org:8730/data/in/proj1"
-    top = RsyncNative(host="::1", module="m", target_dir="/", source_dir=tmp_path)
+    top = RsyncNative(TransportOptions(source_dir=tmp_path, target_dir="/"), host="::1",
+                      module="m")
     assert top.url(top.target_dir) == "rsync://[::1]:873/m"
 
 

@@ -8,15 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mstm.transports.rsync_ssh import (
-    _HASH_PY,
-    _INSPECT_SCRIPT,
-    _STAGE_PY,
-    RsyncSsh,
-    _looks,
-    parse_inspect,
-    parse_publish,
-)
+from mstm.transports.base import TransportOptions
+from mstm.transports.remote import program
+from mstm.transports.rsync_ssh import RsyncSsh, _looks, parse_inspect, parse_publish
 from mstm.transports.ssh import SshConnection, SshTarget
 from mstm.transports.stream import header, parse_done
 
@@ -27,16 +21,17 @@ NAMES = [b"plain", b"with space", b"new\nline", b"-leading-dash", b"--rsh=x",
 def run_hasher(cwd: Path, stdin: bytes) -> bytes:
     names = cwd / ".names"
     names.write_bytes(stdin)
-    r = subprocess.run([sys.executable, "-I", "-c", _HASH_PY, str(names)], cwd=cwd,
+    r = subprocess.run([sys.executable, "-I", "-c", program("hasher.py"), str(names)], cwd=cwd,
                        capture_output=True, check=True, timeout=30)
     return r.stdout
 
 
 def test_the_inspect_script_syncs_before_anything_is_hashed() -> None:
-    sync = _INSPECT_SCRIPT.index("sync -f -- .")
-    assert sync < _INSPECT_SCRIPT.index("python3")
-    assert sync < _INSPECT_SCRIPT.index("sha256sum")
-    assert sync < _INSPECT_SCRIPT.index("stat --printf")
+    script = program("inspect.sh")
+    sync = script.index("sync -f -- .")
+    assert sync < script.index("python3")
+    assert sync < script.index("sha256sum")
+    assert sync < script.index("stat --printf")
 
 
 def test_the_python_hasher_answers_like_sha256sum_for_hostile_names(tmp_path: Path) -> None:
@@ -101,7 +96,8 @@ def test_the_stream_header_carries_names_as_data() -> None:
 
 def _transport(tmp_path: Path, **kw: object) -> RsyncSsh:
     conn = SshConnection(SshTarget(host="archive.example.org"))
-    return RsyncSsh(conn=conn, source_dir=tmp_path, target_dir="/data/in/", **kw)  # type: ignore[arg-type]
+    return RsyncSsh(TransportOptions(source_dir=tmp_path, target_dir="/data/in/"), conn=conn,
+                    **kw)  # type: ignore[arg-type]
 
 
 def test_rsync_never_creates_devices_fifos_setuid_bits_or_foreign_owners(tmp_path: Path
@@ -139,7 +135,8 @@ def test_parse_publish_reads_one_answer_per_item() -> None:
 
 
 def run_stage(target: Path, mode: str, batch: str, stdin: bytes = b"") -> bytes:
-    r = subprocess.run([sys.executable, "-I", "-c", _STAGE_PY, str(target), mode, batch],
+    r = subprocess.run([sys.executable, "-I", "-c", program("stage.py"), str(target), mode,
+                        batch],
                        input=stdin, capture_output=True, check=True, timeout=60)
     assert r.stdout.endswith(b"MSTM-OK\n"), r.stderr
     return r.stdout[:-8]

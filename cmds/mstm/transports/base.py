@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 # Where a batch waits at the target until the sender has verified it: without the
@@ -23,6 +24,23 @@ STAGING = ".mstm-staging"
 def staging_dir(target_dir: str, batch: str) -> str:
     """The directory on the target where *batch* waits for its verification."""
     return f"{target_dir.rstrip('/') or ''}/{STAGING}/{batch}"
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """What every transport is given, whatever its protocol: the stream's source
+    directory, the target directory, and the limits of the stream's [outgoing] section.
+    The protocol's own settings (host, credentials, ...) are its constructor's other
+    arguments."""
+
+    source_dir: Path
+    target_dir: str
+    stall_seconds: float = 120.0  # no progress for this long cuts a transfer
+    connect_timeout: float = 15.0
+    bwlimit: int = 0  # KiB/s, 0 = no limit
+    stop_file: str = ".stop"  # its presence at the target pauses the sender
+    stop_dirs: tuple[str, ...] = ()  # where the stop file is looked for (none: target_dir)
+    follow_symlinks: bool = False  # a file item that is a link goes as the file it names
 
 
 @dataclass(frozen=True)

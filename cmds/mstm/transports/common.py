@@ -1,4 +1,5 @@
-"""What the byte-pushing transports (local, sftp, ftp) share: pacing, stall watch, secrets.
+"""What the byte-pushing transports (local, sftp, ftp) share: pacing, stall watch, secrets,
+the names of staging batches.
 
 rsync transports leave pacing (`--bwlimit`) and stall detection (`--timeout`) to rsync;
 the transports that move the bytes themselves do it here, the same way for all:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import stat
 import threading
 import time
@@ -29,7 +31,8 @@ from typing import TypeVar
 
 from mstm import safefs
 from mstm.errors import ConfigError, TargetUnavailable
-from mstm.transports.base import Item, Progress, SendResult, ShouldStop
+from mstm.protocol import BATCH_RE
+from mstm.transports.base import STAGING, Item, Progress, SendResult, ShouldStop
 
 log = logging.getLogger("mstm.transport")
 T = TypeVar("T")
@@ -200,6 +203,26 @@ def run_watched(work: Callable[[Monitor], SendResult], *, monitor: Monitor,
             raise failure[0]
     result.stopped = result.stopped or stopped
     return result
+
+
+def staged_rel(staged: str) -> str:
+    """Where batch *staged* waits, relative to target_dir; ValueError if *staged* is not
+    a batch id."""
+    if not BATCH_RE.match(staged):
+        raise ValueError(f"not a batch name: {staged!r}")
+    return f"{STAGING}/{staged}"
+
+
+def staging_batch(target: str | bytes, dest: str | None) -> str | None:
+    """The batch id when *dest* is a staging batch directory of *target* (given without
+    a trailing slash), else None."""
+    if dest is None:
+        return None
+    head, _, batch = os.fsencode(dest).rstrip(b"/").rpartition(b"/")
+    if head == posixpath.join(os.fsencode(target), STAGING.encode()) and \
+            BATCH_RE.match(os.fsdecode(batch)):
+        return os.fsdecode(batch)
+    return None
 
 
 def note_item_errors(result: SendResult) -> SendResult:

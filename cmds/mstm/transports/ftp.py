@@ -70,8 +70,16 @@ from typing import BinaryIO
 
 from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.protocol import BATCH_RE, OUR_BATCH_RE
-from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.protocol import OUR_BATCH_RE
+from mstm.transports.base import (
+    STAGING,
+    Item,
+    Progress,
+    RemoteFile,
+    SendResult,
+    ShouldStop,
+    TransportOptions,
+)
 from mstm.transports.common import (
     STALE_SECONDS,
     ItemProblem,
@@ -84,39 +92,36 @@ from mstm.transports.common import (
     poll_until,
     read_secret,
     run_watched,
+    staged_rel,
+    staging_batch,
 )
+from mstm.transports.ftp_commands import (
+    LOST,
+    LOST_ONLY,
+    FtpTree,
+    NameNotSendable,
+    file_size,
+    ftp_name,
+    kind_below,
+    listing,
+    reason,
+    rename_over,
+    rmtree,
+)
+from mstm.transports.publish import publish_item
 
 log = logging.getLogger("mstm.ftp")
 
 _CHUNK = 256 * 1024
 _READ_CHUNK = 1 << 20
 _IDLE_CHECK = 20.0  # seconds idle after which the control connection is NOOP'd first
-# what a broken connection looks like to ftplib
-_LOST = (OSError, EOFError, ftplib.error_temp, ftplib.error_reply, ftplib.error_proto)
-
-
-class NameNotSendable(ValueError):
-    pass
-
-
-def _ftp_name(path: str) -> str:
-    """A path as FTP can carry it: UTF-8, no CR/LF; else NameNotSendable."""
-    if "\r" in path or "\n" in path:
-        raise NameNotSendable("the name holds a line break, which FTP cannot carry")
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        raise NameNotSendable("the name is not valid UTF-8, which FTP needs") from None
-    return path
 
 
 class Ftp:
-    def __init__(self, *, host: str, port: int = 21, username: str = "anonymous",
-                 password_file: Path | None = None, tls: bool = False,
-                 ca_file: Path | None = None, passive: bool = True, source_dir: Path,
-                 target_dir: str, connect_timeout: float = 15.0, stall_seconds: float = 120.0,
-                 bwlimit: int = 0, stop_file: str = ".stop", stop_dirs: Sequence[str] = (),
-                 verify_readback: bool = True, follow_symlinks: bool = False) -> None:
+    def __init__(self, options: TransportOptions, *, host: str, port: int = 21,
+                 username: str = "anonymous", password_file: Path | None = None,
+                 tls: bool = False, ca_file: Path | None = None, passive: bool = True,
+                 verify_readback: bool = True) -> None:
         self.name = "ftps" if tls else "ftp"
         self.host = host
         self.port = port
@@ -125,15 +130,15 @@ class Ftp:
         self.tls = tls
         self.ca_file = ca_file
         self.passive = passive
-        self.source = source_dir
-        self.target = target_dir.rstrip("/") or "/"
-        self.connect_timeout = connect_timeout
-        self.stall_seconds = stall_seconds
-        self.bwlimit = bwlimit
-        self.stop_file = stop_file
-        self.stop_dirs = [d.rstrip("/") or "/" for d in stop_dirs] or [self.target]
+        self.source = options.source_dir
+        self.target = options.target_dir.rstrip("/") or "/"
+        self.connect_timeout = options.connect_timeout
+        self.stall_seconds = options.stall_seconds
+        self.bwlimit = options.bwlimit
+        self.stop_file = options.stop_file
+        self.stop_dirs = [d.rstrip("/") or "/" for d in options.stop_dirs] or [self.target]
         self.verify_readback = verify_readback
-        self.follow_symlinks = follow_symlinks  # file items: a link goes as its file
+        self.follow_symlinks = options.follow_symlinks  # file items: a link goes as its file
         self._ftp: ftplib.FTP | None = None
         self._data: socket.socket | None = None  # the data connection in use, if any
         self._dirs: set[str] = set()
@@ -172,10 +177,10 @@ class Ftp:
             ftp.voidcmd("TYPE I")
             with contextlib.suppress(ftplib.error_perm, ftplib.error_reply):
                 ftp.sendcmd("OPTS UTF8 ON")
-        except (*_LOST, ftplib.error_perm, ssl.SSLError) as err:
+        except (*LOST, ftplib.error_perm, ssl.SSLError) as err:
             with contextlib.suppress(Exception):
                 ftp.close()
-            raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+            raise TargetUnavailable(f"{self.peer}: {reason(err)}") from None
         ftp.timeout = self.stall_seconds  # for the data connections from now on
         if ftp.sock is not None:
             ftp.sock.settimeout(self.stall_seconds)
@@ -183,18 +188,18 @@ class Ftp:
         self._dirs = set()
         self._last_used = time.monotonic()
         for batch in sorted(self._unfinished):
-            with contextlib.suppress(*_LOST, ftplib.error_perm, TargetUnavailable):
+            with contextlib.suppress(*LOST, ftplib.error_perm, TargetUnavailable):
                 self.discard(batch)
         try:
             self._clean_stale(ftp)
-        except (*_LOST, ftplib.error_perm) as err:
-            log.warning("%s: cannot clean old staging batches: %s", self.peer, _reason(err))
+        except (*LOST, ftplib.error_perm) as err:
+            log.warning("%s: cannot clean old staging batches: %s", self.peer, reason(err))
 
     def _clean_stale(self, ftp: ftplib.FTP) -> None:
         """Remove the staging batches a killed sender left: batch-shaped names only,
         nothing in them modified for a day (MLSD's modify facts)."""
         staging = posixpath.join(self.target, STAGING)
-        if _listing(ftp, self.target).get(STAGING, "d") != "d":
+        if listing(ftp, self.target).get(STAGING, "d") != "d":
             return
         limit = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() - STALE_SECONDS))
         try:
@@ -245,7 +250,7 @@ class Ftp:
         if self._ftp is not None and time.monotonic() - self._last_used > _IDLE_CHECK:
             try:
                 self._ftp.voidcmd("NOOP")
-            except (*_LOST, ftplib.error_perm):
+            except (*LOST, ftplib.error_perm):
                 self.close()
         if self._ftp is None:
             self.open()
@@ -265,7 +270,7 @@ class Ftp:
         except TargetUnavailable as err:
             return SendResult(error=err.message, exit_code=1)
         monitor = Monitor(progress=progress, throttle=Throttle(self.bwlimit))
-        private = self._staging_batch(dest)
+        private = staging_batch(self.target, dest)
         if private:
             self._unfinished.add(private)
         self._dirs = set()
@@ -296,13 +301,13 @@ class Ftp:
                     except (NameNotSendable, ItemProblem) as err:
                         result.item_errors[item.relpath] = str(err)
                     except ftplib.error_perm as err:
-                        result.item_errors[item.relpath] = _reason(err)
+                        result.item_errors[item.relpath] = reason(err)
             except (NameNotSendable, ItemProblem, ftplib.error_perm) as err:
                 for item in items:
-                    result.item_errors[item.relpath] = _reason(err)
-            except _LOST as err:
+                    result.item_errors[item.relpath] = reason(err)
+            except LOST as err:
                 self._cut()
-                result.error = f"{self.peer}: {_reason(err)}"
+                result.error = f"{self.peer}: {reason(err)}"
                 result.exit_code = 1
             finally:
                 os.close(src_fd)
@@ -314,18 +319,10 @@ class Ftp:
         self._last_used = time.monotonic()
         return note_item_errors(result)
 
-    def _staging_batch(self, dest: str | None) -> str | None:
-        if dest is None:
-            return None
-        head, _, batch = dest.rstrip("/").rpartition("/")
-        if head == posixpath.join(self.target, STAGING) and BATCH_RE.match(batch):
-            return batch
-        return None
-
     def _prepare_dest(self, ftp: ftplib.FTP, dest: str | None) -> str:
         if dest is None:
             return self.target
-        raw = _ftp_name(dest.rstrip("/") or "/")
+        raw = ftp_name(dest.rstrip("/") or "/")
         prefix = self.target.rstrip("/") + "/"
         if raw.startswith(prefix):
             base, rel = self.target, raw[len(prefix):]
@@ -342,11 +339,11 @@ class Ftp:
         if path in self._dirs:
             return
         parent, name = posixpath.split(path)
-        kind = _listing(ftp, parent).get(name)
+        kind = listing(ftp, parent).get(name)
         if kind is None:
             with contextlib.suppress(ftplib.error_perm):
-                ftp.mkd(_ftp_name(path))
-            kind = _listing(ftp, parent).get(name, "d")  # a server hiding dot files
+                ftp.mkd(ftp_name(path))
+            kind = listing(ftp, parent).get(name, "d")  # a server hiding dot files
         if kind == "l":
             raise ItemProblem(f"{shown}: {path} is a symbolic link at the target (never "
                               f"followed); left as it is")
@@ -360,7 +357,7 @@ class Ftp:
             return
         self._makedirs(ftp, posixpath.dirname(path))
         try:
-            ftp.mkd(_ftp_name(path))
+            ftp.mkd(ftp_name(path))
         except ftplib.error_perm:
             try:  # it exists already (as a directory?)
                 ftp.cwd(path)
@@ -386,7 +383,7 @@ class Ftp:
 
     def _send_file(self, ftp: ftplib.FTP, src_fd: int, relpath: str, remote: str,
                    mon: Monitor, *, follow: bool, direct: bool = False) -> None:
-        remote = _ftp_name(remote)
+        remote = ftp_name(remote)
         try:
             fd = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)
         except OSError as err:
@@ -412,7 +409,7 @@ class Ftp:
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(st.st_mtime))
             ftp.sendcmd(f"MFMT {stamp} {tmp}")  # keep the mtime where the server can
         if tmp != remote:
-            _rename_over(ftp, tmp, remote)
+            rename_over(ftp, tmp, remote)
         mon.file_done()
 
     def _send_tree(self, ftp: ftplib.FTP, src_fd: int, item: Item, root: str,
@@ -426,7 +423,7 @@ class Ftp:
         try:
             entries = safefs.walk(src_fd, item.relpath)
             for entry in entries:
-                remote = _ftp_name(posixpath.join(root, entry.relpath))
+                remote = ftp_name(posixpath.join(root, entry.relpath))
                 if entry.is_dir:
                     ftp.mkd(remote)
                     self._dirs.add(remote)
@@ -438,7 +435,7 @@ class Ftp:
                         f"directory item carries only regular files and directories")
                 mon.alive_now()
         except OSError as err:
-            if isinstance(err, _LOST_ONLY) or err.filename is None:
+            if isinstance(err, LOST_ONLY) or err.filename is None:
                 raise
             raise ItemProblem(f"{item.relpath}: cannot be read safely: "
                               f"{err.strerror or err}") from None
@@ -457,23 +454,23 @@ class Ftp:
                 listings: dict[str, dict[str, str]] = {}
                 for rel in relpaths:
                     try:
-                        path = _ftp_name(posixpath.join(base, rel))
-                        kind = _kind_below(ftp, base, rel, listings)
+                        path = ftp_name(posixpath.join(base, rel))
+                        kind = kind_below(ftp, base, rel, listings)
                     except (NameNotSendable, ValueError):
                         continue
                     if kind == "d":
                         found[rel] = RemoteFile(size=0, sha256=None)
                     elif kind == "f":
-                        size = _size(ftp, path)
+                        size = file_size(ftp, path)
                         if size is not None:
                             digest = self._read_back(ftp, path, mon) \
                                 if self.verify_readback else None
                             found[rel] = RemoteFile(size=size, sha256=digest)
                     mon.alive_now()
                 return found
-            except _LOST as err:
+            except LOST as err:
                 self._cut()
-                raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+                raise TargetUnavailable(f"{self.peer}: {reason(err)}") from None
 
         result = call_watched(look, stall_seconds=self.stall_seconds, abort=self._cut,
                               what=f"verifying at {self.peer}")
@@ -481,9 +478,7 @@ class Ftp:
         return result
 
     def _staged_path(self, staged: str) -> str:
-        if not BATCH_RE.match(staged):
-            raise ValueError(f"not a batch name: {staged!r}")
-        return posixpath.join(self.target, STAGING, staged)
+        return posixpath.join(self.target, staged_rel(staged))
 
     def _read_back(self, ftp: ftplib.FTP, path: str, mon: Monitor) -> str:
         h = hashlib.sha256()
@@ -512,37 +507,20 @@ class Ftp:
         stage = self._staged_path(staged)
         self._dirs = set()
 
+        tree = FtpTree(ftp, lambda path, shown: self._ensure_dir(ftp, path, shown))
+
         def work(mon: Monitor) -> dict[str, str]:
             errors: dict[str, str] = {}
             for item in items:
                 try:
-                    parts = safefs.split(item.relpath)
-                    parent = self.target
-                    for part in parts[:-1]:
-                        parent = posixpath.join(parent, os.fsdecode(part))
-                        self._ensure_dir(ftp, parent, item.relpath)
-                    src = _ftp_name(posixpath.join(stage, item.relpath))
-                    dst = _ftp_name(posixpath.join(self.target, item.relpath))
-                    if item.is_dir:
-                        problems = _merge(ftp, src, dst, item.relpath, apply=False)
-                        if problems:
-                            raise ItemProblem("; ".join(problems[:3]))
-                        problems = _merge(ftp, src, dst, item.relpath, apply=True)
-                        if problems:
-                            raise ItemProblem("changed at the target during the merge: " +
-                                              "; ".join(problems[:3]))
-                    else:
-                        if _listing(ftp, parent).get(os.fsdecode(parts[-1])) == "d":
-                            raise ItemProblem(f"{item.relpath}: the target has a directory "
-                                              f"where the item has a file; left as it is")
-                        _rename_over(ftp, src, dst)
+                    publish_item(tree, item, stage=stage, target=self.target)
                 except (NameNotSendable, ItemProblem) as err:
                     errors[item.relpath] = str(err)
                 except ftplib.error_perm as err:
-                    errors[item.relpath] = f"could not be moved into place: {_reason(err)}"
-                except _LOST as err:
+                    errors[item.relpath] = f"could not be moved into place: {reason(err)}"
+                except LOST as err:
                     self._cut()
-                    raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+                    raise TargetUnavailable(f"{self.peer}: {reason(err)}") from None
                 mon.alive_now()
             return errors
 
@@ -557,12 +535,12 @@ class Ftp:
 
         def work(mon: Monitor) -> None:
             try:
-                _rmtree(ftp, path, mon)
+                rmtree(ftp, path, mon)
             except ftplib.error_perm as err:
-                log.warning("%s: could not remove %s: %s", self.peer, path, _reason(err))
-            except _LOST as err:
+                log.warning("%s: could not remove %s: %s", self.peer, path, reason(err))
+            except LOST as err:
                 self._cut()
-                raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+                raise TargetUnavailable(f"{self.peer}: {reason(err)}") from None
 
         call_watched(work, stall_seconds=self.stall_seconds, abort=self._cut,
                      what=f"discarding at {self.peer}")
@@ -574,24 +552,24 @@ class Ftp:
         ftp = self._conn()
         d = directory.rstrip("/") or "/"
         try:
-            self._makedirs(ftp, _ftp_name(d))
-            final = _ftp_name(posixpath.join(d, name))
+            self._makedirs(ftp, ftp_name(d))
+            final = ftp_name(posixpath.join(d, name))
             tmp = posixpath.join(d, f".{name}.mstm-part")
             self._upload(ftp, f"STOR {tmp}", iter([data]), Monitor())
-            _rename_over(ftp, tmp, final)
-        except (*_LOST, ftplib.error_perm, NameNotSendable) as err:
+            rename_over(ftp, tmp, final)
+        except (*LOST, ftplib.error_perm, NameNotSendable) as err:
             raise OSError(f"cannot write {name} in {directory} on {self.peer}: "
-                          f"{_reason(err)}") from None
+                          f"{reason(err)}") from None
 
     def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
                    tick: Callable[[], None] | None = None,
                    should_stop: ShouldStop | None = None) -> bytes | None:
-        path = _ftp_name(posixpath.join(directory, name))
+        path = ftp_name(posixpath.join(directory, name))
 
         def look() -> bytes | None:
             ftp = self._conn()
             try:
-                if _size(ftp, path) is None:
+                if file_size(ftp, path) is None:
                     return None
                 out = bytearray()
                 conn = ftp.transfercmd(f"RETR {path}")
@@ -603,9 +581,9 @@ class Ftp:
                 with contextlib.suppress(ftplib.error_temp, ftplib.error_perm):
                     ftp.voidresp()
                 return bytes(out[:max_bytes])
-            except _LOST as err:
+            except LOST as err:
                 self._cut()
-                raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+                raise TargetUnavailable(f"{self.peer}: {reason(err)}") from None
 
         return poll_until(look, timeout=timeout, interval=0.2, tick=tick,
                           should_stop=should_stop)
@@ -614,149 +592,9 @@ class Ftp:
         ftp = self._conn()
         for d in self.stop_dirs:
             try:
-                if _size(ftp, _ftp_name(posixpath.join(d, self.stop_file))) is not None:
+                if file_size(ftp, ftp_name(posixpath.join(d, self.stop_file))) is not None:
                     return f"{self.stop_file} on target ({d})"
-            except _LOST as err:
+            except LOST as err:
                 self._cut()
-                raise TargetUnavailable(f"{self.peer}: {_reason(err)}") from None
+                raise TargetUnavailable(f"{self.peer}: {reason(err)}") from None
         return None
-
-
-_LOST_ONLY = (ConnectionError, TimeoutError, socket.timeout)
-
-
-def _listing(ftp: ftplib.FTP, directory: str) -> dict[str, str]:
-    """name -> "d", "f", "l" (a symbolic link) or "o" for the entries of *directory*
-    ("": the current one), as its ``ls -l``-like LIST shows them ({} if it cannot be
-    listed)."""
-    lines: list[str] = []
-    try:
-        ftp.retrlines(f"LIST {_ftp_name(directory)}" if directory else "LIST", lines.append)
-    except ftplib.error_perm:
-        return {}
-    finally:
-        ftp.voidcmd("TYPE I")  # retrlines switched to ASCII: SIZE and STOR need binary
-    out: dict[str, str] = {}
-    for line in lines:
-        fields = line.split(None, 8)
-        if len(fields) < 9 or not fields[0] or fields[0][0] not in "-dlbcps":
-            continue
-        kind = {"-": "f", "d": "d", "l": "l"}.get(fields[0][0], "o")
-        name = fields[8].split(" -> ", 1)[0] if kind == "l" else fields[8]
-        if name not in (".", ".."):
-            out[name] = kind
-    return out
-
-
-def _kind_below(ftp: ftplib.FTP, base: str, relpath: str,
-                listings: dict[str, dict[str, str]]) -> str | None:
-    """What *relpath* below *base* is ("d", "f", ...), None if missing or if a component
-    on the way is not a directory (a link is never gone through)."""
-    parts = [os.fsdecode(p) for p in safefs.split(relpath)]
-    here = base
-    for i, part in enumerate(parts):
-        if here not in listings:
-            listings[here] = _listing(ftp, here)
-        kind = listings[here].get(part)
-        if i == len(parts) - 1:
-            return kind
-        if kind != "d":
-            return None
-        here = posixpath.join(here, part)
-    return None
-
-
-def _merge(ftp: ftplib.FTP, src: str, dst: str, relpath: str, *, apply: bool) -> list[str]:
-    """Merge staged directory *src* into *dst*; with *apply* False only look for
-    conflicts.  Iterative; types from LIST.  The conflicts, in words."""
-    problems: list[str] = []
-    todo = [(src, dst, relpath)]
-    while todo:
-        s, d, rel = todo.pop()
-        parent, name = posixpath.split(d)
-        kind = _listing(ftp, parent).get(name)
-        if kind is None:
-            if not apply:
-                continue
-            try:
-                ftp.rename(s, d)
-                continue
-            except ftplib.error_perm:
-                kind = _listing(ftp, parent).get(name)
-                if kind is None:
-                    raise
-        if kind != "d":
-            what = "a symbolic link" if kind == "l" else "a file"
-            problems.append(f"{rel}: the target has {what} where the item has a directory; "
-                            f"left as it is")
-            continue
-        there = _listing(ftp, d)
-        for child, ckind in sorted(_listing(ftp, s).items()):
-            cs, cd = posixpath.join(s, child), posixpath.join(d, child)
-            crel = f"{rel}/{child}"
-            if ckind == "d":
-                todo.append((cs, cd, crel))
-            elif ckind == "f":
-                if there.get(child) == "d":
-                    problems.append(f"{crel}: the target has a directory where the item has "
-                                    f"a file; left as it is")
-                elif apply:
-                    _rename_over(ftp, cs, cd)
-    return problems
-
-
-def _rmtree(ftp: ftplib.FTP, path: str, mon: Monitor) -> None:
-    """Remove *path* and everything below it, iteratively (links removed as links).
-    It walks down with CWD and relative names: a tree deeper than a command line can
-    name (1,000 levels) goes too."""
-    parent, name = posixpath.split(path)
-    kind = _listing(ftp, parent).get(name)
-    if kind is None:
-        return
-    if kind != "d":
-        ftp.delete(path)
-        return
-    ftp.cwd(parent)
-    try:
-        ftp.cwd(name)
-        frames = [(name, sorted(_listing(ftp, "").items()))]
-        while frames:
-            here, entries = frames[-1]
-            if entries:
-                child, ckind = entries.pop()
-                if ckind == "d":
-                    ftp.cwd(child)
-                    frames.append((child, sorted(_listing(ftp, "").items())))
-                else:
-                    ftp.delete(child)
-            else:
-                frames.pop()
-                ftp.cwd("..")
-                ftp.rmd(here)
-            mon.alive_now()
-    finally:
-        with contextlib.suppress(ftplib.error_perm):
-            ftp.cwd("/")
-
-
-def _size(ftp: ftplib.FTP, path: str) -> int | None:
-    """SIZE of a file, None if there is none (550)."""
-    try:
-        size = ftp.size(path)
-    except ftplib.error_perm:
-        return None
-    return size
-
-
-def _rename_over(ftp: ftplib.FTP, tmp: str, final: str) -> None:
-    try:
-        ftp.rename(tmp, final)
-    except ftplib.error_perm:
-        with contextlib.suppress(ftplib.error_perm):
-            ftp.delete(final)
-        ftp.rename(tmp, final)
-
-
-def _reason(err: BaseException) -> str:
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return str(text).strip()

@@ -60,22 +60,26 @@ What it guarantees:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import hashlib
 import logging
 import os
-import resource
 import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.protocol import BATCH_RE, OUR_BATCH_RE
-from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.protocol import OUR_BATCH_RE
+from mstm.transports.base import (
+    STAGING,
+    Item,
+    Progress,
+    RemoteFile,
+    SendResult,
+    ShouldStop,
+    TransportOptions,
+)
 from mstm.transports.common import (
     STALE_SECONDS,
     ItemProblem,
@@ -90,6 +94,20 @@ from mstm.transports.common import (
     part_name,
     poll_until,
     run_watched,
+    staged_rel,
+    staging_batch,
+)
+from mstm.transports.local_tree import (
+    DIR_FLAGS,
+    fd_headroom,
+    fsync_dir,
+    fsync_fd,
+    keep_dirty,
+    look_at,
+    makedirs_at,
+    merge_tree,
+    refuse_dir,
+    target_dir_at,
 )
 
 log = logging.getLogger("mstm.local")
@@ -101,13 +119,7 @@ UNAVAILABLE = frozenset({
     errno.ENXIO, errno.ECONNREFUSED, errno.ECONNRESET,
 })
 _BIG_CHUNK = 8 << 20
-_HASH_BLOCK = 1 << 20
-DIR_FLAGS = safefs.DIR_FLAGS
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_RENAME_NOREPLACE = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = getattr(_libc, "renameat2", None)
 
 
 class TargetGone(Exception):
@@ -122,18 +134,15 @@ def split_path(path: str | bytes) -> list[bytes]:
 class Local:
     name = "local"
 
-    def __init__(self, *, source_dir: Path, target_dir: str, stall_seconds: float = 120.0,
-                 connect_timeout: float = 15.0, bwlimit: int = 0,
-                 stop_file: str = ".stop", stop_dirs: Sequence[str] = (),
-                 follow_symlinks: bool = False) -> None:
-        self.source = os.fsencode(source_dir)
-        self.follow_symlinks = follow_symlinks  # file items: a link goes as its file
-        self.target = os.fsencode(target_dir.rstrip("/") or "/")
-        self.stall_seconds = stall_seconds
-        self.connect_timeout = connect_timeout
-        self.bwlimit = bwlimit
-        self.stop_file = stop_file
-        self.stop_dirs = [os.fsencode(d) for d in stop_dirs] or [self.target]
+    def __init__(self, options: TransportOptions) -> None:
+        self.source = os.fsencode(options.source_dir)
+        self.follow_symlinks = options.follow_symlinks  # file items: a link goes as its file
+        self.target = os.fsencode(options.target_dir.rstrip("/") or "/")
+        self.stall_seconds = options.stall_seconds
+        self.connect_timeout = options.connect_timeout
+        self.bwlimit = options.bwlimit
+        self.stop_file = options.stop_file
+        self.stop_dirs = [os.fsencode(d) for d in options.stop_dirs] or [self.target]
         self._open = False
         self._unfinished: set[str] = set()  # staging batches sent into, not discarded yet
 
@@ -217,9 +226,9 @@ class Local:
         target_dir (a hidden name, then a rename) and directory items are refused."""
         monitor = Monitor(progress=progress, throttle=Throttle(self.bwlimit))
         cut = threading.Event()
-        staging_batch = self._staging_batch(dest)
-        if staging_batch:
-            self._unfinished.add(staging_batch)
+        private = staging_batch(self.target, dest)
+        if private:
+            self._unfinished.add(private)
 
         def work(mon: Monitor) -> SendResult:
             result = SendResult()
@@ -229,7 +238,7 @@ class Local:
             src_fd: int = src
             try:
                 try:
-                    dest_fd = self._open_dest(dest, private=staging_batch is not None)
+                    dest_fd = self._open_dest(dest, private=private is not None)
                 except OSError as err:
                     if err.errno in UNAVAILABLE:
                         raise
@@ -275,16 +284,6 @@ class Local:
             self._open = False
         return note_item_errors(result)
 
-    def _staging_batch(self, dest: str | None) -> str | None:
-        """The batch id when *dest* is a staging batch directory of target_dir."""
-        if dest is None:
-            return None
-        head, _, batch = os.fsencode(dest).rstrip(b"/").rpartition(b"/")
-        if head == os.path.join(self.target, STAGING.encode()) and BATCH_RE.match(
-                os.fsdecode(batch)):
-            return os.fsdecode(batch)
-        return None
-
     def _open_dest(self, dest: str | None, *, private: bool) -> int:
         """A descriptor of *dest*, made if missing (0700 for staging), reached below
         target_dir with no link followed."""
@@ -298,17 +297,17 @@ class Local:
             base, rel = os.path.split(raw)
             os.makedirs(base, exist_ok=True)
         with safefs.opened_root(base) as base_fd:
-            return _makedirs_at(base_fd, split_path(rel), 0o700 if private else 0o777)
+            return makedirs_at(base_fd, split_path(rel), 0o700 if private else 0o777)
 
     def _copy_item_file(self, src_fd: int, item: Item, dest_fd: int, mon: Monitor,
                         cut: threading.Event, *, direct: bool) -> None:
         parts = split_path(item.relpath)
-        parent = _makedirs_at(dest_fd, parts[:-1], 0o777 if direct else 0o700)
+        parent = makedirs_at(dest_fd, parts[:-1], 0o777 if direct else 0o700)
         try:
             self._copy_file(src_fd, item.relpath, parent, parts[-1], mon, cut,
                             follow=self.follow_symlinks, direct=direct)
             if direct:
-                _fsync_fd(parent)
+                fsync_fd(parent)
         finally:
             os.close(parent)
 
@@ -377,7 +376,7 @@ class Local:
         """A directory item, walked with :func:`mstm.safefs.walk` (nothing followed),
         into *dest_fd*: directories made, regular files copied, anything else refused."""
         parts = split_path(item.relpath)
-        stack = [_makedirs_at(dest_fd, parts[:-1], 0o700)]  # stack[d]: parent of depth d
+        stack = [makedirs_at(dest_fd, parts[:-1], 0o700)]  # stack[d]: parent of depth d
         try:
             for entry in safefs.walk(src_fd, item.relpath):
                 while len(stack) > entry.depth + 1:
@@ -385,7 +384,7 @@ class Local:
                 name = os.fsencode(entry.relpath.rsplit("/", 1)[-1])
                 parent = stack[entry.depth]
                 if entry.is_dir:
-                    _fd_headroom(2 * len(stack) + 64)
+                    fd_headroom(2 * len(stack) + 64)
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(name, 0o700, dir_fd=parent)
                     fd = os.open(name, DIR_FLAGS, dir_fd=parent)
@@ -408,7 +407,7 @@ class Local:
                 ) -> dict[str, RemoteFile]:
         if not relpaths:
             return {}
-        base = _staged_rel(staged) if staged is not None else ""
+        base = staged_rel(staged) if staged is not None else ""
 
         def look(mon: Monitor) -> dict[str, RemoteFile]:
             found: dict[str, RemoteFile] = {}
@@ -420,7 +419,7 @@ class Local:
                         return found
                     try:
                         for rel in relpaths:
-                            got = _look_at(base_fd, rel, mon)
+                            got = look_at(base_fd, rel, mon)
                             if got is not None:
                                 found[rel] = got
                             mon.alive_now()
@@ -443,7 +442,7 @@ class Local:
         docstring: files replace, directories merge, links on the way refused)."""
         if not items:
             return {}
-        rel = _staged_rel(staged)
+        rel = staged_rel(staged)
 
         def work(mon: Monitor) -> dict[str, str]:
             errors: dict[str, str] = {}
@@ -471,7 +470,7 @@ class Local:
                                                     f"{_why(err)}")
                         mon.alive_now()
                     for fd in dirty.values():
-                        _fsync_fd(fd)  # the renames are durable before we return
+                        fsync_fd(fd)  # the renames are durable before we return
                         mon.alive_now()
                 finally:
                     for fd in dirty.values():
@@ -488,12 +487,12 @@ class Local:
         parts = split_path(relpath)
         src_dir, _name = safefs.open_parent(stage_fd, relpath)
         try:
-            dst_dir = _target_dir_at(root, parts[:-1], relpath, dirty)
+            dst_dir = target_dir_at(root, parts[:-1], relpath, dirty)
             try:
-                _refuse_dir(dst_dir, parts[-1], relpath, "a file")
+                refuse_dir(dst_dir, parts[-1], relpath, "a file")
                 os.rename(parts[-1], parts[-1], src_dir_fd=src_dir, dst_dir_fd=dst_dir)
             finally:
-                _keep_dirty(dst_dir, dirty)
+                keep_dirty(dst_dir, dirty)
         finally:
             os.close(src_dir)
 
@@ -504,23 +503,23 @@ class Local:
         parts = split_path(relpath)
         src_dir, _ = safefs.open_parent(stage_fd, relpath)
         try:
-            dst_dir = _target_dir_at(root, parts[:-1], relpath, dirty)
+            dst_dir = target_dir_at(root, parts[:-1], relpath, dirty)
             try:
-                problems = _merge_tree(src_dir, dst_dir, parts[-1], relpath, None, mon)
+                problems = merge_tree(src_dir, dst_dir, parts[-1], relpath, None, mon)
                 if problems:
                     raise ItemProblem("; ".join(problems[:3]) + (
                         f"; and {len(problems) - 3} more" if len(problems) > 3 else ""))
-                problems = _merge_tree(src_dir, dst_dir, parts[-1], relpath, dirty, mon)
+                problems = merge_tree(src_dir, dst_dir, parts[-1], relpath, dirty, mon)
                 if problems:
                     raise ItemProblem("changed at the target during the merge: " +
                                       "; ".join(problems[:3]))
             finally:
-                _keep_dirty(dst_dir, dirty)
+                keep_dirty(dst_dir, dirty)
         finally:
             os.close(src_dir)
 
     def discard(self, staged: str) -> None:
-        rel = _staged_rel(staged)
+        rel = staged_rel(staged)
 
         def work(mon: Monitor) -> None:
             with safefs.opened_root(self.target) as root:
@@ -547,7 +546,7 @@ class Local:
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        _fsync_dir(d)
+        fsync_dir(d)
 
     def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
                    tick: Callable[[], None] | None = None,
@@ -576,243 +575,3 @@ def _why(err: OSError) -> str:
     if err.errno == errno.ELOOP:
         return "a symbolic link on the way (never followed at the target)"
     return err.strerror or str(err)
-
-
-def _staged_rel(staged: str) -> str:
-    if not BATCH_RE.match(staged):
-        raise ValueError(f"not a batch name: {staged!r}")
-    return f"{STAGING}/{staged}"
-
-
-def _fd_headroom(want: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want += 256
-    if soft != resource.RLIM_INFINITY and want > soft:
-        new = want * 2 if hard == resource.RLIM_INFINITY else min(hard, want * 2)
-        if new > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
-
-def _makedirs_at(base_fd: int, parts: Sequence[bytes], mode: int,
-                 created: Callable[[int], None] | None = None) -> int:
-    """A descriptor of base/parts..., each missing directory made with *mode*, no link
-    followed (ELOOP for a link on the way, ENOTDIR for a file).  *created(parent_fd)*
-    is told of each directory that got a new entry."""
-    cur = os.open(".", DIR_FLAGS, dir_fd=base_fd)
-    try:
-        for part in parts:
-            try:
-                below = os.open(part, DIR_FLAGS, dir_fd=cur)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, mode, dir_fd=cur)
-                    if created is not None:
-                        created(cur)
-                below = os.open(part, DIR_FLAGS, dir_fd=cur)
-            os.close(cur)
-            cur = below
-    except BaseException:
-        os.close(cur)
-        raise
-    return cur
-
-
-def _keep_dirty(fd: int, dirty: dict[tuple[int, int], int]) -> None:
-    """Remember directory *fd* for the fsync at the end of publish (takes it over)."""
-    st = os.fstat(fd)
-    key = (st.st_dev, st.st_ino)
-    if key in dirty:
-        os.close(fd)
-    else:
-        dirty[key] = fd
-
-
-def _target_dir_at(root: int, parts: Sequence[bytes], relpath: str,
-                   dirty: dict[tuple[int, int], int]) -> int:
-    """The target directory holding an item (made if missing), no link followed."""
-    try:
-        return _makedirs_at(root, parts, 0o777,
-                            created=lambda fd: _keep_dirty(os.dup(fd), dirty))
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENOTDIR):
-            what = "a symbolic link" if err.errno == errno.ELOOP else "not a directory"
-            raise ItemProblem(f"{relpath}: a component of its directory at the target is "
-                              f"{what}; left as it is") from None
-        raise
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISREG(mode):
-        return "a file"
-    return f"a {safefs.special_reason(mode)}"
-
-
-def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def _refuse_dir(dir_fd: int, name: bytes, relpath: str, what: str) -> None:
-    st = _lstat_at(dir_fd, name)
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise ItemProblem(f"{relpath}: the target has a directory where the item has {what}; "
-                          f"left as it is")
-
-
-def _rename_noreplace(src_dir: int, name: bytes, dst_dir: int, mode: int) -> bool:
-    """Move directory *name* in whole unless something is there already (False)."""
-    if _renameat2 is not None:
-        rc = _renameat2(src_dir, ctypes.c_char_p(name), dst_dir, ctypes.c_char_p(name),
-                        _RENAME_NOREPLACE)
-        if rc == 0:
-            return True
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            return False
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), os.fsdecode(name))
-    # no renameat2 here: make the directory and merge into it
-    try:
-        os.mkdir(name, 0o700, dir_fd=dst_dir)
-    except FileExistsError:
-        return False
-    fd = os.open(name, DIR_FLAGS, dir_fd=dst_dir)
-    try:
-        os.fchmod(fd, dir_mode(mode))
-    finally:
-        os.close(fd)
-    return False
-
-
-def _merge_tree(src_parent: int, dst_parent: int, name: bytes, relpath: str,
-                dirty: dict[tuple[int, int], int] | None, mon: Monitor) -> list[str]:
-    """Merge staged directory *name* of *src_parent* into *dst_parent*: with *dirty*
-    None only look for conflicts; else move things (and note the touched directories).
-    Iterative, two descriptors per level, nothing followed.  The conflicts, in words."""
-    apply = dirty is not None
-    problems: list[str] = []
-    # a frame: (staged dir fd, target dir fd, relpath, names still to do)
-    frames: list[tuple[int, int, str, list[bytes]]] = []
-
-    def enter(sp: int, dp: int, child: bytes, rel: str) -> None:
-        st = _lstat_at(dp, child)
-        sst = os.stat(child, dir_fd=sp, follow_symlinks=False)
-        if st is None:
-            if not apply:
-                return
-            if _rename_noreplace(sp, child, dp, sst.st_mode):
-                assert dirty is not None
-                _keep_dirty(os.dup(dp), dirty)
-                return
-            st = _lstat_at(dp, child)
-            if st is None:
-                problems.append(f"{rel}: vanished at the target during the merge")
-                return
-        if not stat.S_ISDIR(st.st_mode):
-            problems.append(f"{rel}: the target has {_kind(st.st_mode)} where the item has a "
-                            f"directory; left as it is")
-            return
-        _fd_headroom(2 * len(frames) + 64)
-        s_fd = os.open(child, DIR_FLAGS, dir_fd=sp)
-        try:
-            d_fd = os.open(child, DIR_FLAGS, dir_fd=dp)
-        except BaseException:
-            os.close(s_fd)
-            raise
-        frames.append((s_fd, d_fd, rel, sorted(map(os.fsencode, os.listdir(s_fd)), reverse=True)))
-
-    try:
-        enter(src_parent, dst_parent, name, relpath)
-        while frames:
-            s_fd, d_fd, rel, names = frames[-1]
-            if not names:
-                frames.pop()
-                os.close(s_fd)
-                if apply:
-                    assert dirty is not None
-                    _keep_dirty(d_fd, dirty)
-                else:
-                    os.close(d_fd)
-                continue
-            child = names.pop()
-            crel = f"{rel}/{os.fsdecode(child)}"
-            sst = os.stat(child, dir_fd=s_fd, follow_symlinks=False)
-            if stat.S_ISDIR(sst.st_mode):
-                enter(s_fd, d_fd, child, crel)
-                continue
-            if not stat.S_ISREG(sst.st_mode):
-                continue  # never staged by us: not brought
-            tst = _lstat_at(d_fd, child)
-            if tst is not None and stat.S_ISDIR(tst.st_mode):
-                problems.append(f"{crel}: the target has a directory where the item has a "
-                                f"file; left as it is")
-            elif apply:
-                os.rename(child, child, src_dir_fd=s_fd, dst_dir_fd=d_fd)
-            mon.alive_now()
-    finally:
-        for s_fd, d_fd, _rel, _names in frames:
-            os.close(s_fd)
-            os.close(d_fd)
-    return problems
-
-
-def _look_at(base_fd: int, relpath: str, mon: Monitor) -> RemoteFile | None:
-    """What *relpath* below *base_fd* is, through no link: None if missing (or a link,
-    or anything but a file or directory)."""
-    try:
-        dir_fd, name = safefs.open_parent(base_fd, relpath)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return None
-        raise
-    try:
-        st = _lstat_at(dir_fd, os.fsencode(name))
-        if st is None:
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            return RemoteFile(size=0, sha256=None)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                     dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with contextlib.suppress(OSError, AttributeError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        h = hashlib.sha256()
-        size = 0
-        while chunk := os.read(fd, _HASH_BLOCK):
-            h.update(chunk)
-            size += len(chunk)
-            mon.alive_now()
-        return RemoteFile(size=size, sha256=h.hexdigest())
-    finally:
-        os.close(fd)
-
-
-def _fsync_fd(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.EBADF):  # some file systems refuse
-            raise
-
-
-def _fsync_dir(path: bytes) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        _fsync_fd(fd)
-    finally:
-        os.close(fd)

@@ -38,7 +38,6 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mstm import safefs
 from mstm.errors import TargetUnavailable
@@ -49,6 +48,7 @@ from mstm.transports.base import (
     RemoteFile,
     SendResult,
     ShouldStop,
+    TransportOptions,
     staging_dir,
 )
 
@@ -86,14 +86,12 @@ class MemoryTransport:
 
     name = "memory"
 
-    def __init__(self, *, source_dir: Path | str, target_dir: str,
-                 follow_symlinks: bool = False, stop_file: str = ".stop",
-                 stop_dirs: Sequence[str] | None = None) -> None:
-        self.source_dir = Path(source_dir)
-        self.target_dir = "/" + target_dir.strip("/")
-        self.follow_symlinks = follow_symlinks
-        self.stop_file = stop_file
-        self.stop_dirs = list(stop_dirs) if stop_dirs is not None else [self.target_dir]
+    def __init__(self, options: TransportOptions) -> None:
+        self.source_dir = options.source_dir
+        self.target_dir = "/" + options.target_dir.strip("/")
+        self.follow_symlinks = options.follow_symlinks
+        self.stop_file = options.stop_file
+        self.stop_dirs = list(options.stop_dirs) or [self.target_dir]
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {*_parents(self.target_dir + "/x")}
         self.links: dict[str, str] = {}

@@ -88,10 +88,11 @@ from mstm.transports.base import (
     RemoteFile,
     SendResult,
     ShouldStop,
+    TransportOptions,
     staging_dir,
 )
 from mstm.transports.common import read_secret
-from mstm.transports.rsync import PROGRESS_FORMAT, run_rsync
+from mstm.transports.rsync import run_rsync, timeouts, transfer_argv
 from mstm.transports.ssh import spawn
 
 log = logging.getLogger("mstm.rsync_native")
@@ -187,27 +188,24 @@ def parse_itemized(out: bytes) -> dict[str, bool]:
 class RsyncNative:
     name = "rsync_native"
 
-    def __init__(self, *, host: str, port: int = 873, module: str, target_dir: str,
-                 source_dir: Path, username: str | None = None,
-                 password_file: Path | None = None, rsync_cmd: str = "rsync",
-                 connect_timeout: float = 15.0, stall_seconds: float = 120.0,
-                 bwlimit: int = 0, stop_file: str = ".stop",
-                 stop_dirs: Sequence[str] = (), follow_symlinks: bool = False) -> None:
+    def __init__(self, options: TransportOptions, *, host: str, port: int = 873,
+                 module: str, username: str | None = None,
+                 password_file: Path | None = None, rsync_cmd: str = "rsync") -> None:
         self.host = host
         self.port = port
         self.module = module
-        self.target_dir = self._inside(target_dir)
-        self.source_dir = source_dir
+        self.target_dir = self._inside(options.target_dir)
+        self.source_dir = options.source_dir
         self.username = username
         self.password_file = password_file
         self.rsync_cmd = rsync_cmd
-        self.connect_timeout = connect_timeout
-        self.stall_seconds = stall_seconds
-        self.bwlimit = bwlimit
-        self.stop_file = stop_file
-        self.stop_dirs = [self._inside(d) for d in stop_dirs] or [self.target_dir]
+        self.connect_timeout = options.connect_timeout
+        self.stall_seconds = options.stall_seconds
+        self.bwlimit = options.bwlimit
+        self.stop_file = options.stop_file
+        self.stop_dirs = [self._inside(d) for d in options.stop_dirs] or [self.target_dir]
         # file items that are symbolic links go as the files they point to (rsync_argv)
-        self.follow_symlinks = follow_symlinks
+        self.follow_symlinks = options.follow_symlinks
         self._alive = False
         self._env: dict[str, str] | None = None
         # (batch, relpath) -> the source version inspect verified in that batch's staging
@@ -242,8 +240,7 @@ class RsyncNative:
         return self._env
 
     def _base_argv(self) -> list[str]:
-        return [self.rsync_cmd, f"--contimeout={max(1, int(self.connect_timeout))}",
-                f"--timeout={max(1, int(self.stall_seconds))}"]
+        return [self.rsync_cmd, *timeouts(self.stall_seconds, self.connect_timeout)]
 
     def _run(self, argv: list[str], *, input: bytes = b"", timeout: float | None = None
              ) -> subprocess.CompletedProcess[bytes]:
@@ -285,24 +282,11 @@ class RsyncNative:
         # as rsync_ssh's: with follow_symlinks the file items' links go as the files they
         # point to, nothing recursed into (unless the batch has directory items, whose
         # links travel as links).  Modes: --perms --chmod=a-st; never -o/-g/-D.
-        links = (["--copy-links", "--no-dirs"] if self.follow_symlinks and not dirs
-                 else ["--recursive", "--links"])
-        argv = [
-            *self._base_argv(),
-            *links, "--perms", "--chmod=a-st", "--times",
-            "--no-devices", "--no-specials",
-            "--from0", "--files-from=-", "--mkpath",
-            f"--partial-dir={PARTIAL}",
-            PROGRESS_FORMAT,
-        ]
-        if self._fsync:
-            argv.append("--fsync")
-        if force:
-            argv.append("--ignore-times")
-        if self.bwlimit:
-            argv.append(f"--bwlimit={self.bwlimit}")
-        argv += ["--", f"{self.source_dir}/", self.url(dest) + "/"]
-        return argv
+        return transfer_argv(
+            self.rsync_cmd, str(self.source_dir), self.url(dest),
+            connect_timeout=self.connect_timeout, stall_seconds=self.stall_seconds,
+            copy_links=self.follow_symlinks and not dirs, chmod="a-st", partial_dir=PARTIAL,
+            mkpath=True, fsync=self._fsync, ignore_times=force, bwlimit=self.bwlimit)
 
     def send(self, items: Sequence[Item], *, progress: Progress | None = None,
              should_stop: ShouldStop | None = None, tick: Callable[[], None] | None = None,
@@ -333,12 +317,11 @@ class RsyncNative:
                        "durability of files at this target is not guaranteed", self.peer)
             return self._transfer(items, dest, dirs=dirs, progress=progress,
                                   should_stop=should_stop, tick=tick, done=done)
-        code, error = run.exit_code, run.stderr_tail
-        if code:
-            log.debug("rsync exited %s: %s", code, error.decode("utf-8", "replace"))
-        return SendResult(files=run.files, bytes=run.sent_bytes,
-                          error=_summarise(error, code) if code else "",
-                          exit_code=code, stopped=run.stopped)
+        if run.exit_code:
+            log.debug("rsync exited %s: %s", run.exit_code,
+                      run.stderr_tail.decode("utf-8", "replace"))
+        return SendResult(files=run.files, bytes=run.file_bytes, error=run.error,
+                          exit_code=run.exit_code, stopped=run.stopped)
 
     # -- verification -----------------------------------------------------------
     def inspect(self, relpaths: Sequence[str], *, staged: str | None = None

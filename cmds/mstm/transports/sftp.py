@@ -61,6 +61,10 @@ What it guarantees:
   server stopped, or trickling) closes the connection, and the sender retries later.
 * The host key is always checked against `known_hosts` (an unknown or changed key is
   refused, never added); only key authentication is used, never a password.
+
+The stateless SFTP requests are in sftp_requests.py; what stays here (some 650 lines)
+is the one class whose methods share a connection's state (the directories known to
+exist, whether the account may run commands, the batches not yet discarded).
 """
 
 from __future__ import annotations
@@ -68,7 +72,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
-import hashlib
 import logging
 import os
 import posixpath
@@ -79,14 +82,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import paramiko
 
 from mstm import safefs
 from mstm.errors import TargetUnavailable
-from mstm.protocol import BATCH_RE, OUR_BATCH_RE
-from mstm.transports.base import STAGING, Item, Progress, RemoteFile, SendResult, ShouldStop
+from mstm.protocol import OUR_BATCH_RE
+from mstm.transports.base import (
+    STAGING,
+    Item,
+    Progress,
+    RemoteFile,
+    SendResult,
+    ShouldStop,
+    TransportOptions,
+)
 from mstm.transports.common import (
     STALE_SECONDS,
     ItemProblem,
@@ -100,48 +110,54 @@ from mstm.transports.common import (
     open_source_root,
     poll_until,
     run_watched,
+    staged_rel,
+    staging_batch,
+)
+from mstm.transports.publish import publish_item
+from mstm.transports.remote import program
+from mstm.transports.sftp_requests import (
+    SftpTree,
+    bjoin,
+    bpath,
+    feed,
+    lstat,
+    parse_inspect,
+    read_back,
+    reason,
+    replace,
+    rmtree,
+    tree_attrs,
 )
 
 log = logging.getLogger("mstm.sftp")
 logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 _CHUNK = 256 * 1024
-_READ_CHUNK = 1 << 20
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, socket.error, OSError)
-
-
-def _b(path: str) -> bytes:
-    return os.fsencode(path)
-
-
-def _join(*parts: bytes) -> bytes:
-    return posixpath.join(*parts)
 
 
 class Sftp:
     name = "sftp"
 
-    def __init__(self, *, host: str, port: int = 22, username: str | None = None,
-                 identity_file: Path | None = None, known_hosts: Path | None = None,
-                 source_dir: Path, target_dir: str, connect_timeout: float = 15.0,
-                 stall_seconds: float = 120.0, bwlimit: int = 0, stop_file: str = ".stop",
-                 stop_dirs: Sequence[str] = (), remote_checksum: bool = True,
-                 verify_readback: bool = True, follow_symlinks: bool = False) -> None:
+    def __init__(self, options: TransportOptions, *, host: str, port: int = 22,
+                 username: str | None = None, identity_file: Path | None = None,
+                 known_hosts: Path | None = None, remote_checksum: bool = True,
+                 verify_readback: bool = True) -> None:
         self.host = host
         self.port = port
         self.username = username or getpass.getuser()
         self.identity_file = identity_file
         self.known_hosts = known_hosts
-        self.source = os.fsencode(source_dir)
-        self.target = _b(target_dir.rstrip("/") or "/")
-        self.connect_timeout = connect_timeout
-        self.stall_seconds = stall_seconds
-        self.bwlimit = bwlimit
-        self.stop_file = stop_file
-        self.stop_dirs = [_b(d) for d in stop_dirs] or [self.target]
+        self.source = os.fsencode(options.source_dir)
+        self.target = bpath(options.target_dir.rstrip("/") or "/")
+        self.connect_timeout = options.connect_timeout
+        self.stall_seconds = options.stall_seconds
+        self.bwlimit = options.bwlimit
+        self.stop_file = options.stop_file
+        self.stop_dirs = [bpath(d) for d in options.stop_dirs] or [self.target]
         self.remote_checksum = remote_checksum
         self.verify_readback = verify_readback
-        self.follow_symlinks = follow_symlinks  # file items: a link goes as its file
+        self.follow_symlinks = options.follow_symlinks  # file items: a link goes as its file
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._dirs: set[bytes] = set()
@@ -183,7 +199,7 @@ class Sftp:
             channel.settimeout(self.stall_seconds)
         except (paramiko.SSHException, EOFError, OSError) as err:
             client.close()
-            raise TargetUnavailable(f"sftp to {self.peer} failed: {_reason(err)}") from None
+            raise TargetUnavailable(f"sftp to {self.peer} failed: {reason(err)}") from None
         self._client, self._sftp = client, sftp
         self._dirs = set()
         for batch in sorted(self._unfinished):
@@ -192,13 +208,13 @@ class Sftp:
         try:
             self._clean_stale(sftp)
         except (OSError, paramiko.SSHException, UnicodeDecodeError) as err:
-            log.warning("%s: cannot clean old staging batches: %s", self.peer, _reason(err))
+            log.warning("%s: cannot clean old staging batches: %s", self.peer, reason(err))
 
     def _clean_stale(self, sftp: paramiko.SFTPClient) -> None:
         """Remove the staging batches a killed sender left: batch-shaped names only,
         nothing in them changed for a day."""
-        staging = _join(self.target, STAGING.encode())
-        st = _lstat(sftp, staging)
+        staging = bjoin(self.target, STAGING.encode())
+        st = lstat(sftp, staging)
         if st is None or not stat.S_ISDIR(st.st_mode or 0):
             return
         limit = time.time() - STALE_SECONDS
@@ -208,7 +224,7 @@ class Sftp:
                     not stat.S_ISDIR(entry.st_mode or 0) or (entry.st_mtime or 0) > limit:
                 continue
             if all((e.st_mtime or 0) <= limit
-                   for e in _tree_attrs(sftp, _join(staging, _b(name)))):
+                   for e in tree_attrs(sftp, bjoin(staging, bpath(name)))):
                 log.info("%s: removing the abandoned staging batch %s", self.peer, name)
                 self.discard(name)
 
@@ -239,7 +255,7 @@ class Sftp:
         target_dir (a hidden name, then a rename) and directory items are refused."""
         sftp = self._sftp_or_raise()
         monitor = Monitor(progress=progress, throttle=Throttle(self.bwlimit))
-        private = self._staging_batch(dest)
+        private = staging_batch(self.target, dest)
         if private:
             self._unfinished.add(private)
         self._dirs = set()
@@ -268,13 +284,13 @@ class Sftp:
                         if not self.alive() or not isinstance(err, OSError) or \
                                 isinstance(err, TimeoutError):
                             raise
-                        result.item_errors[item.relpath] = _reason(err)
+                        result.item_errors[item.relpath] = reason(err)
             except ItemProblem as err:
                 for item in items:
                     result.item_errors[item.relpath] = str(err)
             except _CONNECTION_ERRORS as err:
                 self.close()
-                result.error = f"sftp to {self.peer}: {_reason(err)}"
+                result.error = f"sftp to {self.peer}: {reason(err)}"
                 result.exit_code = 1
             finally:
                 os.close(src_fd)
@@ -285,21 +301,13 @@ class Sftp:
                              abort=self.close, should_stop=should_stop, tick=tick)
         return note_item_errors(result)
 
-    def _staging_batch(self, dest: str | None) -> str | None:
-        if dest is None:
-            return None
-        head, _, batch = _b(dest).rstrip(b"/").rpartition(b"/")
-        if head == _join(self.target, STAGING.encode()) and BATCH_RE.match(os.fsdecode(batch)):
-            return os.fsdecode(batch)
-        return None
-
     def _prepare_dest(self, sftp: paramiko.SFTPClient, dest: str | None, *,
                       private: bool) -> bytes:
         """Make *dest* (0700 for a staging batch), checking that no component below
         target_dir is a symbolic link; its path."""
         if dest is None:
             return self.target
-        raw = _b(dest).rstrip(b"/") or b"/"
+        raw = bpath(dest).rstrip(b"/") or b"/"
         prefix = self.target.rstrip(b"/") + b"/"
         if raw.startswith(prefix):
             base, rel = self.target, raw[len(prefix):]
@@ -307,7 +315,7 @@ class Sftp:
             base, rel = posixpath.split(raw)
             self._makedirs(sftp, base)
         for part in rel.split(b"/") if rel else []:
-            base = _join(base, part)
+            base = bjoin(base, part)
             self._ensure_dir(sftp, base, 0o700 if private else 0o777, dest)
         return base
 
@@ -317,13 +325,13 @@ class Sftp:
         ItemProblem (the lstat-then-use window is in the module docstring)."""
         if path in self._dirs:
             return
-        st = _lstat(sftp, path)
+        st = lstat(sftp, path)
         if st is None:
             try:
                 sftp.mkdir(path, mode)  # type: ignore[arg-type]
             except OSError:
                 pass  # made meanwhile by someone else?  Looked at below
-            st = _lstat(sftp, path)
+            st = lstat(sftp, path)
         if st is None or stat.S_ISLNK(st.st_mode or 0):
             raise ItemProblem(f"{shown}: {os.fsdecode(path)} is a symbolic link at the target "
                               f"(never followed); left as it is" if st is not None else
@@ -358,9 +366,9 @@ class Sftp:
         parts = safefs.split(item.relpath)
         parent = root
         for part in parts[:-1]:
-            parent = _join(parent, part)
+            parent = bjoin(parent, part)
             self._ensure_dir(sftp, parent, 0o700 if private else 0o777, item.relpath)
-        self._send_file(sftp, src_fd, item.relpath, _join(parent, parts[-1]), mon,
+        self._send_file(sftp, src_fd, item.relpath, bjoin(parent, parts[-1]), mon,
                         follow=self.follow_symlinks, direct=direct)
 
     def _send_file(self, sftp: paramiko.SFTPClient, src_fd: int, relpath: str, dst: bytes,
@@ -375,7 +383,7 @@ class Sftp:
         with open(fd, "rb") as fin:
             st = os.fstat(fd)
             parent = posixpath.dirname(dst)
-            tmp = _join(parent, b"." + posixpath.basename(dst) + b".mstm-part") \
+            tmp = bjoin(parent, b"." + posixpath.basename(dst) + b".mstm-part") \
                 if direct else dst
             with sftp.open(tmp, "wb") as remote:  # type: ignore[call-overload]
                 remote.set_pipelined(True)
@@ -392,7 +400,7 @@ class Sftp:
         sftp.chmod(tmp, file_mode(st.st_mode))  # type: ignore[arg-type]
         sftp.utime(tmp, (st.st_atime, st.st_mtime))  # type: ignore[arg-type]
         if tmp != dst:
-            _replace(sftp, tmp, dst)
+            replace(sftp, tmp, dst)
         mon.file_done()
 
     def _send_tree(self, sftp: paramiko.SFTPClient, src_fd: int, item: Item, root: bytes,
@@ -401,11 +409,11 @@ class Sftp:
         parts = safefs.split(item.relpath)
         parent = root
         for part in parts[:-1]:
-            parent = _join(parent, part)
+            parent = bjoin(parent, part)
             self._ensure_dir(sftp, parent, 0o700, item.relpath)
         try:
             for entry in safefs.walk(src_fd, item.relpath):
-                dst = _join(root, _b(entry.relpath))
+                dst = bjoin(root, bpath(entry.relpath))
                 if entry.is_dir:
                     sftp.mkdir(dst, 0o700)  # type: ignore[arg-type]
                     sftp.chmod(dst, dir_mode(entry.st.st_mode))  # type: ignore[arg-type]
@@ -445,16 +453,14 @@ class Sftp:
                 return self._stat_and_read(sftp, base, relpaths, mon)
             except (paramiko.SSHException, EOFError, OSError) as err:
                 if not self.alive():
-                    raise TargetUnavailable(f"sftp to {self.peer}: {_reason(err)}") from None
+                    raise TargetUnavailable(f"sftp to {self.peer}: {reason(err)}") from None
                 raise
 
         return call_watched(look, stall_seconds=self.stall_seconds, abort=self.close,
                             what=f"verifying at {self.peer}")
 
     def _staged_path(self, staged: str) -> bytes:
-        if not BATCH_RE.match(staged):
-            raise ValueError(f"not a batch name: {staged!r}")
-        return _join(self.target, STAGING.encode(), _b(staged))
+        return bjoin(self.target, bpath(staged_rel(staged)))
 
     def _exec(self, argv: Sequence[str], stdin: bytes, mon: Monitor | None = None
               ) -> tuple[int, bytes]:
@@ -467,7 +473,7 @@ class Sftp:
         try:
             chan.settimeout(self.stall_seconds)
             chan.exec_command(shlex.join(argv))
-            feeder = threading.Thread(target=_feed, args=(chan, stdin), daemon=True)
+            feeder = threading.Thread(target=feed, args=(chan, stdin), daemon=True)
             feeder.start()
             out = bytearray()
             while True:
@@ -492,10 +498,10 @@ class Sftp:
                      ) -> dict[str, RemoteFile] | None:
         """Sizes and sha256 computed on the target (no link followed); None when this
         account cannot run python3 there."""
-        names = b"".join(_b(p) + b"\0" for p in relpaths)
+        names = b"".join(bpath(p) + b"\0" for p in relpaths)
         try:
-            status, out = self._exec(["python3", "-I", "-c", _INSPECT_PY, os.fsdecode(base)],
-                                     names, mon)
+            status, out = self._exec(["python3", "-I", "-c", program("sftp_inspect.py"),
+                                      os.fsdecode(base)], names, mon)
         except paramiko.ChannelException as err:  # exec refused by the server
             log.info("%s: cannot run commands (%s); verifying by reading back", self.peer,
                      err)
@@ -522,19 +528,19 @@ class Sftp:
                 continue
             where, ok = base, True
             for part in parts[:-1]:
-                where = _join(where, part)
+                where = bjoin(where, part)
                 if where not in dirs:
-                    st = _lstat(sftp, where)
+                    st = lstat(sftp, where)
                     dirs[where] = st is not None and stat.S_ISDIR(st.st_mode or 0)
                 ok = ok and dirs[where]
-            path = _join(base, _b(rel))
-            st = _lstat(sftp, path) if ok else None
+            path = bjoin(base, bpath(rel))
+            st = lstat(sftp, path) if ok else None
             if st is None:
                 continue
             if stat.S_ISDIR(st.st_mode or 0):
                 found[rel] = RemoteFile(size=0, sha256=None)
             elif stat.S_ISREG(st.st_mode or 0):
-                digest = _read_back(sftp, path, st.st_size or 0, mon) \
+                digest = read_back(sftp, path, st.st_size or 0, mon) \
                     if self.verify_readback else None
                 found[rel] = RemoteFile(size=st.st_size or 0, sha256=digest)
             mon.alive_now()
@@ -550,43 +556,25 @@ class Sftp:
         stage = self._staged_path(staged)
         self._dirs = set()
 
+        tree = SftpTree(sftp, lambda path, shown: self._ensure_dir(sftp, path, 0o777, shown))
+
         def work(mon: Monitor) -> dict[str, str]:
             errors: dict[str, str] = {}
             for item in items:
                 try:
-                    parts = safefs.split(item.relpath)
-                    parent = self.target
-                    for part in parts[:-1]:
-                        parent = _join(parent, part)
-                        self._ensure_dir(sftp, parent, 0o777, item.relpath)
-                    src = _join(stage, _b(item.relpath))
-                    dst = _join(parent, parts[-1])
-                    if item.is_dir:
-                        problems = _merge(sftp, src, dst, item.relpath, apply=False)
-                        if problems:
-                            raise ItemProblem("; ".join(problems[:3]))
-                        problems = _merge(sftp, src, dst, item.relpath, apply=True)
-                        if problems:
-                            raise ItemProblem("changed at the target during the merge: " +
-                                              "; ".join(problems[:3]))
-                    else:
-                        st = _lstat(sftp, dst)
-                        if st is not None and stat.S_ISDIR(st.st_mode or 0):
-                            raise ItemProblem(f"{item.relpath}: the target has a directory "
-                                              f"where the item has a file; left as it is")
-                        _replace(sftp, src, dst)
+                    publish_item(tree, item, stage=stage, target=self.target)
                 except ItemProblem as err:
                     errors[item.relpath] = str(err)
                 except (OSError, paramiko.SSHException, UnicodeDecodeError) as err:
                     if not self.alive():
-                        raise TargetUnavailable(f"sftp to {self.peer}: {_reason(err)}"
+                        raise TargetUnavailable(f"sftp to {self.peer}: {reason(err)}"
                                                 ) from None
-                    errors[item.relpath] = f"could not be moved into place: {_reason(err)}"
+                    errors[item.relpath] = f"could not be moved into place: {reason(err)}"
                 mon.alive_now()
             if self._exec_ok:  # the renames durable: syncfs of the target's file system
                 with contextlib.suppress(paramiko.SSHException, OSError):
-                    self._exec(["python3", "-I", "-c", _INSPECT_PY, os.fsdecode(self.target)],
-                               b"", mon)
+                    self._exec(["python3", "-I", "-c", program("sftp_inspect.py"),
+                                os.fsdecode(self.target)], b"", mon)
             return errors
 
         return call_watched(work, stall_seconds=self.stall_seconds, abort=self.close,
@@ -602,10 +590,10 @@ class Sftp:
                     if self._exec(["rm", "-rf", "--", os.fsdecode(path)], b"", mon)[0] == 0:
                         return
             try:
-                _rmtree(sftp, path, mon)
+                rmtree(sftp, path, mon)
             except (OSError, UnicodeDecodeError) as err:
                 log.warning("%s: could not remove %s: %s", self.peer, os.fsdecode(path),
-                            _reason(err))
+                            reason(err))
 
         call_watched(work, stall_seconds=self.stall_seconds, abort=self.close,
                      what=f"discarding at {self.peer}")
@@ -614,19 +602,19 @@ class Sftp:
     # -- small files (the arrival monitor's handshake) ---------------------------
     def put_file(self, directory: str, name: str, data: bytes) -> None:
         sftp = self._sftp_or_raise()
-        d = _b(directory)
+        d = bpath(directory)
         self._makedirs(sftp, d)
-        final = _join(d, _b(name))
-        tmp = _join(d, b"." + _b(name) + b".mstm-part")
+        final = bjoin(d, bpath(name))
+        tmp = bjoin(d, b"." + bpath(name) + b".mstm-part")
         with sftp.open(tmp, "wb") as f:
             f.write(data)
-        _replace(sftp, tmp, final)
+        replace(sftp, tmp, final)
 
     def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
                    tick: Callable[[], None] | None = None,
                    should_stop: ShouldStop | None = None) -> bytes | None:
         sftp = self._sftp_or_raise()
-        path = _join(_b(directory), _b(name))
+        path = bjoin(bpath(directory), bpath(name))
 
         def look() -> bytes | None:
             try:
@@ -643,202 +631,12 @@ class Sftp:
         sftp = self._sftp_or_raise()
         for d in self.stop_dirs:
             try:
-                sftp.lstat(_join(d, _b(self.stop_file)))
+                sftp.lstat(bjoin(d, bpath(self.stop_file)))
             except FileNotFoundError:
                 continue
             except (OSError, paramiko.SSHException) as err:
                 if not self.alive():
-                    raise TargetUnavailable(f"sftp to {self.peer}: {_reason(err)}") from None
+                    raise TargetUnavailable(f"sftp to {self.peer}: {reason(err)}") from None
                 continue
             return f"{self.stop_file} on target ({os.fsdecode(d)})"
         return None
-
-
-def _feed(chan: paramiko.Channel, data: bytes) -> None:
-    with contextlib.suppress(Exception):
-        chan.sendall(data)
-    with contextlib.suppress(Exception):
-        chan.shutdown_write()
-
-
-def _replace(sftp: paramiko.SFTPClient, tmp: bytes, dst: bytes) -> None:
-    """Rename *tmp* over *dst* atomically where the server can (posix-rename)."""
-    try:
-        sftp.posix_rename(tmp, dst)
-        return
-    except OSError:
-        pass
-    except paramiko.SSHException:
-        pass
-    with contextlib.suppress(FileNotFoundError):
-        sftp.remove(dst)
-    sftp.rename(tmp, dst)
-
-
-def _read_back(sftp: paramiko.SFTPClient, path: bytes, size: int, mon: Monitor) -> str:
-    h = hashlib.sha256()
-    with sftp.open(path, "rb") as f:
-        f.prefetch(size)
-        while data := f.read(_READ_CHUNK):
-            h.update(data)
-            mon.alive_now()
-    return h.hexdigest()
-
-
-def _lstat(sftp: paramiko.SFTPClient, path: bytes) -> paramiko.SFTPAttributes | None:
-    try:
-        return sftp.lstat(path)  # type: ignore[arg-type]
-    except FileNotFoundError:
-        return None
-
-
-def _tree_attrs(sftp: paramiko.SFTPClient, top: bytes) -> Any:
-    """The attributes (lstat) of every entry below *top*, iteratively."""
-    todo = [top]
-    while todo:
-        here = todo.pop()
-        for e in sftp.listdir_attr(here):  # type: ignore[arg-type]
-            yield e
-            if stat.S_ISDIR(e.st_mode or 0):
-                todo.append(_join(here, _b(e.filename)))
-
-
-def _merge(sftp: paramiko.SFTPClient, src: bytes, dst: bytes, relpath: str, *,
-           apply: bool) -> list[str]:
-    """Merge staged directory *src* into *dst*; with *apply* False only look for
-    conflicts.  Iterative; every target entry judged by its lstat (READDIR's attributes
-    are lstat's).  The conflicts, in words."""
-    problems: list[str] = []
-    todo = [(src, dst, relpath)]
-    while todo:
-        s, d, rel = todo.pop()
-        t = _lstat(sftp, d)
-        if t is None:
-            if not apply:
-                continue
-            try:
-                sftp.rename(s, d)  # type: ignore[arg-type]  # refused if d exists
-                continue
-            except OSError:
-                t = _lstat(sftp, d)
-                if t is None:
-                    raise
-        if not stat.S_ISDIR(t.st_mode or 0):
-            what = "a symbolic link" if stat.S_ISLNK(t.st_mode or 0) else "a file"
-            problems.append(f"{rel}: the target has {what} where the item has a directory; "
-                            f"left as it is")
-            continue
-        there = {e.filename: e.st_mode or 0
-                 for e in sftp.listdir_attr(d)}  # type: ignore[arg-type]
-        for e in sorted(sftp.listdir_attr(s), key=lambda e: e.filename):  # type: ignore[arg-type]
-            name = _b(e.filename)
-            crel = f"{rel}/{e.filename}"
-            if stat.S_ISDIR(e.st_mode or 0):
-                todo.append((_join(s, name), _join(d, name), crel))
-            elif stat.S_ISREG(e.st_mode or 0):
-                if stat.S_ISDIR(there.get(e.filename, 0)):
-                    problems.append(f"{crel}: the target has a directory where the item has "
-                                    f"a file; left as it is")
-                elif apply:
-                    _replace(sftp, _join(s, name), _join(d, name))
-    return problems
-
-
-def _rmtree(sftp: paramiko.SFTPClient, path: bytes, mon: Monitor) -> None:
-    """Remove *path* and everything below it, iteratively, links removed as links."""
-    st = _lstat(sftp, path)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode or 0):
-        sftp.remove(path)  # type: ignore[arg-type]
-        return
-    stack: list[tuple[bytes, bool]] = [(path, False)]
-    while stack:
-        here, listed = stack.pop()
-        if listed:
-            sftp.rmdir(here)  # type: ignore[arg-type]
-            continue
-        stack.append((here, True))
-        for e in sftp.listdir_attr(here):  # type: ignore[arg-type]
-            child = _join(here, _b(e.filename))
-            if stat.S_ISDIR(e.st_mode or 0):
-                stack.append((child, False))
-            else:
-                sftp.remove(child)  # type: ignore[arg-type]
-            mon.alive_now()
-
-
-# The target's hasher (python3 -I -c, argv[1] = the base directory, NUL-separated relative
-# paths on stdin): syncfs of the base's file system first (what is checked is on disk),
-# then every path resolved one component at a time from descriptors with O_NOFOLLOW, and
-# "F size digest path", "D 0 - path" (a directory) for what is there, NUL-separated,
-# between a header and "end" (a truncated answer is not trusted).
-_INSPECT_PY = r"""
-import hashlib, os, stat, sys
-D = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-w = sys.stdout.buffer.write
-try:
-    root = os.open(os.fsencode(sys.argv[1]), os.O_RDONLY | os.O_DIRECTORY)
-except OSError:
-    w(b"mstm-inspect 1\0end\0")
-    sys.exit(0)
-try:
-    import ctypes
-    ctypes.CDLL(None).syncfs(root)
-except Exception:
-    os.sync()
-out = [b"mstm-inspect 1"]
-for rel in sys.stdin.buffer.read().split(b"\0"):
-    parts = rel.split(b"/")
-    if not rel or any(p in (b"", b".", b"..") for p in parts):
-        continue
-    fds = []
-    try:
-        cur = root
-        for p in parts[:-1]:
-            cur = os.open(p, D, dir_fd=cur)
-            fds.append(cur)
-        st = os.stat(parts[-1], dir_fd=cur, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            out.append(b"D 0 - " + rel)
-        elif stat.S_ISREG(st.st_mode):
-            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=cur)
-            fds.append(fd)
-            h = hashlib.sha256()
-            n = 0
-            while True:
-                b = os.read(fd, 1 << 20)
-                if not b:
-                    break
-                h.update(b)
-                n += len(b)
-            out.append(b"F " + str(n).encode() + b" " + h.hexdigest().encode() + b" " + rel)
-    except OSError:
-        pass
-    finally:
-        for f in fds:
-            os.close(f)
-out.append(b"end")
-w(b"\0".join(out) + b"\0")
-"""
-
-
-def parse_inspect(out: bytes) -> dict[str, RemoteFile] | None:
-    """The target hasher's answer; None if it is not a whole one."""
-    recs = out.split(b"\0")
-    if len(recs) < 3 or recs[0] != b"mstm-inspect 1" or recs[-2:] != [b"end", b""]:
-        return None
-    found: dict[str, RemoteFile] = {}
-    for rec in recs[1:-2]:
-        kind, size, digest, name = [*rec.split(b" ", 3), b"", b"", b""][:4]
-        if kind == b"D" and name:
-            found[os.fsdecode(name)] = RemoteFile(size=0, sha256=None)
-        elif kind == b"F" and size.isdigit() and len(digest) == 64 and name:
-            found[os.fsdecode(name)] = RemoteFile(size=int(size),
-                                                  sha256=digest.decode("ascii"))
-    return found
-
-
-def _reason(err: BaseException) -> str:
-    text: Any = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return str(text)

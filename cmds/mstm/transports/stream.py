@@ -2,18 +2,18 @@
 
 rsync_ssh sends files of `STREAM_MIN` bytes or more this way instead of through rsync:
 one `python3` at the target (started over the stream's ControlMaster connection, its
-program on the command line, never a file name there) reads a small binary header from
-stdin -- the destination directory (the batch's staging directory), the item's relative
-path, the target directory and the partial directory travel as data, so any name
-works -- and answers the offset it can resume from.  Then the file's bytes follow.  The
-target writes them to a hidden temporary file in the partial directory
-(`<target_dir>/.mstm-partial/.<40 hex>.mstm-stream`, mode 0600, the directory 0700),
-hashes them (sha256) and starts their writeback as they come (sync_file_range every
-8 MiB, so the closing fdatasync is short), sets mode (`& 0o777`: setuid, setgid and
-sticky never survive, even for root) and mtime as rsync's `--perms --chmod=a-st
---times` would, fdatasyncs, renames the file into the *staging* directory and fsyncs
-that directory.  Only then does it answer `DONE <sha256> <size> <mtime_ns> <inode>`.
-Nothing reaches the final name here: the sender verifies the staged file and
+program, remote/stream_receiver.py, on the command line, never a file name there) reads
+a small binary header from stdin -- the destination directory (the batch's staging
+directory), the item's relative path, the target directory and the partial directory
+travel as data, so any name works -- and answers the offset it can resume from.  Then
+the file's bytes follow.  The target writes them to a hidden temporary file in the
+partial directory (`<target_dir>/.mstm-partial/.<40 hex>.mstm-stream`, mode 0600, the
+directory 0700), hashes them (sha256) and starts their writeback as they come
+(sync_file_range every 8 MiB, so the closing fdatasync is short), sets mode (`& 0o777`:
+setuid, setgid and sticky never survive, even for root) and mtime as rsync's `--perms
+--chmod=a-st --times` would, fdatasyncs, renames the file into the *staging* directory
+and fsyncs that directory.  Only then does it answer `DONE <sha256> <size> <mtime_ns>
+<inode>`.  Nothing reaches the final name here: the sender verifies the staged file and
 rsync_ssh's `publish` renames it into place.  The file belongs to the remote user.
 
 Resume: an interrupted transfer leaves the temporary file (flushed) in the partial
@@ -52,6 +52,7 @@ from typing import IO
 
 from mstm import safefs
 from mstm.transports.common import Monitor
+from mstm.transports.remote import program
 from mstm.transports.ssh import SshConnection, spawn
 
 log = logging.getLogger("mstm.stream")
@@ -60,276 +61,6 @@ STREAM_MIN = 64 << 20  # files this large (or larger) are streamed
 MAGIC = b"MSTM-STREAM-2"
 TEMP_SUFFIX = b".mstm-stream"
 CHUNK = 1 << 20
-
-# The target's side.  Python 3.4+ (no f-strings), names as bytes throughout.  Exit 0
-# after DONE; 1 after ERROR (an item problem: the caller may fall back to rsync); 2 when
-# the data ended early (the sender went away: the partial file is kept, flushed).
-RECEIVER_PY = r"""
-import ctypes, fcntl, hashlib, os, stat, sys, threading
-try:
-    import queue
-except ImportError:
-    sys.exit(3)
-out = sys.stdout.buffer
-CHUNK, STEP, XATTR = 1 << 20, 8 << 20, "user.mstm.version"
-
-def say(*words):
-    out.write(b" ".join(words) + b"\n")
-    out.flush()
-
-def fail(why):
-    say(b"ERROR", why.encode("utf-8", "replace").replace(b"\n", b" "))
-    sys.exit(1)
-
-# stdin unbuffered throughout (os.read): nothing read ahead of the data can be lost
-def readn(n):
-    data = b""
-    while len(data) < n:
-        more = os.read(0, n - len(data))
-        if not more:
-            sys.exit(2)
-        data += more
-    return data
-
-line = b""
-while not line.endswith(b"\n") and len(line) < 256:
-    line += readn(1)
-head = line.split()
-if len(head) != 9 or head[0] != b"MSTM-STREAM-2" or not all(w.isdigit() for w in head[1:]):
-    fail("bad header")
-ldest, lrel, lfinal, lpart, size, mode, mtime_ns, force = [int(w) for w in head[1:]]
-dest, rel, final, part = readn(ldest), readn(lrel), readn(lfinal), readn(lpart)
-parts = rel.split(b"/")
-if not dest.startswith(b"/") or rel.startswith(b"/") or b"\0" in dest + rel + final + part or \
-        any(p in (b"", b".", b"..") for p in parts) or \
-        any(d and not d.startswith(b"/") for d in (final, part)):
-    fail("refused name")
-DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-try:
-    os.makedirs(dest, exist_ok=True)
-    dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-    for p in parts[:-1]:
-        try:
-            os.mkdir(p, 0o777, dir_fd=dfd)
-        except FileExistsError:
-            pass
-        nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-        os.close(dfd)
-        dfd = nfd
-except OSError as e:
-    fail("cannot make the directory: %s" % e.strerror)
-base = parts[-1]
-# The partial data waits in the target's partial directory (private, shared by every
-# batch: an interrupted file resumes in the next batch) under a name derived from the
-# final directory and the relative path; else (no partial directory) beside the file.
-if part:
-    tmp = b"." + hashlib.sha256((final or dest) + b"\0" + rel).hexdigest()[:40].encode() \
-        + b".mstm-stream"
-    try:
-        try:
-            os.mkdir(part, 0o700)
-        except FileExistsError:
-            pass
-        pfd = os.open(part, DIRF)
-    except OSError as e:
-        fail("cannot open the partial directory: %s" % e.strerror)
-else:
-    if len(base) > 200:
-        base_tmp = base[:150] + hashlib.sha256(base).hexdigest()[:16].encode()
-    else:
-        base_tmp = base
-    tmp = b"." + base_tmp + b".mstm-stream"
-    pfd = dfd
-try:
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=pfd)
-except OSError as e:
-    fail("cannot create the temporary file: %s" % e.strerror)
-if not stat.S_ISREG(os.fstat(fd).st_mode):
-    fail("the temporary name is not a regular file")
-try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except OSError:
-    say(b"BUSY")  # an earlier transfer of this file still runs here: not an item error
-    sys.exit(1)
-version = ("%d %d" % (size, mtime_ns)).encode()
-
-# The file under its final name (in *final*, reached with no link followed) is this
-# version, complete (a cut came between its publication and our answer, or the same
-# version is sent again): hash it, flush it, hard-link it into the staging directory
-# (the sender verifies and publishes that name: a rename onto itself) and answer
-# without a transfer.
-def already_here():
-    if not final:
-        return False
-    try:
-        qfd = os.open(final, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for p in parts[:-1]:
-                nfd = os.open(p, DIRF, dir_fd=qfd)
-                os.close(qfd)
-                qfd = nfd
-            ffd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=qfd)
-        except OSError:
-            os.close(qfd)
-            return False
-    except OSError:
-        return False
-    try:
-        fst = os.fstat(ffd)
-        if not stat.S_ISREG(fst.st_mode) or (fst.st_size, fst.st_mtime_ns) != (size, mtime_ns):
-            return False
-        hh = hashlib.sha256()
-        buf = bytearray(CHUNK)
-        done = 0
-        while True:
-            k = os.readv(ffd, [buf])
-            if not k:
-                break
-            hh.update(memoryview(buf)[:k])
-            done += k
-            if done % (64 << 20) == 0:
-                say(b"AT", str(done).encode())  # still alive
-        os.fsync(ffd)
-        fst = os.fstat(ffd)
-        if fst.st_size != size:
-            return False
-        if fst.st_mode & 0o7000:
-            os.fchmod(ffd, stat.S_IMODE(fst.st_mode) & 0o777)
-        try:
-            os.unlink(base, dir_fd=dfd)
-        except FileNotFoundError:
-            pass
-        os.link(base, base, src_dir_fd=qfd, dst_dir_fd=dfd, follow_symlinks=False)
-        lst = os.stat(base, dir_fd=dfd, follow_symlinks=False)
-        if (lst.st_dev, lst.st_ino) != (fst.st_dev, fst.st_ino):
-            return False
-        os.fsync(dfd)
-    except OSError:
-        return False
-    finally:
-        os.close(ffd)
-        os.close(qfd)
-    try:
-        os.unlink(tmp, dir_fd=pfd)  # any partial copy of it is garbage now
-    except OSError:
-        pass
-    say(b"OFFSET", str(size).encode())
-    say(b"DONE", hh.hexdigest().encode(), str(fst.st_size).encode(),
-        str(fst.st_mtime_ns).encode(), str(fst.st_ino).encode())
-    return True
-
-if not force and already_here():
-    sys.exit(0)
-h = hashlib.sha256()
-have = 0
-if not force:
-    try:
-        if os.getxattr(fd, XATTR) == version:
-            have = min(os.fstat(fd).st_size, size)
-    except OSError:
-        have = 0
-# never trust what a partial file claims: re-read what is there
-buf = bytearray(CHUNK)
-view = memoryview(buf)
-got = 0
-while got < have:
-    k = os.readv(fd, [view[:min(CHUNK, have - got)]])
-    if not k:
-        break
-    h.update(view[:k])
-    got += k
-    if got % (64 << 20) == 0:
-        say(b"AT", str(got).encode())  # still alive: re-reading a large partial file
-have = got
-try:
-    os.ftruncate(fd, have)
-    os.lseek(fd, have, os.SEEK_SET)
-except OSError as e:
-    fail("cannot prepare the temporary file: %s" % e.strerror)
-try:
-    os.setxattr(fd, XATTR, version)
-except OSError:
-    pass  # no user xattrs here: an interruption means starting again
-try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    sfr = libc.sync_file_range
-    sfr.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-except (OSError, AttributeError):
-    sfr = None
-try:
-    fcntl.fcntl(0, 1031, CHUNK)  # F_SETPIPE_SZ: fewer, larger reads from sshd
-except (OSError, ValueError):
-    pass
-say(b"OFFSET", str(have).encode())
-
-q = queue.Queue(8)
-err = []
-def writer():
-    pos, flushed, said = have, have, have
-    while True:
-        data = q.get()
-        if data is None:
-            return
-        if err:
-            continue
-        try:
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv):]
-            h.update(data)
-            pos += len(data)
-            if pos - flushed >= STEP:
-                # start writeback of the new range; wait for the one before it, so at
-                # most ~2 steps are dirty and the final fdatasync is short
-                if sfr is not None:
-                    sfr(fd, flushed, pos - flushed, 2)
-                    if flushed - have >= STEP:
-                        sfr(fd, flushed - STEP, STEP, 1 | 2 | 4)
-                else:
-                    os.fdatasync(fd)
-                flushed = pos
-            if pos - said >= 64 << 20:
-                say(b"AT", str(pos).encode())
-                said = pos
-        except OSError as e:
-            err.append(e)
-t = threading.Thread(target=writer)
-t.start()
-left = size - have
-while left > 0:
-    data = os.read(0, min(CHUNK, left))
-    if not data:
-        break
-    left -= len(data)
-    q.put(data)
-q.put(None)
-t.join()
-if err:
-    try:
-        os.unlink(tmp, dir_fd=pfd)  # a full disk should not stay full of a partial file
-    except OSError:
-        pass
-    fail("cannot write: %s" % err[0].strerror)
-if left:
-    os.fdatasync(fd)  # keep what came, for the next attempt
-    sys.exit(2)
-try:
-    os.fdatasync(fd)
-    os.fchmod(fd, mode & 0o777)  # never setuid, setgid or sticky
-    os.utime(fd, ns=(mtime_ns, mtime_ns))
-    try:
-        os.removexattr(fd, XATTR)
-    except OSError:
-        pass
-    os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=dfd)
-    os.fsync(dfd)
-    st = os.fstat(fd)
-except OSError as e:
-    fail("cannot finish: %s" % e.strerror)
-say(b"DONE", h.hexdigest().encode(), str(st.st_size).encode(), str(st.st_mtime_ns).encode(),
-    str(st.st_ino).encode())
-"""
 
 _DONE = re.compile(rb"DONE ([0-9a-f]{64}) ([0-9]{1,20}) ([0-9]{1,25}) ([0-9]{1,20})")
 _OFFSET = re.compile(rb"OFFSET ([0-9]{1,20})")
@@ -377,7 +108,8 @@ def header(dest: str, relpath: str, *, size: int, mode: int, mtime_ns: int,
 
 
 def temp_name(dest: str, relpath: str, *, final: str = "") -> bytes:
-    """The name of a file's partial data in the partial directory (see RECEIVER_PY)."""
+    """The name of a file's partial data in the partial directory (see
+    remote/stream_receiver.py)."""
     key = os.fsencode(final or dest) + b"\0" + os.fsencode(relpath)
     return b"." + hashlib.sha256(key).hexdigest()[:40].encode() + TEMP_SUFFIX
 
@@ -425,7 +157,7 @@ class Stream:
         if not self.conn.alive():
             raise StreamBroken(f"ssh connection to {self.conn.target.host} is closed")
         argv = [*self.conn.argv(), self.conn.target.host, "--",
-                shlex.join(["python3", "-I", "-c", RECEIVER_PY])]
+                shlex.join(["python3", "-I", "-c", program("stream_receiver.py")])]
         proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE)
         self.proc = proc
