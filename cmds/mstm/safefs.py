@@ -546,7 +546,14 @@ def syncfs(fd: int) -> bool:
 
 
 def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
-    """Rename that never replaces an existing *dst* (FileExistsError instead)."""
+    """Rename that never replaces an existing *dst* (FileExistsError instead).
+
+    renameat2(RENAME_NOREPLACE) where the file system has it.  Else a directory is
+    renamed over an empty directory made for it (mkdir fails if *dst* exists; a
+    directory someone filled meanwhile is never replaced: ENOTEMPTY), and anything else
+    is hard-linked, then unlinked (link(2) never replaces); only where a file system has
+    neither, a file is checked for, then renamed.
+    """
     if _renameat2 is not None:
         if _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst),
                       _RENAME_NOREPLACE) == 0:
@@ -554,7 +561,9 @@ def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) ->
         e = ctypes.get_errno()
         if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(e, os.strerror(e), dst)
-    # no renameat2 here: link(2) never replaces either
+    if stat.S_ISDIR(os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False).st_mode):
+        _rename_dir_noreplace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
     try:
         os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
     except OSError as err:
@@ -568,6 +577,19 @@ def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) ->
             return
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
     os.unlink(src, dir_fd=src_dir_fd)
+
+
+def _rename_dir_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+    """Directory *src* to *dst* without renameat2: over a placeholder made for it."""
+    os.mkdir(dst, 0o700, dir_fd=dst_dir_fd)  # FileExistsError: dst is taken, left alone
+    try:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):  # filled by someone else meanwhile
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+        with suppress(OSError):
+            os.rmdir(dst, dir_fd=dst_dir_fd)  # our placeholder, still empty
+        raise
 
 
 def open_dir(parts: list[str], root_fd: int, *, create: bool = False,

@@ -214,3 +214,79 @@ def test_a_mount_point_inside_a_tree_is_never_walked_into_nor_pruned(
         assert (tmp_path / "outside" / "precious").read_bytes() == b"p"
     finally:
         subprocess.run(["umount", str(tmp_path / "s" / "run" / "mnt")], check=False)
+
+
+# -- rename without replacing, where the file system has no renameat2 ------------------
+@pytest.fixture(params=["renameat2", "no renameat2", "no renameat2, no hard links"])
+def rename_support(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param != "renameat2":
+        monkeypatch.setattr(safefs, "_renameat2", None)
+    if request.param.endswith("no hard links"):
+        def no_link(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(safefs.os, "link", no_link)
+    return str(request.param)
+
+
+def _rename(top: Path, src: str, dst: str) -> None:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        safefs.rename_noreplace(src, dst, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("taken_by", ["a file", "an empty directory", "a full directory"])
+def test_rename_noreplace_never_replaces_what_is_there(tmp_path: Path, rename_support: str,
+                                                       taken_by: str) -> None:
+    (tmp_path / "src").mkdir()
+    write(tmp_path / "src" / "f", b"ours")
+    write(tmp_path / "file", b"mine")
+    dst = tmp_path / "dst"
+    if taken_by == "a file":
+        write(dst, b"theirs")
+    else:
+        dst.mkdir()
+        if taken_by == "a full directory":
+            write(dst / "g", b"theirs")
+    before = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else dst.read_bytes()
+    for src in ("src", "file"):
+        with pytest.raises(FileExistsError):
+            _rename(tmp_path, src, "dst")
+    after = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else dst.read_bytes()
+    assert after == before
+    assert (tmp_path / "src" / "f").read_bytes() == b"ours"
+    assert (tmp_path / "file").read_bytes() == b"mine"
+
+
+def test_rename_noreplace_moves_a_directory_or_a_file_to_a_free_name(
+        tmp_path: Path, rename_support: str) -> None:
+    (tmp_path / "src").mkdir(mode=0o750)
+    write(tmp_path / "src" / "f", b"ours")
+    write(tmp_path / "file", b"mine")
+    _rename(tmp_path, "src", "moved")
+    _rename(tmp_path, "file", "moved-file")
+    assert (tmp_path / "moved" / "f").read_bytes() == b"ours"
+    assert (tmp_path / "moved").stat().st_mode & 0o777 == 0o750  # the directory itself
+    assert (tmp_path / "moved-file").read_bytes() == b"mine"
+    assert not (tmp_path / "src").exists() and not (tmp_path / "file").exists()
+
+
+def test_without_renameat2_a_directory_filled_while_we_rename_is_left_to_its_owner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The placeholder made for a directory is filled by someone else before our rename:
+    theirs stays, ours stays where it was, and the caller hears the name is taken."""
+    monkeypatch.setattr(safefs, "_renameat2", None)
+    (tmp_path / "src").mkdir()
+    write(tmp_path / "src" / "f", b"ours")
+    real_rename = os.rename
+
+    def someone_fills_it_first(src: str, dst: str, **kw: int) -> None:
+        write(tmp_path / "dst" / "theirs", b"theirs")
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(safefs.os, "rename", someone_fills_it_first)
+    with pytest.raises(FileExistsError):
+        _rename(tmp_path, "src", "dst")
+    assert (tmp_path / "dst" / "theirs").read_bytes() == b"theirs"
+    assert (tmp_path / "src" / "f").read_bytes() == b"ours"

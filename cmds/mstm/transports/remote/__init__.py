@@ -1,7 +1,7 @@
 """The programs mstm runs at a target, each a file of this package.
 
-The Python programs (stdlib only, no mstm import, Python 3.7+ syntax) are modules
-here -- importable, so that the linters and unit tests cover them -- and are shipped to
+The Python programs (stdlib only, no mstm import, Python 3.6: RHEL 8's python3) are
+modules here -- importable, so that the linters and unit tests cover them -- and are shipped to
 a target as text: ``python3 -I -c <text> args``, directly or from one of the shell
 scripts beside them.  Each keeps its work in functions and runs only under
 ``if __name__ == "__main__":``.

@@ -11,25 +11,24 @@ The answer: "size name\\0" per name (lstat, like stat(1)), the split mark, then
 the end so that a failure leaves nothing half-said (inspect.sh then falls back to
 sha256sum).  Names stay bytes throughout, 1 MiB reads go into one buffer, and each name
 is reached from the directory's descriptor, no symbolic link followed.  Standard
-library only, Python 3.7+.
+library only, Python 3.6+.
 """
-
-from __future__ import annotations
 
 import hashlib
 import os
 import stat
 import sys
+from typing import Dict, List, Optional, Tuple
 
 SPLIT = b"--mstm-split--"
 DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
-def read_request(data: bytes) -> tuple[list[bytes], dict[bytes, tuple[int, int, int, bytes]]]:
+def read_request(data: bytes) -> Tuple[List[bytes], Dict[bytes, Tuple[int, int, int, bytes]]]:
     """The names to answer for, and the digests stream_receiver.py reported."""
     recs = data.split(b"\0")
     cut = recs.index(b"/") if b"/" in recs else len(recs)
     names, extra = [n for n in recs[:cut] if n], recs[cut + 1:]
-    known: dict[bytes, tuple[int, int, int, bytes]] = {}
+    known: Dict[bytes, Tuple[int, int, int, bytes]] = {}
     for i in range(0, len(extra) - 1, 2):
         w = extra[i].split()
         if len(w) == 4 and all(x.isdigit() for x in w[:3]):
@@ -43,10 +42,10 @@ class _Parents:
 
     def __init__(self, here: int) -> None:
         self.here = here
-        self.key: bytes | None = None
-        self.fd: int | None = None
+        self.key: Optional[bytes] = None
+        self.fd: Optional[int] = None
 
-    def parent(self, n: bytes) -> tuple[int, bytes]:
+    def parent(self, n: bytes) -> Tuple[int, bytes]:
         parts = n.split(b"/")
         if any(p in (b"", b".", b"..") for p in parts):
             raise OSError("not a normalised relative path")
@@ -71,11 +70,11 @@ class _Parents:
         self.key = self.fd = None
 
 
-def answer(here: int, names: list[bytes],
-           known: dict[bytes, tuple[int, int, int, bytes]]) -> bytes:
+def answer(here: int, names: List[bytes],
+           known: Dict[bytes, Tuple[int, int, int, bytes]]) -> bytes:
     """Sizes, the split mark and digests of *names* below the directory *here*."""
-    sizes: list[bytes] = []
-    sums: list[bytes] = []
+    sizes: List[bytes] = []
+    sums: List[bytes] = []
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     parents = _Parents(here)
@@ -114,7 +113,7 @@ def answer(here: int, names: list[bytes],
     return b"".join(sizes) + SPLIT + b"\0" + b"".join(sums)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: List[str]) -> None:
     with open(argv[1], "rb") as f:
         names, known = read_request(f.read())
     here = os.open(b".", DIRF)

@@ -7,15 +7,14 @@ does (sftp's `publish` runs it so).  The answer, NUL-separated: "mstm-inspect 1"
 "D 0 - name" per directory and "F size sha256 name" per regular file (anything else,
 or missing, is left out), then "end".  Every name is reached from the directory's
 descriptor with O_NOFOLLOW: no symbolic link is followed.  Standard library only,
-Python 3.7+.
+Python 3.6+.
 """
-
-from __future__ import annotations
 
 import hashlib
 import os
 import stat
 import sys
+from typing import List, Optional
 
 D = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -29,13 +28,13 @@ def syncfs(fd: int) -> None:
         os.sync()
 
 
-def record(root: int, rel: bytes) -> bytes | None:
+def record(root: int, rel: bytes) -> Optional[bytes]:
     """The answer's record for *rel* below *root*, or None (missing, not a normalised
     relative path, neither a directory nor a regular file, a link on the way)."""
     parts = rel.split(b"/")
     if not rel or any(p in (b"", b".", b"..") for p in parts):
         return None
-    fds: list[int] = []
+    fds: List[int] = []
     try:
         cur = root
         for p in parts[:-1]:
@@ -75,7 +74,7 @@ def answer(root: int, names: bytes) -> bytes:
     return b"\0".join(out) + b"\0"
 
 
-def main(argv: list[str]) -> None:
+def main(argv: List[str]) -> None:
     w = sys.stdout.buffer.write
     try:
         root = os.open(os.fsencode(argv[1]), os.O_RDONLY | os.O_DIRECTORY)

@@ -20,10 +20,8 @@ recursion or path-length limit (a tree 1,000 levels deep works).
 
 Every run ends its answer with "MSTM-OK\\n": anything else means it did not finish.  A
 batch name of any other shape than mstm's ends the program with exit 4.  Standard
-library only, Python 3.7+.
+library only, Python 3.6+.
 """
-
-from __future__ import annotations
 
 import contextlib
 import ctypes
@@ -33,7 +31,7 @@ import re
 import stat
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | CLOEXEC
@@ -61,7 +59,7 @@ def raise_nofile_limit() -> None:
         pass
 
 
-def lstat_at(fd: int, name: bytes) -> os.stat_result | None:
+def lstat_at(fd: int, name: bytes) -> Optional[os.stat_result]:
     try:
         return os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -92,7 +90,7 @@ def rmtree_at(pfd: int, name: bytes) -> None:
         return
     first = os.open(name, DIRF, dir_fd=pfd)
     # each level: [parent fd, name, fd, names left to remove (None: not listed yet)]
-    stack: list[list[Any]] = [[pfd, name, first, None]]
+    stack: List[List[Any]] = [[pfd, name, first, None]]
     try:
         while stack:
             top = stack[-1]
@@ -186,7 +184,7 @@ def do_open(tfd: int, out: IO[bytes]) -> None:
             os.close(fd)
 
 
-def walk_to(root: int, parts: list[bytes], create: list[int] | None = None) -> int | None:
+def walk_to(root: int, parts: List[bytes], create: Optional[List[int]] = None) -> Optional[int]:
     """Descend from *root* through real directories only (no link followed); a missing
     one -> None, unless *create* gives the modes to make them with."""
     fd = os.open(b".", DIRF, dir_fd=root)
@@ -226,7 +224,7 @@ def kind(st: os.stat_result) -> str:
 
 
 def plan(sfd: int, tfd: int, rel: bytes, is_dir: bool
-         ) -> tuple[list[int], list[tuple[bytes, bool]]]:
+         ) -> Tuple[List[int], List[Tuple[bytes, bool]]]:
     """What publishing one item takes, or Refused: nothing is changed here but the
     staged copy's modes.  Returns (modes of the parents to create, moves: [(rel, whole
     directory?)])."""
@@ -277,14 +275,14 @@ def plan(sfd: int, tfd: int, rel: bytes, is_dir: bool
     return modes, check_tree(sfd, rel, tfd)
 
 
-def check_tree(sfd: int, rel: bytes, tfd: int | None) -> list[tuple[bytes, bool]]:
+def check_tree(sfd: int, rel: bytes, tfd: Optional[int]) -> List[Tuple[bytes, bool]]:
     """Walk the staged tree *rel* (iteratively), comparing it with the target's where
     that exists; the moves that merge it, or Refused."""
-    moves: list[tuple[bytes, bool]] = []
+    moves: List[Tuple[bytes, bool]] = []
     sroot = walk_to(sfd, rel.split(b"/"))
     assert sroot is not None
     troot = walk_to(tfd, rel.split(b"/")) if tfd is not None else None
-    stack: list[tuple[bytes, int, int | None, list[str]]] = [
+    stack: List[Tuple[bytes, int, Optional[int], List[str]]] = [
         (rel, sroot, troot, os.listdir(sroot))]
     try:
         while stack:
@@ -352,14 +350,14 @@ def move(sd: int, td: int, name: bytes, noreplace: bool) -> None:
     os.rename(name, name, src_dir_fd=sd, dst_dir_fd=td)
 
 
-def apply(sfd: int, tfd: int, rel: bytes, modes: list[int],
-          moves: list[tuple[bytes, bool]]) -> None:
+def apply(sfd: int, tfd: int, rel: bytes, modes: List[int],
+          moves: List[Tuple[bytes, bool]]) -> None:
     """Make the planned item's missing parents, then its moves."""
     parts = rel.split(b"/")
     made = walk_to(tfd, parts[:-1], create=modes)
     assert made is not None
     os.close(made)
-    cache: dict[bytes, tuple[int, int]] = {}
+    cache: Dict[bytes, Tuple[int, int]] = {}
     try:
         for m, whole in moves:
             mp = m.split(b"/")
@@ -398,8 +396,8 @@ def apply(sfd: int, tfd: int, rel: bytes, modes: list[int],
 def do_publish(tfd: int, batch: bytes, request: bytes, out: IO[bytes]) -> None:
     """Publish the items *request* names from staging batch *batch*; one answer per
     item on *out*, after the syncfs that makes the renames durable."""
-    answers: list[tuple[bytes, bytes, str]] = []
-    sfd: int | None
+    answers: List[Tuple[bytes, bytes, str]] = []
+    sfd: Optional[int]
     try:
         stg = os.open(STAGING, DIRF, dir_fd=tfd)
         sfd = os.open(batch, DIRF, dir_fd=stg)
@@ -448,7 +446,7 @@ def do_discard(tfd: int, batch: bytes) -> None:
         os.close(stg)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: List[str]) -> None:
     raise_nofile_limit()
     out = sys.stdout.buffer
     target, mode = os.fsencode(argv[1]), argv[2]

@@ -12,10 +12,8 @@ name, resume, the complete copy under its final name).
 
 Exit 0 after DONE; 1 after ERROR or BUSY (the caller may fall back to rsync after an
 ERROR); 2 when the data ended early (the sender went away: the partial file is kept,
-flushed).  Names stay bytes throughout; standard library only, Python 3.7+.
+flushed).  Names stay bytes throughout; standard library only, Python 3.6+.
 """
-
-from __future__ import annotations
 
 import contextlib
 import ctypes
@@ -26,7 +24,7 @@ import queue
 import stat
 import sys
 import threading
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, List, NamedTuple, NoReturn, Optional, Tuple
 
 MAGIC = b"MSTM-STREAM-2"
 CHUNK, STEP, XATTR = 1 << 20, 8 << 20, "user.mstm.version"
@@ -92,7 +90,7 @@ def refused(h: Header) -> bool:
         any(d and not d.startswith(b"/") for d in (h.final, h.part))
 
 
-def open_parent(dest: bytes, parts: list[bytes]) -> int:
+def open_parent(dest: bytes, parts: List[bytes]) -> int:
     """The directory the file goes to, made where missing (no link followed below
     *dest*)."""
     try:
@@ -109,7 +107,7 @@ def open_parent(dest: bytes, parts: list[bytes]) -> int:
     return dfd
 
 
-def temp_place(h: Header, dfd: int, base: bytes) -> tuple[int, bytes]:
+def temp_place(h: Header, dfd: int, base: bytes) -> Tuple[int, bytes]:
     """Where the partial data waits: (directory descriptor, name).  In the target's
     partial directory (private, shared by every batch: an interrupted file resumes in
     the next batch) under a name derived from the final directory and the relative
@@ -235,7 +233,7 @@ def _sync_file_range() -> Any:
         return None
 
 
-def receive(h: Header, fd: int, hasher: Any, have: int) -> tuple[int, list[OSError]]:
+def receive(h: Header, fd: int, hasher: Any, have: int) -> Tuple[int, List[OSError]]:
     """Write stdin's next ``size - have`` bytes to *fd* (hashed, their writeback started
     every STEP bytes) from a writer thread; (bytes missing at the end of the data,
     the write errors)."""
@@ -243,8 +241,8 @@ def receive(h: Header, fd: int, hasher: Any, have: int) -> tuple[int, list[OSErr
     with contextlib.suppress(OSError, ValueError):
         fcntl.fcntl(0, 1031, CHUNK)  # F_SETPIPE_SZ: fewer, larger reads from sshd
     say(b"OFFSET", str(have).encode())
-    q: queue.Queue[bytes | None] = queue.Queue(8)
-    err: list[OSError] = []
+    q: "queue.Queue[Optional[bytes]]" = queue.Queue(8)
+    err: List[OSError] = []
 
     def writer() -> None:
         pos, flushed, said = have, have, have
