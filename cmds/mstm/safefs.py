@@ -25,7 +25,7 @@ below a stream directory goes through this module:
 It also holds the primitives that remove whatever is in a tree, rename without
 replacing and flush a filesystem (:func:`remove_tree`, :func:`rename_noreplace`,
 :func:`syncfs`), which mstm-receive and the transports' staging areas use.  It is one
-module of ~700 lines on purpose: issue 12 asks for exactly one place where a path below
+module of some 770 lines on purpose: issue 12 asks for exactly one place where a path below
 a stream (or a target) directory is resolved, so that no second copy can drift.
 
 The stream directory itself may be reached through a symbolic link (an admin's choice,
