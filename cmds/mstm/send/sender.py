@@ -65,7 +65,6 @@ class Sender:
         self.notifier = self.loop.notifier
         self.progress = progress
         self.do_scan = scan
-        self.stop_event = self.loop.stop_event
         self.summary = Summary(stream.name)
         self.backoff = DestinationBackoff(base=max(0.1, self.out.retry_backoff),
                                           maximum=max(0.1, self.out.retry_backoff_max))
@@ -127,7 +126,7 @@ class Sender:
 
         A lost lease ends a batch (:meth:`should_stop`), not the loop: the next
         ``claim`` continues under a new owner identity."""
-        while not self.stop_event.is_set():
+        while not self.loop.stopping:
             if self.backoff.remaining(time.time()) > 0:
                 return
             if self.paused():
@@ -462,9 +461,9 @@ class Sender:
         if self.do_scan:
             self.scan_into_spool()
         connection_tries = 0
-        while not self.stop_event.is_set():
+        while not self.loop.stopping:
             self.deliver_pending()
-            if self.summary.paused or self.stop_event.is_set():
+            if self.summary.paused or self.loop.stopping:
                 break
             wait_backoff = self.backoff.remaining(time.time())
             if wait_backoff > 0:
@@ -496,7 +495,7 @@ class Sender:
                  self.out.transfer_mode, watcher.backend,
                  extra=fields(stream=self.stream.name, peer=self.peer))
         try:
-            while not self.stop_event.is_set():
+            while not self.loop.stopping:
                 self.tick()
                 self.spool.reclaim_expired()
                 report = self.scan_into_spool() if self.do_scan else None
