@@ -564,13 +564,18 @@ class SenderMachine(RuleBasedStateMachine):
     def write(self, which: int, data: bytes, in_place: bool) -> None:
         self._put(self.names[which], data, in_place=in_place)
 
-    # What is drawn never depends on the file system (whether a source is still there
-    # depends on what the sender did, and hypothesis replays a case only if the same
-    # choices are drawn): a name is drawn from the fixed list, and an absent one is a no-op.
+    def _present(self, which: int) -> str | None:
+        """One of the sources still there, picked by *which*.  What is drawn never depends
+        on the file system (whether a source is still there depends on what the sender
+        did, and hypothesis replays a case only if the same choices are drawn): an
+        integer is drawn, and indexes the present sources modulo their number."""
+        present = sorted(n for n in self.current if (self.env.src / n).exists())
+        return present[which % len(present)] if present else None
+
     @rule(which=st.integers(0, len(NAMES) - 1))
     def delete(self, which: int) -> None:
-        name = self.names[which]
-        if name in self.current and (self.env.src / name).exists():
+        name = self._present(which)
+        if name is not None:
             (self.env.src / name).unlink()
             del self.current[name]
 
@@ -602,7 +607,8 @@ class SenderMachine(RuleBasedStateMachine):
     @rule(fault=st.sampled_from(FAULTS), draw=st.data(), data=contents)
     def deliver(self, fault: str, draw: st.DataObject, data: bytes) -> None:
         t, f = self.env.target, self.env.target.faults
-        victim = draw.draw(st.sampled_from(self.names), label="victim")
+        which = draw.draw(st.integers(0, len(self.names) - 1), label="victim")
+        victim = self._present(which) or self.names[which]
         once: list[Callable[[], None]] = []
 
         def hook(action: Callable[[], None]) -> Callable[[], None]:
