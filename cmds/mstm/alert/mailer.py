@@ -33,7 +33,7 @@ from pathlib import Path
 from mstm.config import EmailConfig
 from mstm.errors import ConfigError
 
-log = logging.getLogger("mstm.alert.mailer")
+log = logging.getLogger("mstm.mailer")
 
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 

@@ -303,6 +303,10 @@ class Puller:
                         stall_ignores=os.path.basename(self.stream.rsync_ssh.ssh_cmd))
         if run.stalled:
             log.debug("rsync %d: nothing read for %g s; killing it", run.pid, stall)
+        # a run that failed while the stream is stopping or paused (another worker may
+        # have seen the stop file first) counts as stopped, not failed
+        if run.exit_code and (self.loop.stopping or self._paused_reason is not None):
+            run.stopped = True
         return run
 
     def _should_stop(self) -> ShouldStop:
