@@ -22,17 +22,70 @@ PROGRAMS = ["hasher.py", "stage.py", "stream_receiver.py", "sftp_inspect.py"]
 SCRIPTS = ["inspect.sh", "stage.sh", "run_stage.sh", "put.sh", "await.sh", "exchange.sh"]
 
 
-def test_the_programs_need_no_python_newer_than_3_6() -> None:
-    """RHEL 8's python3 is 3.6: no newer syntax, library call or evaluated annotation
-    (vermin knows which version brought each; annotations are judged as if evaluated)."""
+def test_the_programs_need_no_python_newer_than_3_4() -> None:
+    """A target's python3 may be 3.4 (Debian 9, Ubuntu 16.04, SLES 12, CentOS 7's python34):
+    no newer syntax or library call (vermin knows which version brought each; annotations,
+    were there any, are judged as if evaluated).  The typing import that only mypy sees is
+    marked "# novm"; the next test checks that it never runs."""
     vermin = Path(sys.executable).with_name("vermin")
     if not vermin.exists():
         pytest.skip("vermin is not installed (pip install -e '.[test]')")
     paths = [str(Path(stage.__file__).with_name(n)) for n in PROGRAMS]
-    run = subprocess.run([str(vermin), "--target=3.6-", "--violations", "--no-tips",
+    run = subprocess.run([str(vermin), "--target=3.4-", "--violations", "--no-tips",
                           "--eval-annotations", *paths],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def _is_mypy_only(node: ast.stmt) -> bool:
+    """``if MYPY:``, whose body only mypy sees: it never runs (MYPY = False)."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+            and node.test.id == "MYPY")
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_the_programs_type_only_in_comments_and_never_import_typing(name: str) -> None:
+    """Python 3.4 has no typing module and evaluates annotations: types are comments
+    (mypy reads them), typing is imported only under ``if MYPY:`` with MYPY = False,
+    and there is no "from __future__ import annotations" (3.7+)."""
+    tree = ast.parse(program(name), name)
+    assert any(isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["MYPY"]
+               and isinstance(n.value, ast.Constant) and n.value.value is False
+               for n in tree.body)
+    assert not any(isinstance(n, ast.Assign) and "MYPY" in map(ast.unparse, n.targets)
+                   and not (isinstance(n.value, ast.Constant) and n.value.value is False)
+                   for n in ast.walk(tree))
+    mypy_only = {id(n) for top in tree.body if _is_mypy_only(top)
+                 for s in top.body for n in ast.walk(s)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.module != "__future__", ast.unparse(node)
+        modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                   else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(m == "typing" or m.startswith("typing.") for m in modules):
+            assert id(node) in mypy_only, f"{name}:{node.lineno}: typing imported at run time"
+        if isinstance(node, ast.AnnAssign):
+            pytest.fail(f"{name}:{node.lineno}: a variable annotation")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+            assert node.returns is None and all(a is None or a.annotation is None
+                                                for a in every), \
+                f"{name}:{node.lineno}: an annotation (a type comment instead)"
+
+
+def test_the_stream_receivers_header_has_the_fields_mypy_sees() -> None:
+    """Header is collections.namedtuple at run time and typing.NamedTuple for mypy: the
+    same fields in the same order."""
+    tree = ast.parse(program("stream_receiver.py"))
+    typed = [n for top in tree.body if _is_mypy_only(top) for n in top.body
+             if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "Header"]
+    assert len(typed) == 1 and isinstance(typed[0].value, ast.Call)
+    pairs = typed[0].value.args[1]  # NamedTuple("Header", [("dest", bytes), ...])
+    assert isinstance(pairs, ast.List)
+    fields = tuple(ast.literal_eval(p.elts[0]) for p in pairs.elts if isinstance(p, ast.Tuple))
+    assert len(fields) == len(pairs.elts) == 8
+    assert fields == stream_receiver.Header._fields
 
 
 def sha(data: bytes) -> str:
@@ -46,7 +99,7 @@ def dirfd(path: Path) -> int:
 @pytest.mark.parametrize("name", PROGRAMS)
 def test_each_program_is_sent_as_its_module_text_and_runs_only_as_a_script(name: str) -> None:
     text = program(name)
-    ast.parse(text, name, feature_version=(3, 6))  # what a target's python3 may be
+    ast.parse(text, name, feature_version=(3, 4))  # what a target's python3 may be
     assert 'if __name__ == "__main__":' in text
     assert "import mstm" not in text and "from mstm" not in text
 

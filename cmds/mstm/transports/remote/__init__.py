@@ -1,10 +1,12 @@
 """The programs mstm runs at a target, each a file of this package.
 
-The Python programs (stdlib only, no mstm import, Python 3.6: RHEL 8's python3) are
-modules here -- importable, so that the linters and unit tests cover them -- and are shipped to
-a target as text: ``python3 -I -c <text> args``, directly or from one of the shell
-scripts beside them.  Each keeps its work in functions and runs only under
-``if __name__ == "__main__":``.
+The Python programs (stdlib only, no mstm import, Python 3.4+: a target's python3 may be
+Debian 9's, Ubuntu 16.04's, SLES 12's or CentOS 7's python34) are modules here -- importable,
+so that the linters, strict mypy and the unit tests cover them -- and are shipped to a target
+as text: ``python3 -I -c <text> args``, directly or from one of the shell scripts beside
+them.  Each keeps its work in functions and runs only under ``if __name__ == "__main__":``.
+Their types are comments (``# type: ...``), and ``typing`` is imported only under
+``if MYPY:`` with ``MYPY = False``: mypy reads both, Python 3.4 (no typing module) neither.
 
 * ``hasher.py``: sizes and sha256 of the named files (rsync_ssh's `inspect`);
   ``inspect.sh`` syncs the filesystem first and falls back to stat/sha256sum.

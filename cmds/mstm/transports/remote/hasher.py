@@ -11,24 +11,30 @@ The answer: "size name\\0" per name (lstat, like stat(1)), the split mark, then
 the end so that a failure leaves nothing half-said (inspect.sh then falls back to
 sha256sum).  Names stay bytes throughout, 1 MiB reads go into one buffer, and each name
 is reached from the directory's descriptor, no symbolic link followed.  Standard
-library only, Python 3.6+.
+library only, Python 3.4+ (types in comments, for mypy only).
 """
 
 import hashlib
 import os
 import stat
 import sys
-from typing import Dict, List, Optional, Tuple
+
+# Types are in comments, for mypy only: typing is not imported at run time (3.5+; ruff does
+# not read type comments, vermin does not know MYPY is False here).
+MYPY = False
+if MYPY:  # pragma: no cover
+    from typing import Dict, List, Optional, Tuple  # noqa: F401  # novm
 
 SPLIT = b"--mstm-split--"
 DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
-def read_request(data: bytes) -> Tuple[List[bytes], Dict[bytes, Tuple[int, int, int, bytes]]]:
+def read_request(data):
+    # type: (bytes) -> Tuple[List[bytes], Dict[bytes, Tuple[int, int, int, bytes]]]
     """The names to answer for, and the digests stream_receiver.py reported."""
     recs = data.split(b"\0")
     cut = recs.index(b"/") if b"/" in recs else len(recs)
     names, extra = [n for n in recs[:cut] if n], recs[cut + 1:]
-    known: Dict[bytes, Tuple[int, int, int, bytes]] = {}
+    known = {}  # type: Dict[bytes, Tuple[int, int, int, bytes]]
     for i in range(0, len(extra) - 1, 2):
         w = extra[i].split()
         if len(w) == 4 and all(x.isdigit() for x in w[:3]):
@@ -40,12 +46,14 @@ class _Parents:
     """The last parent directory reached (path, descriptor): names come sorted by
     directory, so most names reuse it."""
 
-    def __init__(self, here: int) -> None:
+    def __init__(self, here):
+        # type: (int) -> None
         self.here = here
-        self.key: Optional[bytes] = None
-        self.fd: Optional[int] = None
+        self.key = None  # type: Optional[bytes]
+        self.fd = None  # type: Optional[int]
 
-    def parent(self, n: bytes) -> Tuple[int, bytes]:
+    def parent(self, n):
+        # type: (bytes) -> Tuple[int, bytes]
         parts = n.split(b"/")
         if any(p in (b"", b".", b"..") for p in parts):
             raise OSError("not a normalised relative path")
@@ -64,17 +72,18 @@ class _Parents:
             self.key, self.fd = key, fd
         return self.fd, parts[-1]
 
-    def close(self) -> None:
+    def close(self):
+        # type: () -> None
         if self.fd is not None:
             os.close(self.fd)
         self.key = self.fd = None
 
 
-def answer(here: int, names: List[bytes],
-           known: Dict[bytes, Tuple[int, int, int, bytes]]) -> bytes:
+def answer(here, names, known):
+    # type: (int, List[bytes], Dict[bytes, Tuple[int, int, int, bytes]]) -> bytes
     """Sizes, the split mark and digests of *names* below the directory *here*."""
-    sizes: List[bytes] = []
-    sums: List[bytes] = []
+    sizes = []  # type: List[bytes]
+    sums = []  # type: List[bytes]
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     parents = _Parents(here)
@@ -113,7 +122,8 @@ def answer(here: int, names: List[bytes],
     return b"".join(sizes) + SPLIT + b"\0" + b"".join(sums)
 
 
-def main(argv: List[str]) -> None:
+def main(argv):
+    # type: (List[str]) -> None
     with open(argv[1], "rb") as f:
         names, known = read_request(f.read())
     here = os.open(b".", DIRF)

@@ -7,19 +7,25 @@ does (sftp's `publish` runs it so).  The answer, NUL-separated: "mstm-inspect 1"
 "D 0 - name" per directory and "F size sha256 name" per regular file (anything else,
 or missing, is left out), then "end".  Every name is reached from the directory's
 descriptor with O_NOFOLLOW: no symbolic link is followed.  Standard library only,
-Python 3.6+.
+Python 3.4+ (types in comments, for mypy only).
 """
 
 import hashlib
 import os
 import stat
 import sys
-from typing import List, Optional
+
+# Types are in comments, for mypy only: typing is not imported at run time (3.5+; ruff does
+# not read type comments, vermin does not know MYPY is False here).
+MYPY = False
+if MYPY:  # pragma: no cover
+    from typing import List, Optional  # noqa: F401  # novm
 
 D = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def syncfs(fd: int) -> None:
+def syncfs(fd):
+    # type: (int) -> None
     try:
         import ctypes
 
@@ -28,13 +34,14 @@ def syncfs(fd: int) -> None:
         os.sync()
 
 
-def record(root: int, rel: bytes) -> Optional[bytes]:
+def record(root, rel):
+    # type: (int, bytes) -> Optional[bytes]
     """The answer's record for *rel* below *root*, or None (missing, not a normalised
     relative path, neither a directory nor a regular file, a link on the way)."""
     parts = rel.split(b"/")
     if not rel or any(p in (b"", b".", b"..") for p in parts):
         return None
-    fds: List[int] = []
+    fds = []  # type: List[int]
     try:
         cur = root
         for p in parts[:-1]:
@@ -63,7 +70,8 @@ def record(root: int, rel: bytes) -> Optional[bytes]:
     return None
 
 
-def answer(root: int, names: bytes) -> bytes:
+def answer(root, names):
+    # type: (int, bytes) -> bytes
     """The whole answer for the NUL-separated *names* below *root*."""
     out = [b"mstm-inspect 1"]
     for rel in names.split(b"\0"):
@@ -74,7 +82,8 @@ def answer(root: int, names: bytes) -> bytes:
     return b"\0".join(out) + b"\0"
 
 
-def main(argv: List[str]) -> None:
+def main(argv):
+    # type: (List[str]) -> None
     w = sys.stdout.buffer.write
     try:
         root = os.open(os.fsencode(argv[1]), os.O_RDONLY | os.O_DIRECTORY)

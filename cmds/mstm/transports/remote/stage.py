@@ -20,7 +20,7 @@ recursion or path-length limit (a tree 1,000 levels deep works).
 
 Every run ends its answer with "MSTM-OK\\n": anything else means it did not finish.  A
 batch name of any other shape than mstm's ends the program with exit 4.  Standard
-library only, Python 3.6+.
+library only, Python 3.4+ (types in comments, for mypy only).
 """
 
 import contextlib
@@ -31,7 +31,12 @@ import re
 import stat
 import sys
 import time
-from typing import IO, Any, Dict, List, Optional, Tuple
+
+# Types are in comments, for mypy only: typing is not imported at run time (3.5+; ruff does
+# not read type comments, vermin does not know MYPY is False here).
+MYPY = False
+if MYPY:  # pragma: no cover
+    from typing import IO, Any, Dict, List, Optional, Tuple  # noqa: F401  # novm
 
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | CLOEXEC
@@ -46,7 +51,8 @@ class Refused(Exception):
     """An item that may not be published, and why."""
 
 
-def raise_nofile_limit() -> None:
+def raise_nofile_limit():
+    # type: () -> None
     """As many open descriptors as allowed: a deep tree is walked from descriptors."""
     try:
         import resource
@@ -59,14 +65,16 @@ def raise_nofile_limit() -> None:
         pass
 
 
-def lstat_at(fd: int, name: bytes) -> Optional[os.stat_result]:
+def lstat_at(fd, name):
+    # type: (int, bytes) -> Optional[os.stat_result]
     try:
         return os.stat(name, dir_fd=fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def clean_mode(fd: int, name: bytes, st: os.stat_result) -> None:
+def clean_mode(fd, name, st):
+    # type: (int, bytes, os.stat_result) -> None
     """setuid, setgid and sticky never survive (nor any bit above 0o777)."""
     if st.st_mode & 0o7000 == 0 or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return
@@ -79,7 +87,8 @@ def clean_mode(fd: int, name: bytes, st: os.stat_result) -> None:
         os.close(f)
 
 
-def rmtree_at(pfd: int, name: bytes) -> None:
+def rmtree_at(pfd, name):
+    # type: (int, bytes) -> None
     """Remove *name* in *pfd*: iterative, from descriptors, nothing followed, no depth or
     PATH_MAX limit."""
     st = lstat_at(pfd, name)
@@ -90,7 +99,7 @@ def rmtree_at(pfd: int, name: bytes) -> None:
         return
     first = os.open(name, DIRF, dir_fd=pfd)
     # each level: [parent fd, name, fd, names left to remove (None: not listed yet)]
-    stack: List[List[Any]] = [[pfd, name, first, None]]
+    stack = [[pfd, name, first, None]]  # type: List[List[Any]]
     try:
         while stack:
             top = stack[-1]
@@ -118,7 +127,8 @@ def rmtree_at(pfd: int, name: bytes) -> None:
             os.close(top[2])
 
 
-def newest(pfd: int, name: bytes) -> float:
+def newest(pfd, name):
+    # type: (int, bytes) -> float
     """The newest mtime in a tree (iterative, nothing followed)."""
     top = lstat_at(pfd, name)
     assert top is not None
@@ -146,7 +156,8 @@ def newest(pfd: int, name: bytes) -> float:
     return best
 
 
-def private_dir(tfd: int, name: bytes) -> int:
+def private_dir(tfd, name):
+    # type: (int, bytes) -> int
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, 0o700, dir_fd=tfd)
     fd = os.open(name, DIRF, dir_fd=tfd)
@@ -158,7 +169,8 @@ def private_dir(tfd: int, name: bytes) -> int:
     return fd
 
 
-def do_open(tfd: int, out: IO[bytes]) -> None:
+def do_open(tfd, out):
+    # type: (int, IO[bytes]) -> None
     """Staging and partial directories, private; stale batches of killed senders
     removed (each named on *out*)."""
     for name in (PARTIAL, STAGING):
@@ -184,7 +196,8 @@ def do_open(tfd: int, out: IO[bytes]) -> None:
             os.close(fd)
 
 
-def walk_to(root: int, parts: List[bytes], create: Optional[List[int]] = None) -> Optional[int]:
+def walk_to(root, parts, create=None):
+    # type: (int, List[bytes], Optional[List[int]]) -> Optional[int]
     """Descend from *root* through real directories only (no link followed); a missing
     one -> None, unless *create* gives the modes to make them with."""
     fd = os.open(b".", DIRF, dir_fd=root)
@@ -203,7 +216,8 @@ def walk_to(root: int, parts: List[bytes], create: Optional[List[int]] = None) -
                 return None
             if not stat.S_ISDIR(st.st_mode):
                 what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                raise Refused(f"{os.fsdecode(b'/'.join(parts[:i + 1]))} at the target is {what}")
+                raise Refused("%s at the target is %s"
+                              % (os.fsdecode(b"/".join(parts[:i + 1])), what))
             nfd = os.open(p, DIRF, dir_fd=fd)
             os.close(fd)
             fd = nfd
@@ -214,7 +228,8 @@ def walk_to(root: int, parts: List[bytes], create: Optional[List[int]] = None) -
         raise
 
 
-def kind(st: os.stat_result) -> str:
+def kind(st):
+    # type: (os.stat_result) -> str
     m = st.st_mode
     if stat.S_ISDIR(m):
         return "d"
@@ -223,8 +238,8 @@ def kind(st: os.stat_result) -> str:
     return "x"
 
 
-def plan(sfd: int, tfd: int, rel: bytes, is_dir: bool
-         ) -> Tuple[List[int], List[Tuple[bytes, bool]]]:
+def plan(sfd, tfd, rel, is_dir):
+    # type: (int, int, bytes, bool) -> Tuple[List[int], List[Tuple[bytes, bool]]]
     """What publishing one item takes, or Refused: nothing is changed here but the
     staged copy's modes.  Returns (modes of the parents to create, moves: [(rel, whole
     directory?)])."""
@@ -240,7 +255,7 @@ def plan(sfd: int, tfd: int, rel: bytes, is_dir: bool
             raise Refused("not in the staging directory")
         if is_dir != stat.S_ISDIR(st.st_mode) or (not is_dir and not stat.S_ISREG(st.st_mode)):
             what = "directory" if is_dir else "regular file"
-            raise Refused(f"staged as something else than a {what}")
+            raise Refused("staged as something else than a %s" % (what,))
         modes = []
         sd = os.open(b".", DIRF, dir_fd=sfd)
         for p in parts[:-1]:
@@ -271,19 +286,20 @@ def plan(sfd: int, tfd: int, rel: bytes, is_dir: bool
         return modes, [(rel, True)]
     if not stat.S_ISDIR(tst.st_mode):
         what = "a symbolic link" if stat.S_ISLNK(tst.st_mode) else "not a directory"
-        raise Refused(f"{os.fsdecode(rel)} at the target is {what}")
+        raise Refused("%s at the target is %s" % (os.fsdecode(rel), what))
     return modes, check_tree(sfd, rel, tfd)
 
 
-def check_tree(sfd: int, rel: bytes, tfd: Optional[int]) -> List[Tuple[bytes, bool]]:
+def check_tree(sfd, rel, tfd):
+    # type: (int, bytes, Optional[int]) -> List[Tuple[bytes, bool]]
     """Walk the staged tree *rel* (iteratively), comparing it with the target's where
     that exists; the moves that merge it, or Refused."""
-    moves: List[Tuple[bytes, bool]] = []
+    moves = []  # type: List[Tuple[bytes, bool]]
     sroot = walk_to(sfd, rel.split(b"/"))
     assert sroot is not None
     troot = walk_to(tfd, rel.split(b"/")) if tfd is not None else None
-    stack: List[Tuple[bytes, int, Optional[int], List[str]]] = [
-        (rel, sroot, troot, os.listdir(sroot))]
+    stack = []  # type: List[Tuple[bytes, int, Optional[int], List[str]]]
+    stack.append((rel, sroot, troot, os.listdir(sroot)))
     try:
         while stack:
             r, s, t, names = stack[-1]
@@ -300,7 +316,7 @@ def check_tree(sfd: int, rel: bytes, tfd: Optional[int]) -> List[Tuple[bytes, bo
                 continue
             k = kind(st)
             if k == "x":
-                raise Refused(f"{os.fsdecode(sub)} is not a regular file, directory or link")
+                raise Refused("%s is not a regular file, directory or link" % (os.fsdecode(sub),))
             clean_mode(s, n, st)
             tst = lstat_at(t, n) if t is not None else None
             if k == "d":
@@ -311,13 +327,13 @@ def check_tree(sfd: int, rel: bytes, tfd: Optional[int]) -> List[Tuple[bytes, bo
                     if not stat.S_ISDIR(tst.st_mode):
                         what = ("a symbolic link" if stat.S_ISLNK(tst.st_mode)
                                 else "not a directory")
-                        raise Refused(f"{os.fsdecode(sub)} at the target is {what}")
+                        raise Refused("%s at the target is %s" % (os.fsdecode(sub), what))
                     nt = os.open(n, DIRF, dir_fd=t)
                 ns = os.open(n, DIRF, dir_fd=s)
                 stack.append((sub, ns, nt, os.listdir(ns)))
                 continue
             if tst is not None and kind(tst) == "d":
-                raise Refused(f"{os.fsdecode(sub)} is a directory at the target")
+                raise Refused("%s is a directory at the target" % (os.fsdecode(sub),))
             if t is not None:
                 moves.append((sub, False))
     finally:
@@ -328,7 +344,8 @@ def check_tree(sfd: int, rel: bytes, tfd: Optional[int]) -> List[Tuple[bytes, bo
     return moves
 
 
-def _load_renameat2() -> Any:
+def _load_renameat2():
+    # type: () -> Any
     try:
         return ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -338,7 +355,8 @@ def _load_renameat2() -> Any:
 _renameat2 = _load_renameat2()
 
 
-def move(sd: int, td: int, name: bytes, noreplace: bool) -> None:
+def move(sd, td, name, noreplace):
+    # type: (int, int, bytes, bool) -> None
     if noreplace and _renameat2 is not None:
         if _renameat2(sd, name, td, name, 1) == 0:  # RENAME_NOREPLACE
             return
@@ -350,14 +368,14 @@ def move(sd: int, td: int, name: bytes, noreplace: bool) -> None:
     os.rename(name, name, src_dir_fd=sd, dst_dir_fd=td)
 
 
-def apply(sfd: int, tfd: int, rel: bytes, modes: List[int],
-          moves: List[Tuple[bytes, bool]]) -> None:
+def apply(sfd, tfd, rel, modes, moves):
+    # type: (int, int, bytes, List[int], List[Tuple[bytes, bool]]) -> None
     """Make the planned item's missing parents, then its moves."""
     parts = rel.split(b"/")
     made = walk_to(tfd, parts[:-1], create=modes)
     assert made is not None
     os.close(made)
-    cache: Dict[bytes, Tuple[int, int]] = {}
+    cache = {}  # type: Dict[bytes, Tuple[int, int]]
     try:
         for m, whole in moves:
             mp = m.split(b"/")
@@ -370,12 +388,12 @@ def apply(sfd: int, tfd: int, rel: bytes, modes: List[int],
                 sd = walk_to(sfd, mp[:-1])
                 td = walk_to(tfd, mp[:-1])
                 if sd is None or td is None:
-                    raise Refused(f"{os.fsdecode(key)} vanished")
+                    raise Refused("%s vanished" % (os.fsdecode(key),))
                 cache[key] = (sd, td)
             sd, td = cache[key]
             st = lstat_at(sd, mp[-1])
             if st is None:
-                raise Refused(f"{os.fsdecode(m)} vanished from staging")
+                raise Refused("%s vanished from staging" % (os.fsdecode(m),))
             restore = None
             if whole and stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR:
                 restore = stat.S_IMODE(st.st_mode)  # moving a directory rewrites its ".."
@@ -393,17 +411,18 @@ def apply(sfd: int, tfd: int, rel: bytes, modes: List[int],
             os.close(fds[1])
 
 
-def do_publish(tfd: int, batch: bytes, request: bytes, out: IO[bytes]) -> None:
+def do_publish(tfd, batch, request, out):
+    # type: (int, bytes, bytes, IO[bytes]) -> None
     """Publish the items *request* names from staging batch *batch*; one answer per
     item on *out*, after the syncfs that makes the renames durable."""
-    answers: List[Tuple[bytes, bytes, str]] = []
-    sfd: Optional[int]
+    answers = []  # type: List[Tuple[bytes, bytes, str]]
+    sfd = None  # type: Optional[int]
     try:
         stg = os.open(STAGING, DIRF, dir_fd=tfd)
         sfd = os.open(batch, DIRF, dir_fd=stg)
         os.close(stg)
     except OSError as e:
-        sfd, why = None, f"no staging directory: {e.strerror}"
+        sfd, why = None, "no staging directory: %s" % (e.strerror,)
     for r in request.split(b"\0"):
         if len(r) < 2 or r[:1] not in (b"F", b"D"):
             continue
@@ -418,7 +437,8 @@ def do_publish(tfd: int, batch: bytes, request: bytes, out: IO[bytes]) -> None:
         except Refused as e:
             answers.append((b"E", rel, str(e)))
         except OSError as e:
-            answers.append((b"E", rel, f"{e.strerror or e}: {os.fsdecode(e.filename or b'')}"))
+            answers.append((b"E", rel, "%s: %s" % (e.strerror or e,
+                                                     os.fsdecode(e.filename or b""))))
     if sfd is not None:
         os.close(sfd)
     # the renames are durable before any source may go
@@ -435,7 +455,8 @@ def do_publish(tfd: int, batch: bytes, request: bytes, out: IO[bytes]) -> None:
         out.write(k + b"\0" + rel + b"\0" + why.encode("utf-8", "replace") + b"\0")
 
 
-def do_discard(tfd: int, batch: bytes) -> None:
+def do_discard(tfd, batch):
+    # type: (int, bytes) -> None
     try:
         stg = os.open(STAGING, DIRF, dir_fd=tfd)
     except FileNotFoundError:
@@ -446,7 +467,8 @@ def do_discard(tfd: int, batch: bytes) -> None:
         os.close(stg)
 
 
-def main(argv: List[str]) -> None:
+def main(argv):
+    # type: (List[str]) -> None
     raise_nofile_limit()
     out = sys.stdout.buffer
     target, mode = os.fsencode(argv[1]), argv[2]

@@ -12,9 +12,11 @@ name, resume, the complete copy under its final name).
 
 Exit 0 after DONE; 1 after ERROR or BUSY (the caller may fall back to rsync after an
 ERROR); 2 when the data ended early (the sender went away: the partial file is kept,
-flushed).  Names stay bytes throughout; standard library only, Python 3.6+.
+flushed).  Names stay bytes throughout; standard library only, Python 3.4+ (types in
+comments, for mypy only).
 """
 
+import collections
 import contextlib
 import ctypes
 import fcntl
@@ -24,36 +26,49 @@ import queue
 import stat
 import sys
 import threading
-from typing import Any, List, NamedTuple, NoReturn, Optional, Tuple
+
+# Types are in comments, for mypy only: typing is not imported at run time (3.5+; ruff does
+# not read type comments, vermin does not know MYPY is False here).
+MYPY = False
+if MYPY:  # pragma: no cover
+    from typing import Any, List, NamedTuple, NoReturn, Optional, Tuple  # noqa: F401  # novm
 
 MAGIC = b"MSTM-STREAM-2"
 CHUNK, STEP, XATTR = 1 << 20, 8 << 20, "user.mstm.version"
 DIRF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class Header(NamedTuple):
-    dest: bytes  # the directory the file goes to (absolute)
-    rel: bytes  # its path relative to dest
-    final: bytes  # where a complete copy may already be ("" = nowhere)
-    part: bytes  # the partial directory ("" = beside the file)
-    size: int
-    mode: int
-    mtime_ns: int
-    force: bool  # start from zero, look for no complete copy
+if MYPY:  # pragma: no cover
+    Header = NamedTuple("Header", [
+        ("dest", bytes),  # the directory the file goes to (absolute)
+        ("rel", bytes),  # its path relative to dest
+        ("final", bytes),  # where a complete copy may already be ("" = nowhere)
+        ("part", bytes),  # the partial directory ("" = beside the file)
+        ("size", int),
+        ("mode", int),
+        ("mtime_ns", int),
+        ("force", bool),  # start from zero, look for no complete copy
+    ])
+else:  # the same fields (tests/unit/test_transport_remote.py)
+    Header = collections.namedtuple(
+        "Header", ["dest", "rel", "final", "part", "size", "mode", "mtime_ns", "force"])
 
 
-def say(*words: bytes) -> None:
+def say(*words):
+    # type: (*bytes) -> None
     out = sys.stdout.buffer
     out.write(b" ".join(words) + b"\n")
     out.flush()
 
 
-def fail(why: str) -> NoReturn:
+def fail(why):
+    # type: (str) -> NoReturn
     say(b"ERROR", why.encode("utf-8", "replace").replace(b"\n", b" "))
     sys.exit(1)
 
 
-def readn(n: int) -> bytes:
+def readn(n):
+    # type: (int) -> bytes
     """*n* bytes of stdin, unbuffered (os.read): nothing read ahead of the data can be
     lost.  Exit 2 at its end."""
     data = b""
@@ -65,7 +80,8 @@ def readn(n: int) -> bytes:
     return data
 
 
-def read_header() -> Header:
+def read_header():
+    # type: () -> Header
     """The header from stdin; ERROR for a malformed one or a name refused."""
     line = b""
     while not line.endswith(b"\n") and len(line) < 256:
@@ -81,7 +97,8 @@ def read_header() -> Header:
     fail("refused name")
 
 
-def refused(h: Header) -> bool:
+def refused(h):
+    # type: (Header) -> bool
     """Is a name of *h* unacceptable (not absolute, not relative, NUL, "..")?"""
     parts = h.rel.split(b"/")
     return not h.dest.startswith(b"/") or h.rel.startswith(b"/") or \
@@ -90,7 +107,8 @@ def refused(h: Header) -> bool:
         any(d and not d.startswith(b"/") for d in (h.final, h.part))
 
 
-def open_parent(dest: bytes, parts: List[bytes]) -> int:
+def open_parent(dest, parts):
+    # type: (bytes, List[bytes]) -> int
     """The directory the file goes to, made where missing (no link followed below
     *dest*)."""
     try:
@@ -103,11 +121,12 @@ def open_parent(dest: bytes, parts: List[bytes]) -> int:
             os.close(dfd)
             dfd = nfd
     except OSError as e:
-        fail(f"cannot make the directory: {e.strerror}")
+        fail("cannot make the directory: %s" % (e.strerror,))
     return dfd
 
 
-def temp_place(h: Header, dfd: int, base: bytes) -> Tuple[int, bytes]:
+def temp_place(h, dfd, base):
+    # type: (Header, int, bytes) -> Tuple[int, bytes]
     """Where the partial data waits: (directory descriptor, name).  In the target's
     partial directory (private, shared by every batch: an interrupted file resumes in
     the next batch) under a name derived from the final directory and the relative
@@ -120,13 +139,14 @@ def temp_place(h: Header, dfd: int, base: bytes) -> Tuple[int, bytes]:
                 os.mkdir(h.part, 0o700)
             return os.open(h.part, DIRF), tmp
         except OSError as e:
-            fail(f"cannot open the partial directory: {e.strerror}")
+            fail("cannot open the partial directory: %s" % (e.strerror,))
     base_tmp = base[:150] + hashlib.sha256(base).hexdigest()[:16].encode() \
         if len(base) > 200 else base
     return dfd, b"." + base_tmp + b".mstm-stream"
 
 
-def already_here(h: Header, dfd: int, pfd: int, tmp: bytes) -> bool:
+def already_here(h, dfd, pfd, tmp):
+    # type: (Header, int, int, bytes) -> bool
     """The file under its final name (in *final*, reached with no link followed) is this
     version, complete (a cut came between its publication and our answer, or the same
     version is sent again): hash it, flush it, hard-link it into the destination
@@ -191,10 +211,11 @@ def already_here(h: Header, dfd: int, pfd: int, tmp: bytes) -> bool:
     return True
 
 
-def resume(h: Header, fd: int, hasher: Any) -> int:
+def resume(h, fd, hasher):
+    # type: (Header, int, Any) -> int
     """How many bytes of the temporary file *fd* are kept (hashed into *hasher*): those
     of an interrupted transfer of the same version, re-read (never trusted)."""
-    version = f"{h.size} {h.mtime_ns}".encode()
+    version = ("%s %s" % (h.size, h.mtime_ns)).encode()
     have = 0
     if not h.force:
         try:
@@ -218,13 +239,14 @@ def resume(h: Header, fd: int, hasher: Any) -> int:
         os.ftruncate(fd, have)
         os.lseek(fd, have, os.SEEK_SET)
     except OSError as e:
-        fail(f"cannot prepare the temporary file: {e.strerror}")
+        fail("cannot prepare the temporary file: %s" % (e.strerror,))
     with contextlib.suppress(OSError):  # no user xattrs here: an interruption restarts
         os.setxattr(fd, XATTR, version)
     return have
 
 
-def _sync_file_range() -> Any:
+def _sync_file_range():
+    # type: () -> Any
     try:
         sfr = ctypes.CDLL(None, use_errno=True).sync_file_range
         sfr.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
@@ -233,7 +255,8 @@ def _sync_file_range() -> Any:
         return None
 
 
-def receive(h: Header, fd: int, hasher: Any, have: int) -> Tuple[int, List[OSError]]:
+def receive(h, fd, hasher, have):
+    # type: (Header, int, Any, int) -> Tuple[int, List[OSError]]
     """Write stdin's next ``size - have`` bytes to *fd* (hashed, their writeback started
     every STEP bytes) from a writer thread; (bytes missing at the end of the data,
     the write errors)."""
@@ -241,10 +264,11 @@ def receive(h: Header, fd: int, hasher: Any, have: int) -> Tuple[int, List[OSErr
     with contextlib.suppress(OSError, ValueError):
         fcntl.fcntl(0, 1031, CHUNK)  # F_SETPIPE_SZ: fewer, larger reads from sshd
     say(b"OFFSET", str(have).encode())
-    q: "queue.Queue[Optional[bytes]]" = queue.Queue(8)
-    err: List[OSError] = []
+    q = queue.Queue(8)  # type: queue.Queue[Optional[bytes]]
+    err = []  # type: List[OSError]
 
-    def writer() -> None:
+    def writer():
+        # type: () -> None
         pos, flushed, said = have, have, have
         while True:
             data = q.get()
@@ -288,7 +312,8 @@ def receive(h: Header, fd: int, hasher: Any, have: int) -> Tuple[int, List[OSErr
     return left, err
 
 
-def main() -> None:
+def main():
+    # type: () -> None
     h = read_header()
     parts = h.rel.split(b"/")
     base = parts[-1]
@@ -298,7 +323,7 @@ def main() -> None:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=pfd)
     except OSError as e:
-        fail(f"cannot create the temporary file: {e.strerror}")
+        fail("cannot create the temporary file: %s" % (e.strerror,))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         fail("the temporary name is not a regular file")
     try:
@@ -314,7 +339,7 @@ def main() -> None:
     if err:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=pfd)  # a full disk should not stay full of a partial file
-        fail(f"cannot write: {err[0].strerror}")
+        fail("cannot write: %s" % (err[0].strerror,))
     if left:
         os.fdatasync(fd)  # keep what came, for the next attempt
         sys.exit(2)
@@ -328,7 +353,7 @@ def main() -> None:
         os.fsync(dfd)
         st = os.fstat(fd)
     except OSError as e:
-        fail(f"cannot finish: {e.strerror}")
+        fail("cannot finish: %s" % (e.strerror,))
     say(b"DONE", hasher.hexdigest().encode(), str(st.st_size).encode(),
         str(st.st_mtime_ns).encode(), str(st.st_ino).encode())
 
