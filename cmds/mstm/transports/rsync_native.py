@@ -92,14 +92,13 @@ from mstm.transports.base import (
     staging_dir,
 )
 from mstm.transports.common import read_secret
-from mstm.transports.rsync import run_rsync, timeouts, transfer_argv
+from mstm.transports.rsync import PROGRESS_TAG, run_rsync, summarise, timeouts, transfer_argv
 from mstm.transports.ssh import spawn
 
 log = logging.getLogger("mstm.rsync_native")
 
 PARTIAL = ".mstm-partial"
 CONNECTION_CODES = frozenset({5, 10, 12, 30, 35, 255})
-_TAG = b"mstm-xfer:"
 _ESCAPE = re.compile(rb"\\#([0-7]{3})")
 _HASH_BLOCK = 1 << 20
 # rsync program -> does it know --fsync (3.2.4+)?  Asked once per program.
@@ -164,8 +163,8 @@ def parse_itemized_all(out: bytes) -> dict[str, str]:
     """A `-ii` run's itemized lines: name -> the 11 flag characters."""
     found: dict[str, str] = {}
     for line in out.split(b"\n"):
-        if line.startswith(_TAG) and len(line) > len(_TAG) + 12:
-            body = line[len(_TAG):]
+        if line.startswith(PROGRESS_TAG) and len(line) > len(PROGRESS_TAG) + 12:
+            body = line[len(PROGRESS_TAG):]
             found[os.fsdecode(unescape(body[12:])).rstrip("/")] = body[:11].decode(
                 "ascii", "replace")
     return found
@@ -175,9 +174,9 @@ def parse_itemized(out: bytes) -> dict[str, bool]:
     """A `-n -c -ii` dry run: name -> content identical (True) or not (False)."""
     result: dict[str, bool] = {}
     for line in out.split(b"\n"):
-        if not line.startswith(_TAG):
+        if not line.startswith(PROGRESS_TAG):
             continue
-        body = line[len(_TAG):]
+        body = line[len(PROGRESS_TAG):]
         flags, name = body[:11], body[12:]  # %i is 11 characters (spaces for "same")
         if flags[1:2] != b"f" or not name:
             continue
@@ -256,7 +255,7 @@ class RsyncNative:
             raise TargetUnavailable(f"{self.peer}: rsync did not finish in time") from None
         if proc.returncode in CONNECTION_CODES or proc.returncode < 0:
             self._alive = False
-            raise TargetUnavailable(f"{self.peer}: {_summarise(err, proc.returncode)}")
+            raise TargetUnavailable(f"{self.peer}: {summarise(err, proc.returncode)}")
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     # -- connection -------------------------------------------------------------
@@ -268,7 +267,7 @@ class RsyncNative:
                        self.url(self.target_dir) if self.target_dir else self.url() + "/"],
                       timeout=self.connect_timeout + 30)
         if r.returncode not in (0, 23):  # 23: target_dir not made yet; --mkpath will
-            raise TargetUnavailable(f"{self.peer}: {_summarise(r.stderr, r.returncode)}")
+            raise TargetUnavailable(f"{self.peer}: {summarise(r.stderr, r.returncode)}")
         self._alive = True
 
     def close(self) -> None:
@@ -349,7 +348,7 @@ class RsyncNative:
         follow = ["--copy-links", "--no-dirs"] if self.follow_symlinks else ["--recursive"]
         check = self._run([*self._base_argv(), "--dry-run", "--checksum", "-ii",
                            *follow, "--from0", "--files-from=-",
-                           f"--out-format={_TAG.decode()}%i %n", "--",
+                           f"--out-format={PROGRESS_TAG.decode()}%i %n", "--",
                            f"{self.source_dir}/", self.url(base) + "/"],
                           input=b"".join(os.fsencode(p) + b"\0" for p in present))
         same = parse_itemized(check.stdout)
@@ -426,7 +425,7 @@ class RsyncNative:
         link = f"--link-dest={STAGING}/{staged}"
         argv = [*self._base_argv(), "--recursive", "--links", "--perms", "--chmod=a-st",
                 "--times", "--no-devices", "--no-specials", "--from0", "--files-from=-",
-                "--mkpath", link, "-ii", f"--out-format={_TAG.decode()}%i %n", "--",
+                "--mkpath", link, "-ii", f"--out-format={PROGRESS_TAG.decode()}%i %n", "--",
                 scratch + "/", self.url(self.target_dir) + "/"]
         errors: dict[str, str] = {}
 
@@ -465,7 +464,7 @@ class RsyncNative:
             if item is not None and flags[1:2] == "f" and flags[:1] not in ("h", "c", "."):
                 errors.setdefault(item.relpath, f"{name}: not the verified staged copy")
         if dry.returncode not in (0, 23, 24):
-            return {i.relpath: errors.get(i.relpath) or _summarise(dry.stderr, dry.returncode)
+            return {i.relpath: errors.get(i.relpath) or summarise(dry.stderr, dry.returncode)
                     for i in items}
         good = [i for i in items if i.relpath not in errors]
         if not good:
@@ -479,7 +478,7 @@ class RsyncNative:
                                   "target meanwhile)")
         if run.returncode:
             for i in good:
-                errors.setdefault(i.relpath, _summarise(run.stderr, run.returncode))
+                errors.setdefault(i.relpath, summarise(run.stderr, run.returncode))
         return errors
 
     def discard(self, staged: str) -> None:
@@ -510,7 +509,7 @@ class RsyncNative:
                           input=os.fsencode(name) + b"\0")
         if r.returncode:
             raise OSError(f"cannot write {name} in {directory} on {self.peer}: "
-                          f"{_summarise(r.stderr, r.returncode)}")
+                          f"{summarise(r.stderr, r.returncode)}")
 
     def await_file(self, directory: str, name: str, *, timeout: float, max_bytes: int,
                    tick: Callable[[], None] | None = None,
@@ -581,10 +580,3 @@ def _refuses_fsync(stderr: bytes) -> bool:
     configuration refuses (`refuse options`)?  Both end the run with exit 4 (or 1)."""
     return any(b"--fsync" in line and (b"unknown option" in line or b"refuse" in line)
                for line in stderr.splitlines())
-
-
-def _summarise(error: bytes, code: int | None) -> str:
-    lines = [ln for ln in error.decode("utf-8", "replace").splitlines() if ln.strip()]
-    meaningful = [ln for ln in lines if not ln.startswith("rsync error:")] or lines
-    text = meaningful[-1] if meaningful else ""
-    return f"rsync exit {code}: {text}" if code else text
