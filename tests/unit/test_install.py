@@ -93,6 +93,28 @@ def test_the_installed_commands_run_and_name_no_destdir_path(installed: Path) ->
     assert not leaks, f"files naming the DESTDIR: {leaks[:10]}"
 
 
+def test_the_installed_package_carries_the_target_programs_and_the_mail_templates(
+        installed: Path) -> None:
+    """Not only .py files: the sh programs run at a target and the alert templates are
+    package data, and the installed package must find every one of them."""
+    venv = installed / PREFIX.lstrip("/") / "lib" / "mstm"
+    check = ("from importlib.resources import files\n"
+             "from mstm.transports.remote import program\n"
+             "names = sorted(p.name for p in files('mstm.transports.remote').iterdir())\n"
+             "for n in names:\n"
+             "    if n.endswith(('.py', '.sh')) and n != '__init__.py':\n"
+             "        assert program(n), n\n"
+             "tpl = sorted(p.name for p in files('mstm.alert').joinpath('templates').iterdir())\n"
+             "print(' '.join(names + tpl))\n")
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", check],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shipped = set(r.stdout.split())
+    for name in ("stage.py", "hasher.py", "stream_receiver.py", "sftp_inspect.py", "stage.sh",
+                 "run_stage.sh", "inspect.sh", "put.sh", "await.sh", "exchange.sh",
+                 "alert.subject", "alert.txt", "alert.html", "failure.txt"):
+        assert name in shipped, name
+
 def test_the_journal_catalog_and_sysusers_file_are_valid(installed: Path,
                                                          tmp_path: Path) -> None:
     journalctl = need("journalctl")
@@ -127,3 +149,4 @@ def test_install_then_uninstall_in_an_empty_destdir_leaves_nothing(
     assert len(tree(dest)) > 50
     make("uninstall", dest)
     assert tree(dest) == set()
+
