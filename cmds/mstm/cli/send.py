@@ -96,11 +96,9 @@ def main(stream: str, mode: str, no_scan: bool, as_json: bool, retry_failed: boo
             spool.close()
         if as_json:
             click.echo(summary.to_json())
-        log.info("%s: %d delivered (%d bytes), %d failed, %d skipped, %d still queued%s%s",
+        log.info("%s: %d delivered (%d bytes), %d failed, %d skipped, %d still queued%s",
                  cfg.name, len(summary.delivered), summary.bytes, len(summary.failed),
                  len(summary.skipped), summary.queued,
-                 f", {summary.settling} not ready yet (settling, open or unmarked)"
-                 if summary.settling else "",
                  f"; paused: {summary.paused}" if summary.paused else "")
         if summary.failed:
             return EXIT_ITEMS_FAILED

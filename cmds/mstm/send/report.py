@@ -34,7 +34,6 @@ class Summary:
     error: str | None = None
     started: float = field(default_factory=time.time)
     queued: int = 0
-    settling: int = 0  # items that exist but are not ready yet (the scan's "waiting")
 
     def to_json(self) -> str:
         return json.dumps({
@@ -45,7 +44,6 @@ class Summary:
             "skipped": self.skipped,
             "retried": self.retried,
             "queued": self.queued,
-            "settling": self.settling,
             "paused": self.paused,
             "error": self.error,
             "seconds": round(time.time() - self.started, 3),

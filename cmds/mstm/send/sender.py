@@ -456,24 +456,22 @@ class Sender:
         return None if exact is None else max(0.05, exact - now)
 
     def run_once(self) -> Summary:
-        """Scan, then deliver until nothing claimable remains (waiting out item backoffs).
-
-        The destination's backoff is never slept out: a one-off run (cron, a timer)
-        tries the target at once, whatever an earlier run saved, and ends at its first
-        connection failure (the caller exits 75); the items stay queued, charged no
-        attempt, and the backoff it saves is --follow's to wait out."""
+        """Scan, then deliver until nothing claimable remains (waiting out item backoffs)."""
         self.spool.reclaim_expired()
         if self.do_scan:
-            report = self.scan_into_spool()
-            if report is not None:
-                self.summary.settling = report.waiting
-        self.backoff.until = 0.0  # try now; the step (how long it has failed) is kept
+            self.scan_into_spool()
+        connection_tries = 0
         while not self.loop.stopping:
             self.deliver_pending()
             if self.summary.paused or self.loop.stopping:
                 break
-            if self.backoff.remaining(time.time()) > 0:
-                break  # the target failed in this run
+            wait_backoff = self.backoff.remaining(time.time())
+            if wait_backoff > 0:
+                connection_tries += 1
+                if connection_tries > self.out.retry_count:
+                    break
+                self.loop.sleep(wait_backoff)
+                continue
             due = self.next_due()
             if due is None:
                 break
