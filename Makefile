@@ -29,7 +29,8 @@ PIP_INSTALL_FLAGS ?=
 VERSION    := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' cmds/mstm/__init__.py)
 
 DEB_PACKAGES = rsync openssh-client openssh-server libsystemd-dev pkg-config python3-venv \
-               python3-dev gcc iproute2 iptables man-db pandoc systemd
+               python3-dev gcc iproute2 iptables man-db pandoc systemd \
+               prometheus-node-exporter prometheus
 
 VPY   = $(VENV)/bin/python
 STAMP = $(VENV)/.installed
