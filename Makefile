@@ -15,13 +15,42 @@ PYTHON     ?= /usr/bin/python3
 VENV       ?= .venv
 BINDIR     ?= $(PREFIX)/bin
 MANDIR     ?= $(PREFIX)/share/man
+DOCDIR     ?= $(PREFIX)/share/doc/mstm
 SYSCONFDIR ?= /etc
-UNITDIR    ?= $(shell pkg-config systemd --variable=systemdsystemunitdir 2>/dev/null || echo /lib/systemd/system)
 LIBDIR     ?= $(PREFIX)/lib
 PKGLIBDIR  ?= $(LIBDIR)/mstm
+# Where systemd's files go depends on PREFIX, so that a local install never writes into
+# the trees dpkg owns (/lib/systemd, /usr/lib/...).  PREFIX=/usr (a distribution package):
+# the directories pkg-config names.  PREFIX=/usr/local (the default): the /usr/local/lib
+# directories systemd 252 reads too (systemd-analyze unit-paths; sysusers.d(5),
+# tmpfiles.d(5), systemd.generator(7), journalctl --update-catalog).  Any other PREFIX
+# (/opt/mstm): /etc, the only other place systemd looks (the catalog has no /etc
+# directory: /usr/local/lib/systemd/catalog).  Each may still be given on the command line.
+ifeq ($(PREFIX),/usr)
+UNITDIR     ?= $(shell pkg-config systemd --variable=systemdsystemunitdir 2>/dev/null || echo /lib/systemd/system)
+GENERATORDIR ?= $(shell pkg-config systemd --variable=systemdsystemgeneratordir 2>/dev/null || echo /lib/systemd/system-generators)
 SYSUSERSDIR ?= $(shell pkg-config systemd --variable=sysusersdir 2>/dev/null || echo /usr/lib/sysusers.d)
 TMPFILESDIR ?= $(shell pkg-config systemd --variable=tmpfilesdir 2>/dev/null || echo /usr/lib/tmpfiles.d)
-CATALOGDIR ?= $(shell pkg-config systemd --variable=catalogdir 2>/dev/null || echo /usr/lib/systemd/catalog)
+CATALOGDIR  ?= $(shell pkg-config systemd --variable=catalogdir 2>/dev/null || echo /usr/lib/systemd/catalog)
+else ifeq ($(PREFIX),/usr/local)
+UNITDIR     ?= /usr/local/lib/systemd/system
+GENERATORDIR ?= /usr/local/lib/systemd/system-generators
+SYSUSERSDIR ?= /usr/local/lib/sysusers.d
+TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
+CATALOGDIR  ?= /usr/local/lib/systemd/catalog
+else
+UNITDIR     ?= $(SYSCONFDIR)/systemd/system
+GENERATORDIR ?= $(SYSCONFDIR)/systemd/system-generators
+SYSUSERSDIR ?= $(SYSCONFDIR)/sysusers.d
+TMPFILESDIR ?= $(SYSCONFDIR)/tmpfiles.d
+CATALOGDIR  ?= /usr/local/lib/systemd/catalog
+endif
+# Shell completion (completion/): the directories bash-completion and Debian's zsh search.
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  ?= $(PREFIX)/share/zsh/site-functions
+# `make uninstall` stops and disables the installed units through it (a test may give
+# SYSTEMCTL="systemctl --user").
+SYSTEMCTL  ?= systemctl
 CONFDIR     = $(SYSCONFDIR)/mstm
 PANDOC     ?= pandoc
 # Extra arguments for pip when installing (e.g. --no-index --find-links=DIR for offline).
@@ -30,7 +59,7 @@ VERSION    := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' cmds/mstm/__init__
 
 DEB_PACKAGES = rsync openssh-client openssh-server libsystemd-dev pkg-config python3-venv \
                python3-dev gcc iproute2 iptables man-db pandoc systemd \
-               prometheus-node-exporter prometheus
+               prometheus-node-exporter prometheus zsh acl
 
 VPY   = $(VENV)/bin/python
 STAMP = $(VENV)/.installed
@@ -106,9 +135,14 @@ MANPAGES   = $(patsubst man/%.md,%,$(wildcard man/*.[1-8].md)) mstm.conf.5
 EXAMPLES   = $(wildcard conf/*.ini)
 UNIT_BUILD ?= build/units
 UNITS_OUT  = $(addprefix $(UNIT_BUILD)/,$(UNITS))
+# The systemd generator (units/generator/, see mstm.cli.generator), rendered like the units.
+GENERATOR_OUT = $(UNIT_BUILD)/generator/mstm-generator
+# Shell completion, one file per command and shell (completion/README.md).
+BASH_COMPLETIONS = $(addprefix completion/bash/,$(COMMANDS))
+ZSH_COMPLETIONS  = $(addprefix completion/zsh/_,$(COMMANDS))
 MAN_OUT    = $(addprefix build/man/,$(MANPAGES))
 
-units: $(UNITS_OUT)
+units: $(UNITS_OUT) $(GENERATOR_OUT)
 
 # The rendered units depend on the values filled in: a different PREFIX (or BINDIR, ...)
 # than last time renders them again.
@@ -195,9 +229,14 @@ install-python:
 install-data: units man
 	install -d $(DESTDIR)$(UNITDIR)
 	install -m 644 $(UNITS_OUT) $(DESTDIR)$(UNITDIR)/
+	install -D -m 755 $(GENERATOR_OUT) $(DESTDIR)$(GENERATORDIR)/mstm-generator
+	install -d $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR)
+	install -m 644 $(BASH_COMPLETIONS) $(DESTDIR)$(BASHCOMPDIR)/
+	install -m 644 $(ZSH_COMPLETIONS) $(DESTDIR)$(ZSHCOMPDIR)/
 	install -D -m 644 conf/mstm.sysusers $(DESTDIR)$(SYSUSERSDIR)/mstm.conf
 	install -D -m 644 conf/mstm.tmpfiles $(DESTDIR)$(TMPFILESDIR)/mstm.conf
 	install -D -m 644 conf/mstm.catalog $(DESTDIR)$(CATALOGDIR)/mstm.catalog
+	install -D -m 644 conf/mstm.rules.yml $(DESTDIR)$(DOCDIR)/examples/mstm.rules.yml
 	for p in $(MANPAGES); do \
 	  install -D -m 644 build/man/$$p $(DESTDIR)$(MANDIR)/man$${p##*.}/$$p; done
 # Examples: always as *.example; under their own name only where no file of that name
@@ -214,13 +253,29 @@ install-data: units man
 # file stays unless it is still byte for byte the example it was installed from.  The
 # user mstm and the spool (data!) stay, as with a Debian package that is removed but not
 # purged.  With DESTDIR, directories left empty are removed too, up to DESTDIR itself.
+# Without DESTDIR, on a host running systemd, every loaded mstm-* unit (instances and
+# timers included) is stopped and disabled first, before anything is removed; if that
+# fails nothing is removed.
 uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  pick='{ for (i = 1; i <= NF; i++) if ($$i ~ /^mstm-/) { print $$i; break } }'; \
+	  loaded=$$($(SYSTEMCTL) list-units --all --full --plain --no-legend 'mstm-*' | awk "$$pick") \
+	    && files=$$($(SYSTEMCTL) list-unit-files --full --plain --no-legend 'mstm-*' | awk "$$pick") \
+	    && { [ -z "$$loaded" ] || { echo "mstm: stopping" $$loaded; $(SYSTEMCTL) stop $$loaded; }; } \
+	    && { [ -z "$$loaded$$files" ] || $(SYSTEMCTL) disable --quiet $$loaded $$files; } \
+	    || { echo "mstm: could not stop and disable the mstm units; nothing was removed" \
+	              "(run as root, or give SYSTEMCTL=...)" >&2; exit 1; }; \
+	fi
 	rm -rf $(DESTDIR)$(PKGLIBDIR)
 	for c in $(COMMANDS); do \
 	  [ ! -L $(DESTDIR)$(BINDIR)/$$c ] || rm -f $(DESTDIR)$(BINDIR)/$$c; done
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/mstm.conf $(DESTDIR)$(TMPFILESDIR)/mstm.conf
-	rm -f $(DESTDIR)$(CATALOGDIR)/mstm.catalog
+	rm -f $(DESTDIR)$(CATALOGDIR)/mstm.catalog $(DESTDIR)$(GENERATORDIR)/mstm-generator
+	rm -f $(DESTDIR)$(DOCDIR)/examples/mstm.rules.yml
+	rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null || true
+	rm -f $(addprefix $(DESTDIR)$(BASHCOMPDIR)/,$(COMMANDS))
+	rm -f $(addprefix $(DESTDIR)$(ZSHCOMPDIR)/_,$(COMMANDS))
 	for p in $(MANPAGES); do rm -f $(DESTDIR)$(MANDIR)/man$${p##*.}/$$p; done
 	for f in $(EXAMPLES); do \
 	  n=$(DESTDIR)$(CONFDIR)/$$(basename $$f); \
@@ -232,11 +287,11 @@ uninstall:
 	@if [ -n "$(DESTDIR)" ]; then \
 	  top=$$(cd "$(DESTDIR)" && pwd); \
 	  for d in $(BINDIR) $(UNITDIR) $(SYSUSERSDIR) $(TMPFILESDIR) $(CATALOGDIR) $(LIBDIR) $(CONFDIR) \
-	           $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man7; do \
+	           $(GENERATORDIR) $(BASHCOMPDIR) $(ZSHCOMPDIR) $(MANDIR)/man1 $(MANDIR)/man5 $(MANDIR)/man7 $(DOCDIR); do \
 	    d="$$top$$d"; \
 	    while [ "$$d" != "$$top" ] && [ "$$d" != / ]; do \
 	      if [ -d "$$d" ]; then rmdir "$$d" 2>/dev/null || break; fi; \
 	      d=$$(dirname "$$d"); \
 	    done; \
 	  done; \
-	elif [ "$$(id -u)" = 0 ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	elif [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi

@@ -16,6 +16,10 @@ import pytest
 from tests.harness.sshd import SSHD, LoopbackSshd
 from tests.harness.streams import StreamEnv
 
+# No test writes into the machine's node_exporter directory (the default metrics_dir):
+# a configuration that wants metrics files says where (mstm.overview.metrics).
+os.environ.setdefault("MSTM_METRICS_DIR", "")
+
 # Hostile-source tests build trees 1,000+ levels deep; pytest removes old base
 # temporary directories with shutil.rmtree, which recurses once per level.
 sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))

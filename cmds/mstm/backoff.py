@@ -26,8 +26,11 @@ class DestinationBackoff:
     step: int = 0
     until: float = 0.0
     last_error: str = ""
+    since: float = 0.0  # when the first failure of this run of failures was
 
     def failed(self, now: float, error: str) -> float:
+        if self.step == 0 or not self.since:
+            self.since = now
         self.step += 1
         wait = delay(self.step, base=self.base, maximum=self.maximum)
         self.until = now + wait
@@ -37,19 +40,21 @@ class DestinationBackoff:
     def succeeded(self) -> bool:
         """Reset; True if we were backing off (so the caller can log the recovery)."""
         was = self.step > 0
-        self.step, self.until, self.last_error = 0, 0.0, ""
+        self.step, self.until, self.last_error, self.since = 0, 0.0, "", 0.0
         return was
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.until - now)
 
     def to_state(self) -> dict[str, object]:
-        return {"step": self.step, "until": self.until, "last_error": self.last_error}
+        return {"step": self.step, "until": self.until, "last_error": self.last_error,
+                "since": self.since}
 
     def load_state(self, state: dict[str, object]) -> None:
         try:
             self.step = int(state.get("step", 0))  # type: ignore[call-overload]
             self.until = float(state.get("until", 0.0))  # type: ignore[arg-type]
             self.last_error = str(state.get("last_error", ""))
+            self.since = float(state.get("since", 0.0))  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            self.step, self.until, self.last_error = 0, 0.0, ""
+            self.step, self.until, self.last_error, self.since = 0, 0.0, "", 0.0

@@ -15,6 +15,7 @@ EXIT_NOT_IMPLEMENTED = 69  # EX_UNAVAILABLE: this command is not built yet
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug; the message says where
 EXIT_IOERR = 74  # EX_IOERR: the spool cannot be used (permissions, I/O, its filesystem)
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the target could not be reached; try again later
+EXIT_NOPERM = 77  # EX_NOPERM: root on a spool another user owns (run it as that user)
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is wrong
 
 

@@ -2,7 +2,7 @@
 
 Under systemd (stderr connected to the journal, as $JOURNAL_STREAM says) records go to
 journald natively, with structured fields (MSTM_STREAM, MSTM_ITEM, MSTM_BYTES,
-MSTM_PEER, MSTM_RESULT, MESSAGE_ID); otherwise plain lines with a level go to stderr.
+MSTM_PEER, MSTM_RESULT, MSTM_SHA256, MESSAGE_ID); otherwise plain lines with a level go to stderr.
 Never both, so nothing is doubled.
 
 Callers attach fields with ``extra=fields(stream=..., item=..., ...)`` and events an
@@ -32,9 +32,17 @@ MESSAGE_IDS: dict[str, str] = {
     "skipped": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000c",
     "unmapped": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000d",
     "abandoned_batch_removed": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000e",
+    "stuck": "6d1c2b8e0c8a4a5e9f1d7c3b2a19000f",
+    "fatal": "6d1c2b8e0c8a4a5e9f1d7c3b2a190010",
 }
 
-_FIELD_NAMES = {"stream", "item", "bytes", "peer", "result", "attempt", "reason"}
+# Between INFO and DEBUG: what -v adds on a terminal (one line per delivered item);
+# under the journal those lines are logged at INFO anyway.
+VERBOSE = 15
+logging.addLevelName(VERBOSE, "VERBOSE")
+
+_FIELD_NAMES = {"stream", "item", "bytes", "peer", "result", "attempt", "reason", "sha256",
+                "exit_code"}
 
 
 def fields(**kw: Any) -> dict[str, Any]:
@@ -128,8 +136,8 @@ class StderrFormatter(logging.Formatter):
         level = record.levelname.lower()
         if level == "warning":
             level = "warn"
-        return f"{self._tool}: {level}: {text}" if record.levelno != logging.INFO else \
-            f"{self._tool}: {text}"
+        return f"{self._tool}: {level}: {text}" \
+            if record.levelno not in (logging.INFO, VERBOSE) else f"{self._tool}: {text}"
 
     def __init__(self, tool: str) -> None:
         super().__init__()

@@ -44,6 +44,7 @@ class StreamEnv:
         env.source.mkdir(parents=True, exist_ok=True)
         env.target.mkdir(parents=True, exist_ok=True)
         (root / "spool").mkdir(parents=True, exist_ok=True)
+        (root / "metrics").mkdir(parents=True, exist_ok=True)  # the .prom files
         env.configure(**sections)
         return env
 
@@ -69,6 +70,7 @@ class StreamEnv:
             f"data_stream_list = {self.name}\n"
             f"spool_base_dir = {self.root / 'spool'}\n"
             f"runtime_dir = {self.root / 'run'}\n"
+            f"metrics_dir = {self.root / 'metrics'}\n"
             "general_poll_interval = 0.5\n")
         text = ""
         for section, values in base.items():

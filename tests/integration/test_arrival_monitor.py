@@ -121,7 +121,7 @@ def test_a_batch_is_published_acknowledged_and_cleaned_up(stream: StreamEnv,
 def test_a_damaged_item_gets_its_status_a_resend_and_is_parked_with_its_source_kept(
         stream: StreamEnv, receiver: Receiver, tmp_path: Path, action: str, status: str) -> None:
     stream.configure(rsync_ssh={"cmd": str(damaging_rsync(tmp_path / "rsync", action))},
-                     outgoing={"retry_count": "2"})
+                     outgoing={"retry_count": "3"})  # 3 attempts in all
     stream.put("victim.dat", b"v" * 1000)
     stream.put("fine.dat", b"f" * 1000)
 

@@ -167,7 +167,7 @@ with open(dest + "victim.dat", "r+b") as f:
 sys.exit(rc)
 """)
     bad.chmod(0o755)
-    stream.configure(rsync_ssh={"cmd": str(bad)}, outgoing={"retry_count": "2"})
+    stream.configure(rsync_ssh={"cmd": str(bad)}, outgoing={"retry_count": "3"})
     stream.put("victim.dat", b"v" * 1000)
     stream.put("fine.dat", b"f" * 1000)
 
@@ -287,3 +287,41 @@ def test_once_with_the_target_unreachable_exits_75_and_keeps_everything_queued(
     assert json.loads(r.stdout)["queued"] == 1
     assert (env.source / "a.dat").exists()
     assert r.stderr.count("Traceback") == 0
+
+
+def test_once_runs_in_a_row_against_a_dead_target_each_end_at_once_with_75(
+        tmp_path: Path, fresh_sshd: LoopbackSshd) -> None:
+    """From cron: three one-off runs against a target that is down.  Each tries once and
+    exits 75 within connect_timeout; none sleeps out the backoff an earlier run saved
+    (before: 11.6 s, 73.8 s, then 739 s)."""
+    env = StreamEnv.create(tmp_path / "s", fresh_sshd)
+    env.configure(outgoing={"retry_count": "3", "retry_backoff": "4", "retry_backoff_max": "60",
+                            "connect_timeout": "3"})
+    fresh_sshd.kill_sessions()
+    env.put("a.dat", b"a")
+    for run in range(3):
+        started = time.monotonic()
+        r = env.run("mstm-send", "--once", "--json")
+        took = time.monotonic() - started
+        assert r.returncode == 75, r.stderr
+        assert took < 10, f"run {run + 1} took {took:.1f} s"
+        assert json.loads(r.stdout)["queued"] == 1
+    status = json.loads(env.run("mstm-send", "--status", "--json").stdout)
+    assert status["backoff"]["step"] == 3  # kept for --follow, which waits it out
+    fresh_sshd.start()
+    r = env.run("mstm-send", "--once", "--json")  # the target is back: at once, no wait
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["delivered"] == 1
+    assert not (env.source / "a.dat").exists()
+
+
+def test_once_says_why_nothing_was_delivered_when_files_are_still_settling(
+        tmp_path: Path, fresh_sshd: LoopbackSshd) -> None:
+    env = StreamEnv.create(tmp_path / "s", fresh_sshd)
+    env.configure(data_stream={"settle_seconds": "3600"})
+    env.put("being-written.dat", b"not settled yet")
+    r = env.run("mstm-send", "--once", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["delivered"] == 0 and summary["settling"] == 1
+    assert "1 not ready yet (settling" in r.stderr

@@ -1,4 +1,5 @@
-"""Directory items, the terminal progress line, and shutdown of a follower."""
+"""Directory items and shutdown of a follower (the terminal's progress line:
+test_send_progress_tty.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import signal
 import subprocess
 import time
 
-import pexpect
 import pytest
 from tests.harness.streams import StreamEnv
 
@@ -45,23 +45,6 @@ def test_mirror_of_a_changed_directory_replaces_it_whole(stream: StreamEnv) -> N
 
     assert json.loads(r.stdout)["delivered"] == 1, r.stderr
     assert stream.files(stream.target) == stream.files(stream.source)
-
-
-def test_once_on_a_terminal_shows_progress_and_in_a_pipe_does_not(stream: StreamEnv) -> None:
-    for i in range(30):
-        stream.put(f"p{i}.dat", os.urandom(50_000))
-    child = pexpect.spawn(stream.command("mstm-send", "--once")[0],
-                          stream.command("mstm-send", "--once")[1:], timeout=60)
-    child.expect(pexpect.EOF)
-    child.close()
-    screen = child.before.decode()
-    assert child.exitstatus == 0, screen
-    assert "30 files" in screen and "/s" in screen and "\r" in screen
-
-    for i in range(5):
-        stream.put(f"q{i}.dat", b"x")
-    r = stream.run("mstm-send", "--once")
-    assert "\r" not in r.stderr and "files," not in r.stderr
 
 
 def test_sigterm_stops_a_follower_cleanly_with_nothing_half_done(stream: StreamEnv) -> None:

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = "/lib/systemd/systemd"
 JOURNALD = "/lib/systemd/systemd-journald"
 BASE = Path("/srv")  # a tmpfs in our namespace
+OUTSIDE = BASE / "outside"  # read-only in every unit unless granted
 WATCHDOG_SEC = 4
 DELIVERED = "6d1c2b8e0c8a4a5e9f1d7c3b2a190001"
 
@@ -109,8 +110,8 @@ class Stream:
         return self.root / self.name / "target"
 
     @property
-    def spool(self) -> Path:
-        return self.root / "spool" / self.name
+    def spool(self) -> Path:  # spool_base_dir of _write_config, whatever the root
+        return BASE / "mstm" / "spool" / self.name
 
     def drop(self, name: str, data: bytes) -> None:
         """A file appears complete: written under a dot-name (ignored), then renamed."""
@@ -239,6 +240,8 @@ def _test_dropins(config: Path) -> dict[str, str]:
         "# fire once, one second after the timer starts, instead of hourly",
         "OnCalendar=", "OnActiveSec=1s", "RandomizedDelaySec=0", "AccuracySec=100ms", ""])
     # (a prefix drop-in, mstm-.service.d, is not merged where a unit has its own dir)
+    # Named "10-" so that mstm-generator's 50-mstm-write-paths.conf applies after it: the
+    # empty ReadWritePaths= here resets the shipped unit's list, not the generator's.
     return {"mstm-stream@.service.d": every_service + stream,
             "mstm-send-once@.service.d": every_service,
             "mstm-alert@.service.d": every_service,
@@ -257,6 +260,7 @@ def _write_config(base: Path, sshd: LoopbackSshd, streams: dict[str, Stream]) ->
         "[global]\n"
         f"data_stream_list = {' '.join(streams)}\n"
         f"spool_base_dir = {base / 'spool'}\n"
+        "metrics_dir =\n"  # units get no $MSTM_METRICS_DIR: no files in node_exporter's
         "general_poll_interval = 0.5\n")
     for s in streams.values():
         s.source.mkdir(parents=True)
@@ -296,7 +300,9 @@ def systemd() -> Iterator[Systemd]:
     home = BASE / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "XDG_", "NOTIFY_"))}
     env.update(HOME=str(home), XDG_RUNTIME_DIR=str(BASE / "run"),
-               XDG_CONFIG_HOME=str(BASE / "config"), SYSTEMD_PAGER="", SYSTEMD_COLORS="0")
+               XDG_CONFIG_HOME=str(BASE / "config"), SYSTEMD_PAGER="", SYSTEMD_COLORS="0",
+               # the manager passes its environment to the generators it runs
+               MSTM_CONFIG=str(BASE / "mstm" / "etc" / "global.ini"))
     for d in (home, BASE / "run", BASE / "config"):
         d.mkdir(mode=0o700)
 
@@ -323,9 +329,21 @@ def systemd() -> Iterator[Systemd]:
         wait_for("systemd --user", lambda: (BASE / "run/systemd/private").exists(), 20)
 
         sshd = LoopbackSshd(root=BASE / "sshd").start()
+        # proj3 and proj4: move mode, their directories outside every path the units
+        # (and the test's drop-ins) grant; only mstm-generator's drop-in lets them delete
         streams = {"proj1": Stream("proj1", "move", BASE / "mstm"),
-                   "proj2": Stream("proj2", "mirror", BASE / "mstm")}
+                   "proj2": Stream("proj2", "mirror", BASE / "mstm"),
+                   "proj3": Stream("proj3", "move", OUTSIDE),
+                   "proj4": Stream("proj4", "move", OUTSIDE),
+                   "down": Stream("down", "move", BASE / "mstm")}
         config = _write_config(BASE / "mstm", sshd, streams)
+        # "down": its target's port is closed, and an item is stuck after 2 s
+        down_ini = config.parent / "down.ini"
+        down_ini.write_text(down_ini.read_text()
+                            .replace(f"target_port = {sshd.port}\n", "target_port = 1\n")
+                            .replace("settle_seconds = 0\n", "settle_seconds = 0\n"
+                                     "stuck_after = 2\n"))
+        assert str(config) == env["MSTM_CONFIG"]
 
         user_units = BASE / "config/systemd/user"
         user_units.mkdir(parents=True)
@@ -336,7 +354,15 @@ def systemd() -> Iterator[Systemd]:
             shutil.copy(unit, user_units)
         for dropin, text in _test_dropins(config).items():
             (user_units / dropin).mkdir()
-            (user_units / dropin / "test.conf").write_text(text)
+            (user_units / dropin / "10-test.conf").write_text(text)
+        # the installed generator, where a user manager runs generators from
+        Path("/run/systemd/user-generators").mkdir(parents=True)
+        (Path("/run/systemd/user-generators") / "mstm-generator").symlink_to(
+            next(dest.rglob("system-generators/mstm-generator")))
+        # the control: proj4's one-off unit without the generator's grant, as before
+        (user_units / "mstm-send-once@proj4.service.d").mkdir()
+        (user_units / "mstm-send-once@proj4.service.d" / "90-no-grant.conf").write_text(
+            f"[Service]\nReadWritePaths=\nReadWritePaths={BASE / 'mstm'}\n")
 
         sd = Systemd(env=env, streams=streams, sshd_port=sshd.port, procs=procs)
         sd.ctl("daemon-reload")
@@ -418,6 +444,8 @@ def test_the_journal_holds_structured_fields_of_each_delivery(systemd: Systemd,
     assert e["MSTM_RESULT"] == "delivered"
     assert e["MSTM_PEER"] == f"rsync_ssh://127.0.0.1:{port}{proj1.target}"
     assert e["PRIORITY"] == "6"
+    # the full sha256 of what arrived: `journalctl MSTM_ITEM=first-2.dat` proves it
+    assert e["MSTM_SHA256"] == files(proj1.target)["first-2.dat"]
     assert e["_SYSTEMD_UNIT"] == UNIT1
     assert e["SYSLOG_IDENTIFIER"] == "mstm-send"
     # native entries only: nothing was also written to stderr (which would be a 2nd copy)
@@ -537,6 +565,11 @@ def test_a_wrong_configuration_fails_for_good_and_is_handed_to_mstm_alert(system
     assert systemd.prop(unit, "NRestarts") == "0"  # RestartPreventExitStatus=: no loop
     text = run("journalctl", "--no-pager", "-u", unit, env=systemd.env).stdout
     assert "nosuch" in text, text
+    # why it stopped is at priority err, not info: `journalctl -p err` (and -p warning) show it
+    errors = [e for e in systemd.journal("-u", unit, "-p", "err")
+              if "nosuch" in str(e.get("MESSAGE"))]
+    assert errors and errors[0]["MSTM_EVENT"] == "fatal", text
+    assert errors[0]["MSTM_EXIT_CODE"] == "78" and errors[0]["PRIORITY"] == "3"
     # OnFailure=mstm-alert@%n.service ran, as the shipped unit says (no [email] recipient
     # is configured here, so it has nothing to mail and succeeds)
     alert = f"mstm-alert@{unit}.service"
@@ -560,3 +593,131 @@ def test_the_other_daemons_start_under_their_hardening_and_report_ready(systemd:
     assert systemd.prop(unit, "WatchdogUSec") != "0"
     systemd.ctl("stop", unit)
     assert systemd.prop(unit, "Result") == "success"
+
+
+# ------------------------------------------------------- issue 14, 6: one place for write paths
+
+
+def test_the_generator_grants_a_move_streams_directory_to_both_of_its_units(
+        systemd: Systemd) -> None:
+    proj3 = systemd.streams["proj3"]
+    for unit in ("mstm-stream@proj3.service", "mstm-send-once@proj3.service"):
+        text = systemd.ctl("cat", unit).stdout
+        assert "50-mstm-write-paths.conf" in text, text
+        assert f"ReadWritePaths=-{proj3.source}" in text, text
+        assert f"-{proj3.source}" in systemd.prop(unit, "ReadWritePaths")
+    # nothing granted the rest of the tree: /srv/outside stays read-only in the units
+    assert str(OUTSIDE) not in systemd.prop("mstm-stream@proj3.service",
+                                            "ReadWritePaths").split()
+
+
+def test_without_the_grant_a_one_off_run_delivers_then_cannot_delete_the_control(
+        systemd: Systemd) -> None:
+    """What the issue measured, reproduced on proj4 (a drop-in resets the grant): the
+    sandbox is real, so the test below proves the generator, not a lax sandbox."""
+    proj4 = systemd.streams["proj4"]
+    proj4.drop("control.dat", b"control")
+    unit = "mstm-send-once@proj4.service"
+    systemd.ctl("start", unit, check=False)  # Type=oneshot: returns when the run ends
+    wait_for(f"{unit} to end", lambda: systemd.prop(unit, "ActiveState") != "activating")
+    assert systemd.prop(unit, "ExecMainStatus") == "1"  # parked
+    assert (proj4.source / "control.dat").exists()  # nothing lost
+    assert (proj4.target / "control.dat").read_bytes() == b"control"
+    assert proj4.spool_entries("failed"), proj4.spool_entries("new")
+
+
+def test_a_move_stream_outside_the_default_paths_delivers_and_deletes_via_the_timer_unit(
+        systemd: Systemd) -> None:
+    proj3 = systemd.streams["proj3"]
+    payloads = {f"once-{i}.dat": os.urandom(2000) for i in range(3)}
+    for name, data in payloads.items():
+        proj3.drop(name, data)
+    unit = "mstm-send-once@proj3.service"
+    r = systemd.ctl("start", unit, check=False)
+    assert r.returncode == 0, systemd.ctl("status", unit, check=False).stdout + systemd.tail()
+    assert systemd.prop(unit, "Result") == "success"
+    assert systemd.prop(unit, "ExecMainStatus") == "0"
+    assert files(proj3.target) == {n: sha(d) for n, d in payloads.items()}
+    assert files(proj3.source) == {}  # move: delivered, verified, deleted
+    assert proj3.spool_entries("failed") == []
+
+
+def test_a_move_stream_outside_the_default_paths_delivers_and_deletes_via_the_stream_unit(
+        systemd: Systemd) -> None:
+    proj3 = systemd.streams["proj3"]
+    unit = "mstm-stream@proj3.service"
+    systemd.ctl("start", unit)
+    payloads = {f"follow-{i}.dat": os.urandom(3000) for i in range(3)}
+    for name, data in payloads.items():
+        proj3.drop(name, data)
+    wait_for("delivered", lambda: all((proj3.target / n).exists() for n in payloads))
+    wait_for("sources deleted", lambda: files(proj3.source) == {})
+    wait_for("the batch committed", lambda: proj3.spool_entries("claimed") == [], 20)
+    assert proj3.spool_entries("failed") == []
+    assert systemd.active(unit)
+    systemd.ctl("stop", unit)
+    assert systemd.prop(unit, "Result") == "success"
+
+
+def test_a_target_down_for_longer_than_stuck_after_shows_in_status_and_warns_once(
+        systemd: Systemd) -> None:
+    """Issue 14, 5: the unit's STATUS= names the cause and keeps the queue count; each
+    stuck item gets one journal warning (priority warning, MSTM_EVENT=stuck)."""
+    down = systemd.streams["down"]
+    unit = "mstm-stream@down.service"
+    down.drop("waiting.dat", b"for a target that is down")
+    systemd.ctl("start", unit)
+    try:
+        status = wait_for("the stuck status line", lambda: (
+            (text := systemd.prop(unit, "StatusText")).startswith("stuck: target unreachable")
+            and text), 30)
+        assert "Connection refused" in str(status) and "1 queued" in str(status), status
+        stuck = wait_for("the stuck warning", lambda: [
+            e for e in systemd.journal("-u", unit, "MSTM_EVENT=stuck")], 20)
+        assert isinstance(stuck, list)
+        time.sleep(3)  # a few more looks: still one warning for the one item
+        stuck = systemd.journal("-u", unit, "MSTM_EVENT=stuck")
+        assert len(stuck) == 1, stuck
+        e = stuck[0]
+        assert e["PRIORITY"] == "4" and e["MSTM_ITEM"] == "waiting.dat"
+        assert "target is unreachable" in str(e["MSTM_REASON"])
+        assert (down.source / "waiting.dat").exists()  # nothing lost
+    finally:
+        systemd.ctl("stop", unit)
+
+
+# ------------------------------------------------------- issue 14, 6: make uninstall (keep last)
+
+
+def test_uninstall_stops_and_disables_every_unit_before_it_removes_anything(
+        systemd: Systemd) -> None:
+    """Under this real (user) manager: `make uninstall SYSTEMCTL="systemctl --user"`.  A
+    wrapper records, at each systemctl call, whether the installed commands still exist."""
+    systemd.ctl("enable", "--now", "mstm-send-once@proj2.timer")
+    systemd.ctl("enable", "--now", "mstm-stream@proj1.service")
+    assert systemd.active(UNIT1)
+    venv = Path("/usr/local/lib/mstm/bin/mstm-send")
+    assert venv.exists()
+    log = BASE / "systemctl-calls.log"
+    wrapper = BASE / "systemctl-wrapper"
+    wrapper.write_text("#!/bin/sh\n"
+                       f'if [ -e {venv} ]; then w=installed; else w=removed; fi\n'
+                       f'echo "$w $*" >> {log}\n'
+                       'exec systemctl --user "$@"\n')
+    wrapper.chmod(0o755)
+    r = run("make", "-s", "-C", str(ROOT), "uninstall", "DESTDIR=", "PREFIX=/usr/local",
+            f"SYSCONFDIR={BASE / 'sysconf'}", f"SYSTEMCTL={wrapper}", env=systemd.env)
+    calls = log.read_text().splitlines()
+    stops = [c for c in calls if " stop " in f" {c} "]
+    disables = [c for c in calls if " disable " in f" {c} "]
+    assert stops and disables, calls
+    assert all(c.startswith("installed ") for c in stops + disables), calls
+    for unit in (UNIT1, "mstm-send-once@proj2.timer"):
+        assert unit in stops[0].split(), stops
+        assert systemd.prop(unit, "ActiveState") == "inactive", unit
+        assert systemd.prop(unit, "UnitFileState") == "disabled", unit
+    active = systemd.ctl("list-units", "--state=active", "--plain", "--no-legend",
+                         "mstm-*").stdout
+    assert active.strip() == "", active
+    assert not venv.exists()  # and only then was it removed
+    assert "mstm: stopping" in r.stdout

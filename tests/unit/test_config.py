@@ -283,7 +283,7 @@ def test_stream_values_fill_in_stream_defaults(conf: Conf) -> None:
         None, False, 3, "INFO")
     out = s.outgoing
     assert (out.target_host, out.target_port, out.target_dir) == (
-        "archive.example.org", 22, "/archive/proj1")
+        "archive.example.org", None, "/archive/proj1")  # no port: ssh's config decides
     assert (out.transfer_protocol, out.transfer_mode) == ("rsync_ssh", "move")
     assert (out.retry_count, out.retry_backoff, out.retry_backoff_max) == (3, 2, 600)
     assert (out.batch_max_items, out.batch_max_bytes) == (10000, 64 * 1024**3)

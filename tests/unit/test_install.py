@@ -26,10 +26,10 @@ PAGES = ("man1/mstm-send.1", "man1/mstm-scan.1", "man1/mstm-receive.1",
 ADMIN_CONFIG = "# the admin's own configuration\n[global]\ndata_stream_list = mine\n"
 
 
-def make(target: str, destdir: Path) -> subprocess.CompletedProcess[str]:
+def make(target: str, destdir: Path, prefix: str = PREFIX) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(["make", "-s", "-C", str(ROOT), target, f"DESTDIR={destdir}",
                         f"UNIT_BUILD={destdir.parent / (destdir.name + '-units')}",
-                        f"PREFIX={PREFIX}", "UNITDIR=/usr/lib/systemd/system"],
+                        f"PREFIX={prefix}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"make {target}: {r.stdout[-3000:]}{r.stderr[-3000:]}"
     return r
@@ -57,15 +57,22 @@ def test_install_puts_commands_units_man_pages_and_examples_in_place(installed: 
         link = prefix / "bin" / c
         assert link.is_symlink() and os.readlink(link) == f"{PREFIX}/lib/mstm/bin/{c}"
         assert (prefix / "lib" / "mstm" / "bin" / c).is_file()
+    # a PREFIX systemd does not search (/opt/...): the systemd files go to /etc
     for u in UNITS:
-        assert (d / "usr/lib/systemd/system" / u).is_file(), u
-    stream = (d / "usr/lib/systemd/system/mstm-stream@.service").read_text()
+        assert (d / "etc/systemd/system" / u).is_file(), u
+    stream = (d / "etc/systemd/system/mstm-stream@.service").read_text()
     assert f"ExecStart={PREFIX}/bin/mstm-send --follow %i" in stream
     for page in PAGES:
         assert (prefix / "share" / "man" / page).is_file(), page
-    assert (d / "usr/lib/sysusers.d/mstm.conf").is_file()
-    assert (d / "usr/lib/tmpfiles.d/mstm.conf").is_file()
-    assert (d / "usr/lib/systemd/catalog/mstm.catalog").is_file()
+    assert (d / "etc/sysusers.d/mstm.conf").is_file()
+    assert (d / "etc/tmpfiles.d/mstm.conf").is_file()
+    assert (d / "usr/local/lib/systemd/catalog/mstm.catalog").is_file()  # (no /etc catalog)
+    generator = d / "etc/systemd/system-generators/mstm-generator"
+    assert generator.is_file() and os.access(generator, os.X_OK)
+    assert generator.read_text().startswith(f"#!{PREFIX}/lib/mstm/bin/python3 -I\n")
+    for c in COMMANDS:
+        assert (prefix / "share/bash-completion/completions" / c).is_file(), c
+        assert (prefix / "share/zsh/site-functions" / f"_{c}").is_file(), c
     assert (d / "etc/mstm/global.ini.example").is_file()
     assert (d / "etc/mstm/proj1.ini.example").is_file()
 
@@ -120,7 +127,7 @@ def test_the_journal_catalog_and_sysusers_file_are_valid(installed: Path,
     journalctl = need("journalctl")
     root = tmp_path / "root"
     (root / "usr/lib/systemd/catalog").mkdir(parents=True)
-    shutil.copy(installed / "usr/lib/systemd/catalog/mstm.catalog",
+    shutil.copy(installed / "usr/local/lib/systemd/catalog/mstm.catalog",
                 root / "usr/lib/systemd/catalog")
     subprocess.run([journalctl, f"--root={root}", "--update-catalog"], check=True,
                    capture_output=True)
@@ -130,7 +137,7 @@ def test_the_journal_catalog_and_sysusers_file_are_valid(installed: Path,
         assert mid in listed, mid
     sysusers = need("systemd-sysusers")
     r = subprocess.run([sysusers, "--dry-run", f"--root={tmp_path / 'sysroot'}",
-                        str(installed / "usr/lib/sysusers.d/mstm.conf")],
+                        str(installed / "etc/sysusers.d/mstm.conf")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "mstm" in r.stdout + r.stderr, r.stdout + r.stderr
 
@@ -150,3 +157,89 @@ def test_install_then_uninstall_in_an_empty_destdir_leaves_nothing(
     make("uninstall", dest)
     assert tree(dest) == set()
 
+
+
+# The trees dpkg owns: a local install must put nothing there (issue 14, 6).
+DPKG_TREES = ("lib", "usr/lib", "usr/share", "usr/bin", "usr/sbin", "bin", "sbin")
+
+
+def test_install_with_prefix_usr_local_writes_nothing_into_the_trees_dpkg_owns(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Units, generator, sysusers.d, tmpfiles.d and the catalog go where systemd 252 reads
+    them below /usr/local (systemd-analyze unit-paths; systemd.generator(7); sysusers.d(5);
+    tmpfiles.d(5); journalctl --update-catalog); configuration under /etc."""
+    need("make")
+    need("pandoc")
+    dest = tmp_path_factory.mktemp("usr-local")
+    make("install", dest, prefix="/usr/local")
+    files = sorted(p.relative_to(dest) for p in dest.rglob("*") if not p.is_dir())
+    in_dpkg = [str(f) for f in files if str(f).startswith(tuple(t + "/" for t in DPKG_TREES))]
+    assert not in_dpkg, f"installed into dpkg's trees: {in_dpkg[:10]}"
+    assert {f.parts[0] for f in files} == {"usr", "etc"}
+    assert {f.parts[1] for f in files if f.parts[0] == "usr"} == {"local"}
+    lib = dest / "usr/local/lib"
+    for u in UNITS:
+        assert (lib / "systemd/system" / u).is_file(), u
+    assert (lib / "systemd/system-generators/mstm-generator").is_file()
+    assert (lib / "sysusers.d/mstm.conf").is_file()
+    assert (lib / "tmpfiles.d/mstm.conf").is_file()
+    assert (lib / "systemd/catalog/mstm.catalog").is_file()
+    assert (dest / "usr/local/share/bash-completion/completions/mstm-send").is_file()
+    assert (dest / "usr/local/share/zsh/site-functions/_mstm-send").is_file()
+    unit = (lib / "systemd/system/mstm-stream@.service").read_text()
+    assert "ExecStart=/usr/local/bin/mstm-send --follow %i" in unit
+    make("uninstall", dest, prefix="/usr/local")
+    assert tree(dest) == set()
+
+
+def test_the_usr_local_directories_are_ones_systemd_reads() -> None:
+    """What the Makefile chooses for PREFIX=/usr/local, checked against this systemd."""
+    analyze = need("systemd-analyze")
+    paths = subprocess.run([analyze, "unit-paths"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert "/usr/local/lib/systemd/system" in paths
+    # the generator and catalog directories are compiled into systemd's shared library
+    shared = sorted(Path("/usr/lib").glob("*/systemd/libsystemd-shared-*.so"))
+    if shared:
+        blob = shared[0].read_bytes()
+        for path in (b"/usr/local/lib/systemd/system-generators",
+                     b"/usr/local/lib/systemd/catalog"):
+            assert path in blob, path
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "-p", "-n", "PREFIX=/usr/local",
+                        "units"], capture_output=True, text=True)
+    chosen = dict(line.split(" := ", 1) if " := " in line else line.split(" = ", 1)
+                  for line in r.stdout.splitlines()
+                  if line.startswith(("UNITDIR ", "GENERATORDIR ", "SYSUSERSDIR ",
+                                      "TMPFILESDIR ", "CATALOGDIR ")))
+    assert chosen == {"UNITDIR": "/usr/local/lib/systemd/system",
+                      "GENERATORDIR": "/usr/local/lib/systemd/system-generators",
+                      "SYSUSERSDIR": "/usr/local/lib/sysusers.d",
+                      "TMPFILESDIR": "/usr/local/lib/tmpfiles.d",
+                      "CATALOGDIR": "/usr/local/lib/systemd/catalog"}, chosen
+
+
+def test_tmpfiles_lets_the_service_user_write_node_exporters_textfile_directory(
+        tmp_path: Path) -> None:
+    """metrics_dir's default is root's directory: mstm.tmpfiles adds an ACL entry for the
+    service user (checked here with "nobody", a user every Debian has), and a machine
+    without node_exporter is left alone."""
+    need("systemd-tmpfiles")
+    need("getfacl")
+    text = (ROOT / "conf" / "mstm.tmpfiles").read_text()
+    acl = [ln for ln in text.splitlines() if ln.startswith("a+")]
+    assert acl == ["a+     /var/lib/prometheus/node-exporter - - - - u:mstm:rwx"]
+    conf = tmp_path / "t.conf"
+    conf.write_text(acl[0].replace("u:mstm:", "u:nobody:") + "\n")
+    root = tmp_path / "root"
+    r = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(conf)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # not there: nothing to do, no error
+    assert not (root / "var/lib/prometheus").exists()
+    textfiles = root / "var/lib/prometheus/node-exporter"
+    textfiles.mkdir(parents=True)
+    r = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(conf)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    facl = subprocess.run(["getfacl", "-cp", str(textfiles)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "user:nobody:rwx" in facl, facl

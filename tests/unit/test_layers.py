@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cmds" / "mstm"
 
 # The pieces everything may use; they use no stage.
 SHARED = {"errors", "log", "notify", "runloop", "safefs", "openfiles", "watch", "backoff",
-          "pause", "protocol", "config"}
+          "pause", "protocol", "config", "humanize"}
 
 # What each stage may import besides SHARED.  Nothing imports cli.
 ALLOWED: dict[str, set[str]] = {
@@ -26,6 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "pull": {"send", "transports"},
     "diskwatch": {"spool"},
     "alert": set(),
+    # every stream at a glance: reads what the stages keep; only the command line uses it
+    "overview": {"spool", "pull", "receive", "diskwatch", "send"},
 }
 
 
@@ -85,6 +87,11 @@ def test_the_shared_pieces_import_no_stage() -> None:
     for piece in SHARED:
         wrong = graph.get(piece, set()) - SHARED
         assert not wrong, f"mstm.{piece} imports {sorted(wrong)}"
+
+
+def test_only_the_command_line_imports_the_overview() -> None:
+    graph = import_graph()
+    assert sorted(name for name, deps in graph.items() if "overview" in deps) == ["cli"]
 
 
 def test_nothing_imports_the_command_line() -> None:

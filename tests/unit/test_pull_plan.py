@@ -75,7 +75,8 @@ def item(name: bytes | str, *, kind: str = "d", entries: int = 3, size: int = 10
 def test_a_pull_stream_needs_no_target_dir_and_defaults_to_mirror(tmp_path: Path) -> None:
     s = pull_stream(tmp_path)
     assert s.direction == "pull"
-    assert (s.outgoing.target_host, s.outgoing.target_port) == ("sftp.synchrotron.example", 22)
+    assert (s.outgoing.target_host, s.outgoing.target_port) == ("sftp.synchrotron.example",
+                                                                None)  # ssh config decides
     assert s.outgoing.transfer_mode == "mirror"
     assert s.pull.source_dir == "/data/epn"
     assert s.pull.map == (("^12282[a-z]$", "ny79"), ("^1228", "/scratch/other"),
@@ -303,7 +304,7 @@ def test_an_unmapped_item_is_reported_once_as_a_warning_event(
     assert rec.levelno == logging.WARNING
     assert getattr(rec, "mstm_fields", {}) == {"stream": "sync", "item": "99999z",
                                                "reason": "no [pull] map rule matches",
-                                               "peer": "sftp.synchrotron.example:22",
+                                               "peer": "sftp.synchrotron.example",
                                                "result": "unmapped"}
     assert Ledger(s.pull.ledger or Path()).read()["99999z"].state == UNMAPPED
     assert "unmapped" in MESSAGE_IDS

@@ -1508,9 +1508,12 @@ def test_a_control_file_is_answered_at_once_even_in_a_burst_of_other_events(
 def write_config(root: Path, directory: Path, **incoming: str) -> Path:
     etc = root / "etc"
     etc.mkdir()
-    (root / "spool").mkdir()
+    # the receiver's own state (its totals, mstm.overview.live) lives in its spool
+    # directory: beside root, so that "nothing outside I and D" still holds within it
+    spool = root.parent / f"{root.name}-spool"
+    spool.mkdir()
     (etc / "global.ini").write_text(f"[global]\ndata_stream_list = inbound\n"
-                                    f"spool_base_dir = {root / 'spool'}\n")
+                                    f"spool_base_dir = {spool}\n")
     text = f"[data_stream]\ndirectory = {directory}\n"
     if incoming:
         text += "[incoming]\n" + "".join(f"{k} = {v}\n" for k, v in incoming.items())

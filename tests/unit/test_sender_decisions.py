@@ -10,6 +10,7 @@ outside the stream directory is ever read into the target or deleted.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -146,14 +147,14 @@ def test_a_copy_that_does_not_verify_is_retried_then_parked_in_failed_with_its_r
 
     env.cycle()  # retry_backoff = 0: every attempt happens now
 
-    assert [i for batch in env.target.sent for i in batch].count("a.dat") == 3  # retry_count 2
+    assert [i for batch in env.target.sent for i in batch].count("a.dat") == 2  # retry_count 2
     failed = env.records("failed")
-    assert [(r.relpath, r.attempts) for r in failed] == [("a.dat", 3)]
+    assert [(r.relpath, r.attempts) for r in failed] == [("a.dat", 2)]
     assert reason in (failed[0].last_error or "")
     assert env.source_files() == {"a.dat": b"precious"}  # kept, untouched
     assert env.target.final_files() == {"b.dat": b"fine"}  # never the bad copy
     assert env.target.staged() == []
-    assert env.sender.summary.failed[0]["attempts"] == 3
+    assert env.sender.summary.failed[0]["attempts"] == 2
 
 
 def test_a_failed_item_is_not_queued_again_by_the_next_scan(env: Env) -> None:
@@ -187,16 +188,123 @@ def test_an_unreachable_target_releases_the_batch_without_an_attempt_and_backs_o
     assert env.sender.backoff.step == 0
 
 
-def test_run_once_gives_up_on_an_unreachable_target_after_retry_count_waits(
-        tmp_path: Path) -> None:
-    env = Env(tmp_path, retry_count=0)
+def _count_opens(env: Env) -> list[int]:
+    """Every call of the target's open(), failed ones too."""
+    calls: list[int] = []
+    real = env.target.open
+
+    def counting() -> None:
+        calls.append(1)
+        real()
+
+    env.target.open = counting  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize("retry_count", [0, 3])
+def test_run_once_tries_an_unreachable_target_once_and_never_sleeps_out_the_backoff(
+        tmp_path: Path, retry_count: int) -> None:
+    """A one-off run (cron) ends at its first connection failure: before, it slept out
+    retry_count backoffs (11.6 s, then 73.8 s, then 739 s for three runs in a row)."""
+    env = Env(tmp_path, retry_count=retry_count)
     env.write("a.dat", b"x")
+    env.write("b.dat", b"y")
     env.target.faults.unreachable = "no route to host"
+    opens = _count_opens(env)
     started = time.monotonic()
     summary = env.sender.run_once()
-    assert time.monotonic() - started < 5
-    assert summary.error == "no route to host" and summary.queued == 1
+    assert time.monotonic() - started < 2
+    assert len(opens) == 1
+    assert summary.error == "no route to host" and summary.queued == 2
+    assert env.source_files() == {"a.dat": b"x", "b.dat": b"y"}
+    assert sorted((r.relpath, r.attempts) for r in env.records("new")) == [
+        ("a.dat", 0), ("b.dat", 0)]
+    assert env.spool.load_state()["backoff"]["step"] == 1  # for --follow to wait out
+
+
+def test_run_once_tries_at_once_whatever_backoff_an_earlier_run_saved(tmp_path: Path) -> None:
+    first = Env(tmp_path)
+    first.write("a.dat", b"x")
+    first.target.faults.unreachable = "connection refused"
+    for _ in range(3):  # three failed cron runs: the saved backoff grows
+        first.sender = Sender(first.stream, spool=first.spool, transport=first.target)
+        first.sender.run_once()
+    saved = first.spool.load_state()["backoff"]
+    assert saved["step"] == 3 and saved["until"] > time.time()
+    first.target.faults.unreachable = None  # the target is back
+    again = Sender(first.stream, spool=first.spool, transport=first.target)
+    started = time.monotonic()
+    summary = again.run_once()
+    assert time.monotonic() - started < 2
+    assert [d["path"] for d in summary.delivered] == ["a.dat"]
+    assert first.spool.load_state()["backoff"]["step"] == 0
+
+
+def test_run_once_finishes_a_transfer_cut_in_the_middle_in_the_same_run(
+        tmp_path: Path) -> None:
+    """Reached, then lost (the server died mid-batch): the run reconnects after the
+    target's backoff and delivers; only a target never reached ends the run at once."""
+    env = Env(tmp_path, retry_count=3)
+    for n in range(3):
+        env.write(f"f{n}.dat", b"x" * (n + 1))
+    env.target.faults.die_in_send = 1
+    opens = _count_opens(env)
+    summary = env.sender.run_once(max_wait=30)
+    assert sorted(d["path"] for d in summary.delivered) == ["f0.dat", "f1.dat", "f2.dat"]
+    assert summary.queued == 0 and len(opens) >= 2
+    assert env.source_files() == {}
+
+
+def test_run_once_gives_up_reconnecting_after_retry_count_tries(tmp_path: Path) -> None:
+    env = Env(tmp_path, retry_count=2)
+    env.write("a.dat", b"x")
+    sends: list[int] = []
+
+    def dies_every_time() -> None:
+        sends.append(1)
+        env.target.faults.die_in_send = 0
+
+    env.target.faults.before_send = dies_every_time
+    summary = env.sender.run_once(max_wait=60)
+    assert summary.delivered == [] and summary.queued == 1 and summary.error
+    assert len(sends) == 2  # retry_count tries in all, as for an item
     assert env.source_files() == {"a.dat": b"x"}
+
+
+def test_run_once_never_sleeps_longer_than_max_wait_and_leaves_the_rest_queued(
+        tmp_path: Path) -> None:
+    env = Env(tmp_path, retry_count=5, retry_backoff="30")
+    env.write("good.dat", b"fine")
+    env.write("bad.dat", b"flipped at the target")
+    env.target.faults.corrupt = {"bad.dat"}
+    started = time.monotonic()
+    summary = env.sender.run_once(max_wait=2)
+    assert time.monotonic() - started < 5  # the retry is due in ~30 s: not waited for
+    assert [d["path"] for d in summary.delivered] == ["good.dat"]
+    assert summary.queued == 1 and summary.waiting_retry
+    assert [(r.relpath, r.attempts) for r in env.records("new")] == [("bad.dat", 1)]
+
+
+def test_run_once_waits_for_a_retry_that_is_due_within_max_wait(tmp_path: Path) -> None:
+    env = Env(tmp_path, retry_count=3, retry_backoff="0.3")
+    env.write("flaky.dat", b"once wrong, then right")
+    env.target.faults.corrupt = {"flaky.dat"}
+    env.target.faults.between = lambda: env.target.faults.corrupt.clear()
+    summary = env.sender.run_once(max_wait=10)
+    assert [d["path"] for d in summary.delivered] == ["flaky.dat"]
+    assert summary.queued == 0 and not summary.waiting_retry
+
+
+def test_run_once_says_how_many_items_are_not_ready_yet(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    ini = tmp_path / "proj1.ini"
+    ini.write_text(ini.read_text().replace("settle_seconds = 0", "settle_seconds = 3600"))
+    env.sender = Sender(load_stream("proj1", tmp_path / "global.ini"), spool=env.spool,
+                        transport=env.target)
+    env.write("fresh.dat", b"still being written, for all we know")
+    summary = env.sender.run_once()
+    assert summary.delivered == [] and summary.settling == 1
+    assert json.loads(summary.to_json())["settling"] == 1
 
 
 @pytest.mark.parametrize("fault", ["die_in_send", "inspect_unavailable"])
@@ -394,7 +502,7 @@ def test_a_type_conflict_at_the_target_parks_the_item_after_its_retries_and_keep
     env.cycle()
 
     failed = env.records("failed")
-    assert [(r.relpath, r.attempts) for r in failed] == [("d", 3)]
+    assert [(r.relpath, r.attempts) for r in failed] == [("d", 2)]  # retry_count 2
     assert "cannot be put in place" in (failed[0].last_error or "")
     assert env.source_files() == {"d/a.txt": b"a", "d/sub/b.txt": b"b"}
     # nothing that was at the target changed or went; a directory item is published

@@ -371,7 +371,7 @@ def test_retry_counts_attempts_and_backs_off_exponentially_with_jitter(
     spool: Spool, clock: Clock
 ) -> None:
     spool.enqueue([rec("a")])
-    limits = {"retry_count": 3, "backoff": 10.0, "backoff_max": 25.0}
+    limits = {"retry_count": 4, "backoff": 10.0, "backoff_max": 25.0}
     expected_delays = [10.0, 20.0, 25.0]
     for attempt, delay in enumerate(expected_delays, start=1):
         (c,) = spool.claim(max_items=1, max_bytes=BIG)

@@ -25,10 +25,11 @@ def write(tmp_path: Path, protocol: str, extra: str = "") -> Path:
 
 
 @pytest.mark.parametrize(("protocol", "port", "cls"), [
-    ("rsync_ssh", 22, "RsyncSsh"), ("sftp", 22, "Sftp"), ("ftp", 21, "Ftp"),
-    ("ftps", 21, "Ftp"), ("local", 22, "Local")])
+    # None: no port is given, the ssh configuration's Port for the host decides (else 22)
+    ("rsync_ssh", None, "RsyncSsh"), ("sftp", None, "Sftp"), ("ftp", 21, "Ftp"),
+    ("ftps", 21, "Ftp"), ("local", None, "Local")])
 def test_each_protocol_has_its_default_port_and_its_transport(
-        tmp_path: Path, protocol: str, port: int, cls: str) -> None:
+        tmp_path: Path, protocol: str, port: int | None, cls: str) -> None:
     s = load_stream("p", write(tmp_path, protocol))
     assert s.outgoing.target_port == port
     assert type(make_transport(s)).__name__ == cls

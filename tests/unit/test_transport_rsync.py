@@ -24,9 +24,10 @@ from tests.unit.test_transport_rsync_ssh import _transport
 from mstm.pull import Puller
 from mstm.transports.rsync import run_rsync
 
+# no target_port in these streams: no -p, ssh's configuration decides (issue 14, 7)
 RSH = ("ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=15"
        " -o ServerAliveInterval=10 -o ServerAliveCountMax=3 -o ControlPath=/run/c/c"
-       " -o ControlMaster=no -o ControlPersist=no -o LogLevel=ERROR -p 22")
+       " -o ControlMaster=no -o ControlPersist=no -o LogLevel=ERROR")
 
 
 def assert_same_argv(got: list[str], before: list[str]) -> None:
@@ -49,7 +50,7 @@ def test_a_push_over_ssh_runs_the_rsync_it_ran_before(tmp_path: Path) -> None:
     common = ["--perms", "--chmod=a-st", "--times", "--no-devices", "--no-specials",
               "--from0", "--files-from=-", "--secluded-args", "--mkpath",
               "--partial-dir=/data/in/.mstm-partial", "--timeout=120",
-              "--out-format=mstm-xfer:%i %l", "--rsh", RSH]
+              "--out-format=mstm-xfer:%i %l %n", "--rsh", RSH]
     assert_same_argv(t.rsync_argv("/data/in/.mstm-staging/b", force=True), [
         "rsync", "--recursive", "--links", *common, "--ignore-times", "--bwlimit=300", *tail])
     t.follow_symlinks = True
@@ -63,7 +64,7 @@ def test_a_push_to_an_rsync_daemon_runs_the_rsync_it_ran_before(tmp_path: Path) 
     tail = ["--", f"{tmp_path}/", dest]
     common = ["--perms", "--chmod=a-st", "--times", "--no-devices", "--no-specials",
               "--from0", "--files-from=-", "--mkpath", "--partial-dir=.mstm-partial",
-              "--out-format=mstm-xfer:%i %l"]
+              "--out-format=mstm-xfer:%i %l %n"]
     t._fsync = True
     assert_same_argv(t.rsync_argv("in/.mstm-staging/b", force=True), [
         "rsync", "--contimeout=15", "--timeout=120", "--recursive", "--links", *common,
@@ -89,9 +90,9 @@ def test_a_pull_runs_the_rsync_it_ran_before(tmp_path: Path) -> None:
               "--timeout=45", "--rsh", RSH]
     folder = Path("/dest/ny79")
     assert_same_argv(puller.rsync_argv(folder, verify=False, checksum=False), [
-        *common, "--out-format=mstm-xfer:%i %l", "--bwlimit=500", *tail])
+        *common, "--out-format=mstm-xfer:%i %l %n", "--bwlimit=500", *tail])
     assert_same_argv(puller.rsync_argv(folder, verify=False, checksum=True), [
-        *common, "--out-format=mstm-xfer:%i %l", "--checksum", "--bwlimit=500", *tail])
+        *common, "--out-format=mstm-xfer:%i %l %n", "--checksum", "--bwlimit=500", *tail])
     assert_same_argv(puller.rsync_argv(folder, verify=True, checksum=True), [
         *common, "--dry-run", "--checksum", "--out-format=mstm-verify:%i", *tail])
 
@@ -121,19 +122,21 @@ def test_the_runner_counts_files_sent_and_differences_and_keeps_the_stderr_tail(
     argv = fake_rsync(tmp_path, """
 out = sys.stdout.buffer
 for n in names:
-    out.write(b"mstm-xfer:<f+++++++++ 10\\n")  # sent
-out.write(b"mstm-xfer:>f.st...... 7\\n")  # received
+    out.write(b"mstm-xfer:<f+++++++++ 10 " + n + b"\\n")  # sent
+out.write(b"mstm-xfer:>f.st...... 7 odd\\\\#012name\\\\#377 \\n")  # received, escaped name
 out.write(b"mstm-xfer:.f..t...... 99\\n")  # only its time set: nothing moved
 out.write(b"mstm-xfer:cd+++++++++ 4096\\n")  # a directory
 out.write(b"mstm-verify:>fc.T......\\nunrelated\\n")
 sys.stderr.write("rsync: [sender] link_stat failed\\nrsync error: some files (code 23)\\n")
 sys.exit(23)
 """)
-    seen: list[tuple[int, int]] = []
-    run = run_rsync(argv, b"a\0b\0", progress=lambda f, b: seen.append((f, b)),
+    seen: list[tuple[int, int, str | None]] = []
+    run = run_rsync(argv, b"a\0b\0",
+                    progress=lambda f, b, name=None: seen.append((f, b, name)),
                     done=(5, 1000))
     assert (run.exit_code, run.files, run.file_bytes, run.changes) == (23, 3, 27, 1)
-    assert seen == [(6, 1010), (7, 1020), (8, 1027)]
+    # each file named as rsync starts it, rsync's escapes undone
+    assert seen == [(6, 1010, "a"), (7, 1020, "b"), (8, 1027, "odd\nname\udcff ")]
     assert not run.stopped and not run.stalled
     assert run.error == "rsync exit 23: rsync: [sender] link_stat failed"
     assert run.stderr_tail.endswith(b"(code 23)\n")

@@ -27,7 +27,8 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bindir = Path(sys.executable).parent
     subprocess.run(["make", "-s", "-C", str(ROOT), "units", f"UNIT_BUILD={out}",
                     f"BINDIR={bindir}"], check=True, capture_output=True, text=True)
-    units = {p.name: p for p in sorted(out.iterdir()) if not p.name.startswith(".")}
+    units = {p.name: p for p in sorted(out.iterdir())
+             if p.is_file() and not p.name.startswith(".")}
     assert sorted(units) == sorted(t.name.removesuffix(".in") for t in TEMPLATES)
     return units
 
@@ -121,3 +122,30 @@ def test_the_once_timer_is_persistent_randomized_and_hourly(rendered: dict[str, 
     once = settings(rendered["mstm-send-once@.service"])
     assert once["Type"] == ["oneshot"]
     assert once["ExecStart"] == [f"{Path(sys.executable).parent}/mstm-send --once %i"]
+
+
+def test_the_one_off_run_has_a_bounded_start_timeout_and_says_how_to_raise_it(
+        rendered: dict[str, Path]) -> None:
+    """A run that never ends would block the timer's next runs forever (issue 14, 4)."""
+    unit = rendered["mstm-send-once@.service"]
+    once = settings(unit)
+    assert once["TimeoutStartSec"] == ["12h"]
+    analyze = need("systemd-analyze")
+    r = subprocess.run([analyze, "timespan", "12h"], capture_output=True, text=True)
+    assert r.returncode == 0 and "43200000000" in r.stdout, r.stdout  # 12 h in µs
+    lines = unit.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("TimeoutStartSec="))
+    comment = " ".join(line for line in lines[i - 10:i] if line.startswith("#"))
+    assert "TimeoutStartSec=" in comment and "drop-in" in comment  # how to raise it
+    assert "resumes" in comment  # and that nothing is lost
+
+
+def test_the_generator_is_rendered_with_the_venv_python_and_the_global_file(
+        tmp_path: Path) -> None:
+    need("make")
+    subprocess.run(["make", "-s", "-C", str(ROOT), "units", f"UNIT_BUILD={tmp_path}",
+                    "PKGLIBDIR=/opt/x/lib/mstm", "SYSCONFDIR=/etc/x"], check=True,
+                   capture_output=True, text=True)
+    text = (tmp_path / "generator" / "mstm-generator").read_text()
+    assert text.splitlines()[0] == "#!/opt/x/lib/mstm/bin/python3 -I"
+    assert 'default_config="/etc/x/mstm/global.ini"' in text

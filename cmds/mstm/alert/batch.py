@@ -1,4 +1,12 @@
-"""Events gathered for one mail: alike events (:func:`dedup_key`) shown once, counted."""
+"""Events gathered for one mail: alike events (:func:`dedup_key`) shown once, counted.
+
+Some events are there for their items: a pull item that maps to no project (or whose
+name is refused) needs a person to act on each one, which is why HPC ASSyncy had a
+program of its own, epnalert, to mail them.  Events in :data:`NAMED_EVENTS` are still
+gathered into one group per stream and reason, but the group names every item, up to
+:data:`MAX_NAMED_ITEMS` per group, then says how many more there are; it is never left
+out for :data:`MAX_GROUPS`.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mstm.alert.events import Alert
+from mstm.log import MESSAGE_IDS
 
 MAX_GROUPS = 100  # distinct kinds of event shown in one mail; the rest are counted
 MAX_ITEMS = 10  # item names listed per group
+NAMED_EVENTS = frozenset({"unmapped"})  # every item named (see the module docstring)
+MAX_NAMED_ITEMS = 1000  # item names listed per group of NAMED_EVENTS; the rest counted
+_NAMED_IDS = frozenset(MESSAGE_IDS[e] for e in NAMED_EVENTS)
+
+
+def is_named(a: Alert) -> bool:
+    """Whether each item of *a*'s kind must be named in the mail."""
+    return a.event in NAMED_EVENTS or a.message_id in _NAMED_IDS
 
 
 def dedup_key(a: Alert) -> tuple[str, ...]:
@@ -32,6 +49,8 @@ class Group:
     count: int = 1
     items: list[str] = field(default_factory=list)
     more_items: int = 0
+    named: bool = False  # a kind of NAMED_EVENTS: the mail lists every item
+    seen: set[str] = field(default_factory=set, repr=False)
 
     @property
     def more(self) -> int:
@@ -62,14 +81,16 @@ class Batch:
         key = dedup_key(a)
         g = self.groups.get(key)
         if g is None:
-            if len(self.groups) >= MAX_GROUPS:
+            named = is_named(a)
+            if len(self.groups) >= MAX_GROUPS and not named:
                 self.overflow += 1
                 return
-            g = self.groups[key] = Group(a, a, 0)
+            g = self.groups[key] = Group(a, a, 0, named=named)
         g.count += 1
         g.last = a
-        if a.item and a.item not in g.items:
-            if len(g.items) < MAX_ITEMS:
+        if a.item and a.item not in g.seen:
+            g.seen.add(a.item)
+            if len(g.items) < (MAX_NAMED_ITEMS if g.named else MAX_ITEMS):
                 g.items.append(a.item)
             else:
                 g.more_items += 1

@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -25,6 +25,10 @@ _PRIORITY_WORDS = {"emerg": 0, "emergency": 0, "panic": 0, "alert": 1, "crit": 2
                    "critical": 2, "err": 3, "error": 3, "warn": 4, "warning": 4, "notice": 5,
                    "info": 6, "debug": 7}
 _LINE = re.compile(r"(?P<tool>[\w.@-]+): (?:(?P<level>[a-z]+): )?(?P<text>.*)")
+# A pull stream's line about an item it does not fetch (mstm.pull.puller, event
+# "unmapped"): "STREAM: ITEM is not fetched: REASON".  A stream name has no space or
+# colon; the item is everything up to the last " is not fetched: ".
+_UNMAPPED_LINE = re.compile(r"(?P<stream>[^\s:]+): (?P<item>.+) is not fetched: (?P<reason>.+)")
 
 
 def threshold_priority(level: str) -> int:
@@ -163,8 +167,15 @@ def from_line(line: str) -> Alert | None:
     m = _LINE.fullmatch(line)
     if m and (m.group("level") is None or m.group("level") in _PRIORITY_WORDS):
         level = m.group("level")
-        return Alert(time.time(), _PRIORITY_WORDS[level] if level else 6, m.group("text"),
-                     m.group("tool"))
+        alert = Alert(time.time(), _PRIORITY_WORDS[level] if level else 6, m.group("text"),
+                      m.group("tool"))
+        unmapped = _UNMAPPED_LINE.fullmatch(alert.message)
+        if unmapped and alert.identifier.startswith("mstm-"):
+            # what the journal has as fields, taken back from mstm's own line: the mail
+            # must name each such item, as it does for the journal's entries
+            alert = replace(alert, event="unmapped", stream=unmapped.group("stream"),
+                            item=unmapped.group("item"), reason=unmapped.group("reason"))
+        return alert
     return Alert(time.time(), 6, line, "stdin")
 
 

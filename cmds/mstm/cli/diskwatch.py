@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
 from mstm.diskwatch import DiskWatch, Report, load_streams, status_line
+from mstm.diskwatch.report import FsReport
 from mstm.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE
+from mstm.overview.live import DiskReporter
 from mstm.runloop import RunLoop, stop_on_signals
 
 log = logging.getLogger("mstm.diskwatch")
@@ -39,7 +42,8 @@ def main(mode: str, dry_run: bool, as_json: bool, config_path: Path | None, verb
         gcfg, streams, problems = load_streams(config_path)
         watch = DiskWatch(gcfg, streams, dry_run=dry_run)
         if mode == "follow":
-            follow(watch, gcfg.disk_space_monitor.poll_interval)
+            follow(watch, gcfg.disk_space_monitor.poll_interval,
+                   metrics=DiskReporter(gcfg.metrics_dir))
             return EXIT_OK
         report = watch.check()
         click.echo(report.to_json() if as_json else render(report))
@@ -56,14 +60,18 @@ def render(report: Report) -> str:
     return "\n".join([*lines, report.table()])
 
 
-def follow(watch: DiskWatch, interval: float) -> None:
+def follow(watch: DiskWatch, interval: float, *,
+           metrics: Callable[[list[FsReport]], None] | None = None) -> None:
     """Check every *interval* seconds until SIGTERM/SIGINT; tell systemd how it goes."""
     loop = RunLoop()
     stop_on_signals(loop.stop, doing="stopping", logger=log)
     first = True
     while not loop.stopping:
         try:
-            text = status_line(watch.check())
+            report = watch.check()
+            text = status_line(report)
+            if metrics:
+                metrics(report.filesystems)  # the levels, for an alert (mstm_disk_*)
         except OSError as e:  # a passing problem (a directory unmounted): try again later
             log.error("check failed: %s", e)
             text = f"check failed: {e}"

@@ -11,7 +11,13 @@ import click
 
 from mstm import config
 from mstm import scan as scanning
-from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
+from mstm.cli.common import (
+    CONTEXT_SETTINGS,
+    common_options,
+    complete_stream,
+    refuse_root_on_foreign_spool,
+    run_command,
+)
 from mstm.errors import EXIT_OK, EXIT_USAGE, die
 from mstm.runloop import RunLoop, stop_on_signals
 from mstm.spool import Spool, SpoolBusy, item_id
@@ -20,7 +26,7 @@ log = logging.getLogger("mstm.scan")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("stream")
+@click.argument("stream", shell_complete=complete_stream)
 @click.option("--once", "mode", flag_value="once", default=True,
               help="Scan once and exit (the default).")
 @click.option("--follow", "mode", flag_value="follow",
@@ -50,6 +56,8 @@ def main(stream: str, mode: str, print_nl: bool, print0: bool, check: bool,
             die(f"{stream} is a pull stream ({cfg.stream_file}): mstm-send lists and fetches "
                 f"its remote items itself; there is nothing local to scan", code=EXIT_USAGE)
         printing = print_nl or print0
+        if not printing:  # --print only reads
+            refuse_root_on_foreign_spool("mstm-scan", cfg.spool_dir)
         spool = None if printing else Spool(cfg.spool_dir,
                                             lease_seconds=cfg.outgoing.lease_seconds).open()
         printed: set[str] = set()

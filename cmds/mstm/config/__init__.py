@@ -146,6 +146,9 @@ def _open_global_file(gpath: Path) -> _GlobalSetup:
     implicit = {
         ("global", "config_dir"): str(gpath.parent),
         ("global", "runtime_dir"): _runtime_directory(),
+        # $MSTM_METRICS_DIR, when set, replaces the default (empty: no metrics files)
+        ("global", "metrics_dir"): os.environ.get("MSTM_METRICS_DIR",
+                                                  SCHEMA["global"]["metrics_dir"].default or ""),
         ("email", "from"): f"mstm@{socket.gethostname()}",
     }
     view = View([layer], gpath, implicit)

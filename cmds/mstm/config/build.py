@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mstm.config.files import read_regular_file
-from mstm.config.kinds import CONTROL, level_value
+from mstm.config.kinds import CONTROL, AbsPath, Invalid, level_value
 from mstm.config.model import (
     DiskSpaceConfig,
     EmailConfig,
@@ -32,9 +32,12 @@ from mstm.config.model import (
 from mstm.config.view import View
 from mstm.errors import ConfigError
 
-# [outgoing] target_port when none is written, by transfer_protocol
-DEFAULT_PORTS = {"rsync_ssh": 22, "sftp": 22, "rsync_native": 873, "ftp": 21, "ftps": 21,
-                 "local": 22}
+# [outgoing] target_port when none is written, by transfer_protocol.  None: no port is
+# given, so ssh's own configuration decides (a Port in target_host's Host entry, else
+# 22), as MiStaMover's `rsync -e ssh` did; sftp reads the same entry (mstm.transports.sftp).
+DEFAULT_PORTS: dict[str, int | None] = {"rsync_ssh": None, "sftp": None,
+                                        "rsync_native": 873, "ftp": 21, "ftps": 21,
+                                        "local": None}
 MAX_SECRET_BYTES = 4096  # a password file
 
 
@@ -50,7 +53,19 @@ def build_global(v: View, path: Path) -> GlobalConfig:
         log_level=v.get("logging", "log_level", str),
         disk_space_monitor=_build_disk_space(v),
         email=_build_email(v),
+        metrics_dir=_metrics_dir(v),
     )
+
+
+def _metrics_dir(v: View) -> Path | None:
+    """[global] metrics_dir: an absolute path, or None when empty (no metrics files)."""
+    text = v.get("global", "metrics_dir", str).strip()
+    if not text:
+        return None
+    try:
+        return AbsPath().parse(text)
+    except Invalid as err:
+        raise v.error("global", "metrics_dir", f"{err} (or empty: no metrics files)") from None
 
 
 def _build_disk_space(v: View) -> DiskSpaceConfig:
@@ -125,6 +140,8 @@ def build_stream(v: View, name: str, global_file: Path, stream_file: Path,
         spool_dir=_check_spool_dir(v, directory) if role == "send"
         else v.get(s, "spool_dir", Path),
         settle_seconds=v.get(s, "settle_seconds", float),
+        done_retention=v.get(s, "done_retention", float),
+        stuck_after=v.get(s, "stuck_after", float),
         ignore_patterns=v.get(s, "ignore_patterns", tuple),
         ready_marker=v.opt(s, "ready_marker", str),
         follow_symlinks=v.get(s, "follow_symlinks", bool),
@@ -135,6 +152,7 @@ def build_stream(v: View, name: str, global_file: Path, stream_file: Path,
         rsync_ssh=_build_rsync_ssh(v),
         incoming=_build_incoming(v),
         runtime_dir=v.get("global", "runtime_dir", Path),
+        metrics_dir=_metrics_dir(v),
         rsync_native=_build_rsync_native(v),
         sftp=_build_sftp(v),
         ftp=_build_ftp(v),
@@ -239,7 +257,7 @@ def _receive_outgoing(v: View) -> OutgoingConfig:
     kw = {key: value(key) for key in OutgoingConfig.__dataclass_fields__}
     for key in ("target_host", "target_dir", "transfer_mode", "target_incoming_dir"):
         kw[key] = kw[key] or ""
-    kw["target_port"] = kw["target_port"] or 0
+    kw["target_port"] = kw["target_port"] or None
     return OutgoingConfig(**kw)  # type: ignore[arg-type]
 
 
@@ -263,6 +281,7 @@ def _build_rsync_ssh(v: View) -> RsyncSshConfig:
         username=v.opt(s, "username", str),
         identity_file=identity,
         known_hosts=known_hosts,
+        ssh_config=_readable_file(v, s, "ssh_config"),
     )
 
 
@@ -330,6 +349,7 @@ def _build_sftp(v: View) -> SftpConfig:
     return SftpConfig(username=v.opt(s, "username", str),
                       identity_file=_readable_file(v, s, "identity_file"),
                       known_hosts=known_hosts,
+                      ssh_config=_readable_file(v, s, "ssh_config"),
                       remote_checksum=v.get(s, "remote_checksum", bool),
                       verify_readback=v.get(s, "verify_readback", bool))
 

@@ -170,13 +170,13 @@ class Number(Kind):
         return value
 
 
-_SECONDS = re.compile(r"([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([smh]?)", re.IGNORECASE)
-_SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600}
+_SECONDS = re.compile(r"([0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})\s*([smhd]?)", re.IGNORECASE)
+_SECONDS_PER = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
 class Seconds(Kind):
-    """A duration: a number of seconds, or with a suffix s, m or h ("90s", "5m")."""
+    """A duration: a number of seconds, or with a suffix s, m, h or d ("90s", "5m", "30d")."""
 
     min: float = 0.0
     positive: bool = False  # must be more than min, not just at least
@@ -186,7 +186,7 @@ class Seconds(Kind):
     def describe(self) -> str:
         bound = "more than" if self.positive else "at least"
         return (f"a duration of {bound} {self.min:g} s and at most {self._most()}"
-                " (e.g. 30, 90s, 5m, 1h)")
+                " (e.g. 30, 90s, 5m, 1h, 30d)")
 
     def _most(self) -> str:
         return "1 year" if self.max == MAX_SECONDS else f"{self.max:g} s"

@@ -60,6 +60,7 @@ class GlobalConfig:
     log_level: str  # [logging] log_level
     disk_space_monitor: DiskSpaceConfig
     email: EmailConfig
+    metrics_dir: Path | None = None  # [global] metrics_dir; None: no metrics files
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class OutgoingConfig:
     """[outgoing]: where a stream sends to, and how."""
 
     target_host: str
-    target_port: int
+    target_port: int | None  # None: not written; ssh's own configuration decides
     target_dir: str
     transfer_protocol: str
     transfer_mode: str  # "move" | "mirror"
@@ -100,6 +101,7 @@ class RsyncSshConfig:
     username: str | None
     identity_file: Path | None
     known_hosts: Path | None
+    ssh_config: Path | None = None  # ssh -F
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class SftpConfig:
     username: str | None = None
     identity_file: Path | None = None
     known_hosts: Path | None = None
+    ssh_config: Path | None = None  # read for target_host's HostName, Port and User
     remote_checksum: bool = True
     verify_readback: bool = True
 
@@ -191,6 +194,9 @@ class StreamConfig:
     delete_undelivered: bool = False  # [data_stream]; only with deletion_enabled
     direction: str = "push"  # [data_stream] direction: "push" | "pull"
     pull: PullConfig = PullConfig()
+    metrics_dir: Path | None = None  # [global] metrics_dir; None: no metrics files
+    done_retention: float = 30 * 86400.0  # [data_stream]; 0: done/ records kept forever
+    stuck_after: float = 3600.0  # [data_stream]
 
     @property
     def running(self) -> bool:

@@ -66,7 +66,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "spool_base_dir": Key(AbsPath(), "/var/spool/mstm",
                               "parent of the default spool directory of each stream"),
         "runtime_dir": Key(AbsPath(), None,
-                           "runtime state (default: $RUNTIME_DIRECTORY, else /run/mstm)"),
+                           "runtime state, such as ssh's control sockets (default:"
+                           " $RUNTIME_DIRECTORY, else /run/mstm); one longer than 70 bytes"
+                           " cannot hold a socket, whose name is limited to 107 bytes with"
+                           " the 17 ssh adds: a private directory under $TMPDIR or /tmp"
+                           " is used for them then"),
+        "metrics_dir": Key(Text(), "/var/lib/prometheus/node-exporter",
+                           "where long-running commands write their Prometheus text files"
+                           " for node_exporter's textfile collector (empty: none;"
+                           " $MSTM_METRICS_DIR, if set, replaces the default)"),
         "base_incoming_dir": _compat(),
         "debug_on": _compat(),
     },
@@ -87,6 +95,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                   "with deletion_enabled: at VLOW also delete undelivered items"),
         "spool_dir": Key(AbsPath(), "$(global:spool_base_dir)/$(data_stream:name)",
                          "the stream's durable queue (default: <spool_base_dir>/<name>)"),
+        "done_retention": Key(Seconds(), "30d",
+                              "how long the spool keeps the record of a delivered item (done/);"
+                              " older ones are pruned by the stream itself, once an hour; 0"
+                              " keeps them forever.  In mirror mode a record is kept as long"
+                              " as its source is there unchanged (it is what stops a second"
+                              " sending)"),
+        "stuck_after": Key(Seconds(positive=True), "1h",
+                           "an item queued this long, or a target unreachable this long, is"
+                           " stuck: one journal warning per item (MSTM_EVENT=stuck), the"
+                           " cause in the unit's status line, and the metrics"),
         "settle_seconds": Key(Seconds(), "5", "an item must be unchanged this long to be ready"),
         "ignore_patterns": Key(Words(), "*.part *.tmp *.swp *~ #*#",
                                "globs of names never sent (dot-files are always ignored)"),
@@ -107,8 +125,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "target_host": Key(Word(), None,
                            "the host to send to (required unless transfer_protocol is local)"),
         "target_port": Key(Int(1, 65535), None,
-                           "port of the target's server (default: 22 for rsync_ssh and sftp,"
-                           " 873 for rsync_native, 21 for ftp and ftps)"),
+                           "port of the target's server (default: for rsync_ssh and sftp,"
+                           " the Port of target_host's Host entry in the ssh client"
+                           " configuration, else 22, as plain ssh does; 873 for"
+                           " rsync_native, 21 for ftp and ftps)"),
         "target_dir": Key(RemoteDir(), None, "the absolute directory on the target host",
                           required=True),
         "transfer_protocol": Key(
@@ -121,7 +141,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "target_incoming_dir": Key(RemoteDir(), "$(outgoing:target_dir)/.mstm-incoming",
                                    "with the arrival monitor: the receiver's incoming area"),
         "retry_count": Key(Int(0, 1_000_000), "3",
-                           "attempts per item before it is parked as failed"),
+                           "attempts per item in all, the first one included, as MiStaMover"
+                           " counted them: 3 is one try and two retries, then the item is"
+                           " parked as failed (0 means the same as 1); a target that cannot"
+                           " be reached costs no item an attempt; pull streams do not use"
+                           " it: a failed fetch is tried again every cycle"),
         "retry_backoff": Key(Seconds(), "2", "first wait before a retry (doubles each time)"),
         "retry_backoff_max": Key(Seconds(), "600", "longest wait between retries"),
         "batch_max_items": Key(Int(1), "10000", "most items sent in one transfer"),
@@ -175,6 +199,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "username": Key(Word(), None, "user on the target host (empty: the current user)"),
         "identity_file": Key(AbsPath(), None, "ssh private key (must be a readable file)"),
         "known_hosts": Key(AbsPath(), None, "ssh known_hosts file to use (must exist)"),
+        "ssh_config": Key(AbsPath(), None,
+                          "ssh client configuration file, given to ssh as -F (must be a"
+                          " readable file); its Host entry for target_host may set Port,"
+                          " HostName, User and more (empty: ssh's own, ~/.ssh/config of"
+                          " the user mstm runs as, then /etc/ssh/ssh_config)"),
         "transfer_mode": Key(Choice(("move", "mirror")), None,
                              "MiStaMover's place for transfer_mode; [outgoing] wins"),
         "use_checksum": _compat("ignored (MiStaMover compatibility): mstm compares every"
@@ -195,6 +224,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "identity_file": Key(AbsPath(), None, "ssh private key (must be a readable file)"),
         "known_hosts": Key(AbsPath(), None,
                            "known_hosts file to check the host key against (must exist)"),
+        "ssh_config": Key(AbsPath(), None,
+                          "ssh client configuration file whose Host entry for target_host"
+                          " gives HostName, Port and User where [outgoing] and [sftp] do"
+                          " not (must be a readable file; empty: ~/.ssh/config of the"
+                          " user mstm runs as, then /etc/ssh/ssh_config, if they exist)"),
         "remote_checksum": Key(Bool(), "true",
                                "ask the target's sha256sum over the same ssh connection"),
         "verify_readback": Key(Bool(), "true",

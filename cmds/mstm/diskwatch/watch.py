@@ -27,7 +27,7 @@ from mstm.diskwatch.candidates import (
     undelivered_candidates,
 )
 from mstm.diskwatch.levels import MIB, FileSystems, Level, RealFileSystems, Thresholds, Usage
-from mstm.diskwatch.report import Action, FsReport, Report, StreamRow, human
+from mstm.diskwatch.report import Action, FsReport, Report, StreamRow
 from mstm.diskwatch.stopfiles import (
     STOP_MARK,
     StopRecord,
@@ -38,6 +38,7 @@ from mstm.diskwatch.stopfiles import (
     targets_of,
     wants_stop,
 )
+from mstm.humanize import size as human
 from mstm.log import event, fields, show
 
 log = logging.getLogger("mstm.diskwatch")

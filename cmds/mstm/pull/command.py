@@ -17,6 +17,7 @@ from mstm.pull.ledger import DONE, UNMAPPED, Ledger
 from mstm.pull.planning import FAILED
 from mstm.pull.puller import Puller
 from mstm.pull.report import log_summary, render_plan
+from mstm.send.report import TtyProgress
 
 log = logging.getLogger("mstm.pull")
 
@@ -24,8 +25,12 @@ log = logging.getLogger("mstm.pull")
 def run_command(stream: StreamConfig, *, follow: bool, execute: bool | None, as_json: bool,
                 show_status: bool, notifier: Notifier | None = None,
                 install_signals: Callable[[Callable[[], None]], None] | None = None,
-                echo: Callable[[str], None] = click.echo) -> int:
-    """mstm-send for a pull stream; returns the exit status."""
+                echo: Callable[[str], None] = click.echo,
+                observe: Callable[[Puller], None] | None = None,
+                progress: TtyProgress | None = None) -> int:
+    """mstm-send for a pull stream; returns the exit status.  *observe* is given the
+    Puller before it runs (the command line sets its metrics hook); *progress*, the
+    terminal's progress line, is drawn by a --once that fetches."""
     if show_status:
         entries = Ledger(stream.pull.ledger or stream.spool_dir / "ledger.jsonl").read()
         echo(json.dumps({"stream": stream.name, "direction": "pull", "status": stream.status,
@@ -46,12 +51,18 @@ def run_command(stream: StreamConfig, *, follow: bool, execute: bool | None, as_
     puller = Puller(stream, execute=acting, notifier=notifier)
     if install_signals:
         install_signals(puller.stop)
+    if observe:
+        observe(puller)
     if follow:
         puller.follow()
         return EXIT_OK
+    if acting and not follow:
+        puller.progress = progress
     try:
         report = puller.cycle()
     finally:
+        if puller.progress:
+            puller.progress.finish()
         puller.close()
     if as_json:
         echo(report.to_json())

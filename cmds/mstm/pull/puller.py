@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -42,7 +43,8 @@ from mstm.pull.planning import (
 )
 from mstm.pull.report import CycleReport, log_summary
 from mstm.runloop import RunLoop
-from mstm.transports.base import ShouldStop
+from mstm.send.report import TtyProgress
+from mstm.transports.base import Item, Progress, ShouldStop
 from mstm.transports.rsync import RsyncRun, run_rsync, ssh_path, transfer_argv
 from mstm.transports.ssh import SshConnection, SshTarget
 
@@ -73,17 +75,27 @@ class Puller:
         self.conn = conn or SshConnection(
             SshTarget(host=self.out.target_host, port=self.out.target_port, user=rs.username,
                       identity_file=rs.identity_file, known_hosts=rs.known_hosts,
-                      connect_timeout=self.out.connect_timeout, ssh_cmd=rs.ssh_cmd),
+                      connect_timeout=self.out.connect_timeout, ssh_cmd=rs.ssh_cmd,
+                      config_file=rs.ssh_config),
             runtime_dir=stream.runtime_dir)
         ledger_path = self.cfg.ledger or stream.spool_dir / "ledger.jsonl"
         self.ledger = Ledger(ledger_path)
         self.lock_dir = ledger_path.with_name(ledger_path.name + ".locks")
-        self.peer = (f"{rs.username + '@' if rs.username else ''}"
-                     f"{self.out.target_host}:{self.out.target_port}")
+        # user@host[:port]: no port when none is written (the ssh configuration decides)
+        self.peer = f"{rs.username + '@' if rs.username else ''}{self.conn.target.where}"
         self.source = f"{self.peer}:{self.cfg.source_dir}"
         self._last_error: str | None = None
         self._paused_reason: str | None = None
         self._paused_lock = threading.Lock()
+        # called after each cycle of follow() with the error that ended it, if any (the
+        # command line sets it: the metrics file, mstm.overview.live)
+        self.on_cycle: Callable[[str | None], None] | None = None
+        # the progress line of a --once on a terminal (the command line sets it): the
+        # bytes of the fetches running side by side, summed
+        self.progress: TtyProgress | None = None
+        self._moved: dict[int, tuple[int, int]] = {}  # id(Planned) -> (files, bytes) so far
+        self._moved_total = (0, 0)
+        self._moved_lock = threading.Lock()
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -158,6 +170,7 @@ class Puller:
                     continue  # another worker reported it meanwhile
                 # logged before it is recorded: a crash in between reports it again,
                 # rather than never
+                # mstm-alert --stdin reads this form back (mstm.alert.events): keep it
                 log.warning("%s: %s is not fetched: %s", self.stream.name, show(name),
                             p.reason,
                             extra=event("unmapped", stream=self.stream.name, item=name,
@@ -170,6 +183,8 @@ class Puller:
 
     def _fetch_all(self, todo: list[Planned], report: CycleReport) -> None:
         total = len(todo)
+        if self.progress:
+            self.progress.batch_start([Item(p.item.name, p.item.bytes, True) for p in todo])
         self.notifier.status(f"fetching {total} item(s)")
         with ThreadPoolExecutor(max_workers=self.cfg.max_tasks,
                                 thread_name_prefix="pull") as pool:
@@ -299,6 +314,8 @@ class Puller:
             stall += p.item.bytes / CHECKSUM_RATE
         run = run_rsync(self.rsync_argv(p.folder, verify=verify, checksum=checksum),
                         p.item.raw + b"\0", should_stop=self._should_stop(), tick=self.tick,
+                        progress=self._progress_of(p) if self.progress and not verify
+                        else None,
                         stall=stall,
                         stall_ignores=os.path.basename(self.stream.rsync_ssh.ssh_cmd))
         if run.stalled:
@@ -308,6 +325,26 @@ class Puller:
         if run.exit_code and (self.loop.stopping or self._paused_reason is not None):
             run.stopped = True
         return run
+
+    def _progress_of(self, p: Planned) -> Progress:
+        """The progress callback of one rsync run fetching *p*: its files and bytes added
+        to those of the other fetches (and of *p*'s earlier runs), for the terminal."""
+        key = id(p)
+
+        def report(files: int, nbytes: int, current: str | None = None, /) -> None:
+            with self._moved_lock:
+                before = self._moved.get(key, (0, 0))
+                now = (files, nbytes)
+                self._moved[key] = now
+                self._moved_total = (self._moved_total[0] + now[0] - before[0],
+                                     self._moved_total[1] + now[1] - before[1])
+                total = self._moved_total
+            if self.progress:
+                self.progress.batch_progress(*total, current)
+
+        with self._moved_lock:  # a second run of p (by checksum) counts on from the first
+            self._moved[key] = (0, 0)
+        return report
 
     def _should_stop(self) -> ShouldStop:
         """For one rsync run: whether to stop it now, because the Puller is stopping or
@@ -337,6 +374,8 @@ class Puller:
             while not self.loop.stopping:
                 status = self._follow_cycle()
                 self.notifier.status(status)
+                if self.on_cycle:
+                    self.on_cycle(self._last_error)
                 self.loop.sleep(self.stream.poll_interval)
         finally:
             self.notifier.stopping()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from mstm import protocol
+from mstm import humanize, protocol
 from mstm.log import event, show
 from mstm.receive.areas import Areas
 from mstm.receive.cleanup import WarnOnce, housekeeping
@@ -40,16 +40,6 @@ ABANDONED_PREFIX = ".mstm-abandoned-"
 # Entries examined per look (the first directory looked at is always examined to its
 # end, so that every one is eventually decided).
 ABANDONED_BUDGET = 100_000
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 class AbandonedBatches:
@@ -244,6 +234,6 @@ class AbandonedBatches:
         summary.abandoned += 1
         log.warning("%s: batch %s abandoned (no control file, nothing in it changed for %s);"
                     " removed its directory: %d bytes in %d entries", s.stream, batch,
-                    _duration(age), again.bytes, again.entries,
+                    humanize.duration(age), again.bytes, again.entries,
                     extra=event("abandoned_batch_removed", stream=s.stream, item=batch,
                                 bytes=again.bytes, reason=f"unchanged for {age:.0f} s"))

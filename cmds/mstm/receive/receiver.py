@@ -69,6 +69,9 @@ class Receiver:
         self.abandoned = AbandonedBatches(self.areas, self.loop, warn_once)
         self._last_expiry = 0.0
         self.total = Summary()
+        # called after each pass of follow() with what it did (the command line sets
+        # it: totals and the metrics file, mstm.overview.live)
+        self.on_pass: Callable[[Summary], float | None] | None = None
         for ext in (settings.control_ext, settings.receipt_ext, settings.thanks_ext):
             try:
                 protocol.check_extension(ext)
@@ -135,6 +138,7 @@ class Receiver:
                 summary = Summary()
                 next_due = self._pass(summary)
                 self.loop.tick()
+                wake = self.on_pass(summary) if self.on_pass else None
                 t = self.total
                 self.notifier.status(f"{s.stream}: {t.batches} batches answered, {t.ok}"
                                      f" items published, {t.failed} not")
@@ -144,6 +148,8 @@ class Receiver:
                 timeout = RESCAN_SECONDS
                 if next_due is not None:
                     timeout = min(timeout, max(0.05, next_due))
+                if wake is not None:  # a change the metrics file held back
+                    timeout = min(timeout, wake + 0.01)
                 if self.notifier.max_sleep is not None:
                     timeout = min(timeout, self.notifier.max_sleep)
                 self._watcher.wait(timeout)

@@ -14,8 +14,8 @@ The transports (mstm.transports) move the bytes; the spool (mstm.spool) holds th
 """
 
 from mstm.send.digests import LocalDigest, compare, local_digest
-from mstm.send.report import Summary, TtyProgress, json_path
-from mstm.send.sender import Sender
+from mstm.send.report import Summary, TtyProgress, json_path, queued_size
+from mstm.send.sender import DEFAULT_MAX_WAIT, Sender
 
-__all__ = ["LocalDigest", "Sender", "Summary", "TtyProgress", "compare", "json_path",
-           "local_digest"]
+__all__ = ["DEFAULT_MAX_WAIT", "LocalDigest", "Sender", "Summary", "TtyProgress", "compare",
+           "json_path", "local_digest", "queued_size"]

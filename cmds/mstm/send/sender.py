@@ -25,24 +25,28 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from mstm import pause, protocol, safefs
+from mstm import humanize, pause, protocol, safefs
 from mstm import scan as scanning
 from mstm.backoff import DestinationBackoff
 from mstm.config import StreamConfig
 from mstm.errors import TargetUnavailable
-from mstm.log import event, fields, show, under_journal
+from mstm.log import VERBOSE, event, fields, show, under_journal
 from mstm.notify import Notifier
 from mstm.runloop import RunLoop
 from mstm.send import finish
 from mstm.send.digests import LocalDigest, local_digest
 from mstm.send.handshake import handshake, inspect_staged
 from mstm.send.report import Summary, TtyProgress, json_path
+from mstm.send.upkeep import Upkeep
 from mstm.spool import Claim, ItemRecord, Spool, SpoolBusy
 from mstm.transports.base import Item, Transport, staging_dir
 
 log = logging.getLogger("mstm.send")
+
+DEFAULT_MAX_WAIT = 300.0  # seconds a --once run may sleep in all (mstm-send --max-wait)
 
 
 # -- the sender ----------------------------------------------------------------------
@@ -69,12 +73,23 @@ class Sender:
         self.backoff = DestinationBackoff(base=max(0.1, self.out.retry_backoff),
                                           maximum=max(0.1, self.out.retry_backoff_max))
         self.backoff.load_state(spool.load_state().get("backoff", {}))
-        self.peer = f"{self.out.transfer_protocol}://{self.out.target_host}:" \
-                    f"{self.out.target_port}{self.out.target_dir}"
-        self.per_item_level = logging.INFO if under_journal() else logging.DEBUG
+        port = "" if self.out.target_port is None else f":{self.out.target_port}"
+        # no port when none is written: the ssh configuration decides (Host entry's Port)
+        self.peer = f"{self.out.transfer_protocol}://{self.out.target_host}{port}" \
+                    f"{self.out.target_dir}"
+        # one line per delivered item: in the journal always; on a terminal with -v
+        # (VERBOSE), its source's deletion with -vv
+        self.per_item_level = logging.INFO if under_journal() else VERBOSE
+        self.deletion_level = logging.INFO if under_journal() else logging.DEBUG
         self._remote_stop: tuple[float, str | None] = (0.0, None)
         self._paused_reason: str | None = None
         self.last_delivery: float | None = None
+        # called after each batch and on each wake-up; decides itself when to act (the
+        # command line sets it: totals and metrics file, mstm.overview.live)
+        self.on_progress: Callable[[], float | None] | None = None
+        self.one_off = False  # run_once: a failure to connect ends the run
+        self.upkeep = Upkeep(stream, spool)  # stuck items, pruning done/
+        self.reached = False  # the target was reached (opened) in this process
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -142,6 +157,7 @@ class Sender:
                 except TargetUnavailable as err:
                     self._target_failed(claims, err.message)
                     return
+                self.reached = True
             # the target's stop file is asked over the open connection, before each batch
             if self.paused():
                 self.summary.paused = self._paused_reason
@@ -159,11 +175,13 @@ class Sender:
         wait = self.backoff.failed(time.time(), error)
         self._save_backoff()
         self.summary.error = error
-        log.warning("%s: target unreachable (%s); backing off %.0f s (step %d)",
-                    self.stream.name, error, wait, self.backoff.step,
+        then = ("this run ends; the next one tries again" if self.one_off and not self.reached
+                else f"backing off {wait:.0f} s")
+        log.warning("%s: target unreachable (%s); %s (step %d)",
+                    self.stream.name, error, then, self.backoff.step,
                     extra=event("target_unreachable", stream=self.stream.name, peer=self.peer,
                                 reason=error, attempt=self.backoff.step))
-        self.notifier.status(f"backing off {wait:.0f} s: {error}")
+        self.notifier.status(self.status_line())  # "backing off ...; N queued"
 
     def _save_backoff(self) -> None:
         state = self.spool.load_state()
@@ -197,6 +215,7 @@ class Sender:
         except TargetUnavailable as err:
             self._target_failed(live, err.message)
             return
+        self.reached = True
         if self.backoff.succeeded():
             log.info("%s: target %s reachable again", self.stream.name, self.peer,
                      extra=event("resumed", stream=self.stream.name, peer=self.peer))
@@ -214,6 +233,8 @@ class Sender:
                 c.record.id: pool.submit(local_digest, source, c.record,
                                          follow_symlinks=self.stream.follow_symlinks)
                 for c in live}
+            if self.progress:
+                self.progress.batch_start(items)
             result = self.transport.send(
                 items, progress=self.progress.batch_progress if self.progress else None,
                 should_stop=self.should_stop, tick=self.tick, dest=batch_dir)
@@ -267,6 +288,8 @@ class Sender:
         self._commit(verified)
         self.spool.flush()  # the batch's records, durable in one go
         self.notifier.status(self.status_line())
+        if self.on_progress:
+            self.on_progress()
 
     def _recheck(self, root_fd: int, r: ItemRecord) -> str | None:
         """Why a claimed source is not to be sent now (it vanished, changed, or cannot be
@@ -373,7 +396,7 @@ class Sender:
             for (claim, digest), proof in zip(verified, proofs, strict=True):
                 r = claim.record
                 gone = finish.delete_source(self.stream, r.relpath, proof, r.is_dir,
-                                            busy=busy, level=self.per_item_level)
+                                            busy=busy, level=self.deletion_level)
                 if gone.error:
                     self._retry(claim, f"delivered, but the source cannot be deleted: "
                                        f"{gone.error}")
@@ -398,7 +421,7 @@ class Sender:
                 log.log(self.per_item_level, "%s: delivered %s (%d bytes, sha256 %s)",
                         self.stream.name, show(r.relpath), digest.size, digest.sha256[:16],
                         extra=event("delivered", stream=self.stream.name, item=r.relpath,
-                                    bytes=digest.size, peer=self.peer))
+                                    bytes=digest.size, peer=self.peer, sha256=digest.sha256))
 
     def _skip(self, claim: Claim, reason: str) -> None:
         self.spool.drop(claim, reason)
@@ -422,23 +445,46 @@ class Sender:
         else:
             self.summary.retried += 1
             log.warning("%s: will retry %s (attempt %d of %d): %s", self.stream.name,
-                        show(claim.record.relpath), attempt, self.out.retry_count + 1, reason,
+                        show(claim.record.relpath), attempt, max(1, self.out.retry_count),
+                        reason,
                         extra=event("retried", stream=self.stream.name,
                                     item=claim.record.relpath, reason=reason, attempt=attempt))
 
     # -- status ---------------------------------------------------------------
+    @property
+    def paused_reason(self) -> str | None:
+        """Why the stream is paused now (its own or the target's stop file), or None."""
+        return self._paused_reason
+
     def status_line(self) -> str:
+        """The unit's STATUS=: what it does, the queue (always), and what is stuck."""
         queued = self.spool.queued()  # a deep new/ or done/ is never listed per wake-up
+        stuck = (f" ({self.upkeep.stuck} of them for more than "
+                 f"{humanize.duration(self.stream.stuck_after)})" if self.upkeep.stuck else "")
         if self._paused_reason:
-            return f"paused: {self._paused_reason}; {queued} queued"
+            return f"paused: {self._paused_reason}; {queued} queued{stuck}"
         if self.backoff.step:
-            left = self.backoff.remaining(time.time())
-            return f"backing off {left:.0f} s: {self.backoff.last_error}"
-        last = (time.strftime("%H:%M:%S", time.localtime(self.last_delivery))
-                if self.last_delivery else "never")
+            now = time.time()
+            left = self.backoff.remaining(now)
+            down = now - self.backoff.since if self.backoff.since else 0.0
+            if down >= self.stream.stuck_after:
+                return (f"stuck: target unreachable for {humanize.duration(down)} (since "
+                        f"{humanize.clock(self.backoff.since)}): {self.backoff.last_error};"
+                        f" {queued} queued{stuck}; next try in {left:.0f} s")
+            return (f"backing off {left:.0f} s: {self.backoff.last_error}; {queued} queued"
+                    f"{stuck}")
+        last = humanize.clock(self.last_delivery) if self.last_delivery else "never"
         failed = self.spool.count("failed")
         extra = f", {failed} failed" if failed else ""
-        return f"idle, {queued} queued{extra}, last delivery {last}"
+        return f"idle, {queued} queued{stuck}{extra}, last delivery {last}"
+
+    def stuck_cause(self) -> str | None:
+        """Why nothing moves, if the stream as a whole is held (for the stuck warning)."""
+        if self._paused_reason:
+            return f"the stream is paused: {self._paused_reason}"
+        if self.backoff.step:
+            return f"the target is unreachable: {self.backoff.last_error}"
+        return None
 
     # -- the two ways of running ------------------------------------------------
     def next_due(self) -> float | None:
@@ -455,28 +501,54 @@ class Sender:
         exact = self.spool.soonest_not_due()
         return None if exact is None else max(0.05, exact - now)
 
-    def run_once(self) -> Summary:
-        """Scan, then deliver until nothing claimable remains (waiting out item backoffs)."""
+    def run_once(self, *, max_wait: float = DEFAULT_MAX_WAIT) -> Summary:
+        """Scan, then deliver until nothing claimable remains, sleeping *max_wait* seconds
+        at most in all (for item retries, or to reconnect after a lost connection).
+
+        The target's saved backoff is never slept out: a one-off run (cron, a timer)
+        tries the target at once, whatever an earlier run saved.  If the target cannot
+        be reached at all (bounded by connect_timeout) the run ends at once: the items
+        stay queued, charged no attempt, and the caller exits 75; the step it saves is
+        --follow's to wait out.  A connection lost once the target was reached is
+        retried within the run (retry_count tries in all, within *max_wait*), so a transfer cut
+        in the middle is finished by the same run.  A wait that would end past
+        *max_wait* is not begun: its items stay queued for the next run."""
         self.spool.reclaim_expired()
         if self.do_scan:
-            self.scan_into_spool()
-        connection_tries = 0
+            report = self.scan_into_spool()
+            if report is not None:
+                self.summary.settling = report.waiting
+        self.backoff.until = 0.0  # try now; the step (how long it has failed) is kept
+        self.one_off = True
+        budget = max(0.0, max_wait)
+        reconnects = 0
         while not self.loop.stopping:
             self.deliver_pending()
             if self.summary.paused or self.loop.stopping:
                 break
-            wait_backoff = self.backoff.remaining(time.time())
-            if wait_backoff > 0:
-                connection_tries += 1
-                if connection_tries > self.out.retry_count:
+            wait = self.backoff.remaining(time.time())
+            if wait > 0:
+                if not self.reached:
+                    break  # not reachable at all: never wait for it in a one-off run
+                reconnects += 1
+                if reconnects >= max(1, self.out.retry_count):  # tries in all, as items
                     break
-                self.loop.sleep(wait_backoff)
-                continue
-            due = self.next_due()
-            if due is None:
+            else:
+                due = self.next_due()
+                if due is None:
+                    break
+                wait = due
+            if wait > budget:
+                self.summary.waiting_retry = True
+                log.info("%s: the next try is in %.0f s, past --max-wait (%.0f s left); "
+                         "left queued for the next run", self.stream.name, wait, budget)
                 break
-            self.loop.sleep(due)
+            started = time.monotonic()
+            self.loop.sleep(wait)
+            budget -= time.monotonic() - started
         self.summary.queued = self.spool.count("new")
+        if not self.loop.stopping:
+            self.upkeep.run(self.stuck_cause(), force=True)
         if self.progress:
             self.progress.finish()
         return self.summary
@@ -500,8 +572,12 @@ class Sender:
                 self.spool.reclaim_expired()
                 report = self.scan_into_spool() if self.do_scan else None
                 self.deliver_pending()
+                self.upkeep.run(self.stuck_cause())
                 self.notifier.status(self.status_line())
-                timeouts = [self.stream.poll_interval * 20]
+                timeouts = [self.stream.poll_interval * 20, 60.0]  # 60: the metrics file
+                wake = self.on_progress() if self.on_progress else None
+                if wake is not None:  # a change it held back (at most one write a second)
+                    timeouts.append(wake + 0.01)
                 if self.notifier.max_sleep:
                     timeouts.append(self.notifier.max_sleep)
                 if report is not None and report.next_check is not None:

@@ -310,3 +310,35 @@ class Leases:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.owner_path(name))
         return moved
+
+
+# ---------------------------------------------------------------------------- read only
+
+
+def live_owners(owners_dir: str, *, lease_seconds: float, now: float) -> list[str]:
+    """The owners registered in *owners_dir* that look alive, judged as a takeover
+    would judge them (a local pid that still runs; another host's heartbeat younger than
+    lease_seconds); read only: nothing is renamed, created or touched (for --status)."""
+    host = safe_host(socket.gethostname())
+    alive: list[str] = []
+    for name in sorted(listdir(owners_dir)):
+        if name.startswith(".") or _EXPIRED in name or not valid_owner(name):
+            continue
+        path = os.path.join(owners_dir, name)
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            continue
+        owner_host, pid = _parse_owner(name)
+        if owner_host == host and pid is not None:
+            start_ticks = None
+            with contextlib.suppress(OSError, ValueError):
+                with open(path, "rb") as f:
+                    info = json.loads(f.read(4096))
+                if isinstance(info, dict) and isinstance(info.get("start_ticks"), int):
+                    start_ticks = info["start_ticks"]
+            if _pid_alive(pid, start_ticks):
+                alive.append(name)
+        elif mtime >= now - lease_seconds:
+            alive.append(name)
+    return alive

@@ -427,12 +427,17 @@ class Spool:
     def retry(
         self, claim: Claim, reason: str, *, retry_count: int, backoff: float, backoff_max: float
     ) -> str:
-        """Count a failed attempt: back to new/ after a backoff ("queued"), or "failed"."""
+        """Count a failed attempt: back to new/ after a backoff ("queued"), or "failed".
+
+        *retry_count* is the number of attempts an item gets in all, the first one
+        included, as MiStaMover counted it (``retry_count = 3``: three tries, then
+        parked); 0 means the same as 1 (one attempt, never retried).
+        """
         self._require_open()
         now = self._clock()
         rec = claim.record
         attempts = rec.attempts + 1
-        if attempts > retry_count:
+        if attempts >= max(1, retry_count):
             new = replace(rec, attempts=attempts, last_error=reason, not_before=0.0)
             dest, mtime, result = self._files.failed, now, "failed"
         else:
@@ -559,8 +564,11 @@ class Spool:
             fsync_dir(self._files.done)
         return n
 
-    def prune_done(self, older_than: float) -> int:
-        """Delete done records completed before that epoch time (judged by file mtime)."""
+    def prune_done(self, older_than: float,
+                   keep: Callable[[ItemRecord], bool] | None = None) -> int:
+        """Delete done records completed before that epoch time (judged by file mtime),
+        but those *keep* says to keep (it is given the record; an unreadable one is
+        kept)."""
         self._require_open()
         n = 0
         with contextlib.suppress(FileNotFoundError), os.scandir(self._files.done) as it:
@@ -568,6 +576,12 @@ class Spool:
                 try:
                     if entry.stat(follow_symlinks=False).st_mtime >= older_than:
                         continue
+                    if keep is not None:
+                        if not ID_RE.fullmatch(entry.name):
+                            continue
+                        rec = self._read(entry.path, entry.name, "done")
+                        if rec is None or keep(rec):
+                            continue
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     continue

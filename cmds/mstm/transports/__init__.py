@@ -49,7 +49,8 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
                       identity_file=rs.identity_file, known_hosts=rs.known_hosts,
                       connect_timeout=out.connect_timeout, ssh_cmd=rs.ssh_cmd,
                       # a hung connection ends after ~stall_seconds, never later than 30 s
-                      alive_interval=min(10, max(1, int(out.stall_seconds / 3)))),
+                      alive_interval=min(10, max(1, int(out.stall_seconds / 3))),
+                      config_file=rs.ssh_config),
             runtime_dir=runtime_dir)
         return RsyncSsh(options, conn=conn, rsync_cmd=rs.cmd)
     if out.transfer_protocol == "local":
@@ -60,7 +61,7 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
         from mstm.transports.rsync_native import RsyncNative
 
         rn = stream.rsync_native
-        return RsyncNative(options, host=out.target_host, port=out.target_port,
+        return RsyncNative(options, host=out.target_host, port=out.target_port or 873,
                            module=rn.module or "", username=rn.username,
                            password_file=rn.password_file, rsync_cmd=rn.cmd)
     if out.transfer_protocol == "sftp":
@@ -69,13 +70,15 @@ def make_transport(stream: StreamConfig, *, runtime_dir: Path | None = None) -> 
         sf = stream.sftp
         return Sftp(options, host=out.target_host, port=out.target_port,
                     username=sf.username, identity_file=sf.identity_file,
-                    known_hosts=sf.known_hosts, remote_checksum=sf.remote_checksum,
+                    known_hosts=sf.known_hosts, ssh_config=sf.ssh_config,
+                    remote_checksum=sf.remote_checksum,
                     verify_readback=sf.verify_readback)
     if out.transfer_protocol in ("ftp", "ftps"):
         from mstm.transports.ftp import Ftp
 
         fc = stream.ftp
-        return Ftp(options, host=out.target_host, port=out.target_port, username=fc.username,
+        return Ftp(options, host=out.target_host, port=out.target_port or 21,
+                   username=fc.username,
                    password_file=fc.password_file, tls=fc.tls, ca_file=fc.ca_file,
                    passive=fc.passive, verify_readback=fc.verify_readback)
     raise ConfigError(f"transfer_protocol {out.transfer_protocol!r} is not implemented yet",

@@ -67,7 +67,15 @@ class SendResult:
     item_errors: dict[str, str] = field(default_factory=dict)
 
 
-Progress = Callable[[int, int], None]  # (files done, bytes done) so far in this batch
+class Progress(Protocol):
+    """Told (files done, bytes done) so far in this batch, and, when the transport knows
+    it, *current*: the relative path of the file it is sending now (a file inside a
+    directory item, too; as the transport has it, possibly escaped by rsync).  Called
+    from the transport's worker thread, at most once per chunk; it must be cheap."""
+
+    def __call__(self, files: int, nbytes: int, current: str | None = None, /) -> None: ...
+
+
 ShouldStop = Callable[[], bool]
 
 

@@ -113,11 +113,18 @@ class Monitor:
     bytes: int = 0
     last: float = field(default_factory=time.monotonic)
     cancel: bool = False
+    current: str | None = None  # the file being sent, for *progress*
+
+    def start_file(self, relpath: str) -> None:
+        """The worker begins sending *relpath* (progress names it)."""
+        self.current = relpath
 
     def advance(self, nbytes: int) -> None:
         """*nbytes* more reached the target; raises Cancelled when asked to stop."""
         self.bytes += nbytes
         self.last = time.monotonic()
+        if self.progress:
+            self.progress(self.files, self.bytes, self.current)
         self.throttle.consumed(nbytes)
         self.last = time.monotonic()
         if self.cancel:
@@ -127,7 +134,7 @@ class Monitor:
         self.files += 1
         self.last = time.monotonic()
         if self.progress:
-            self.progress(self.files, self.bytes)
+            self.progress(self.files, self.bytes, self.current)
 
     def alive_now(self) -> None:
         """Progress that moved no bytes (a directory made, a rename done)."""

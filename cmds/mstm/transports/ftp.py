@@ -383,6 +383,7 @@ class Ftp:
 
     def _send_file(self, ftp: ftplib.FTP, src_fd: int, relpath: str, remote: str,
                    mon: Monitor, *, follow: bool, direct: bool = False) -> None:
+        mon.start_file(relpath)
         remote = ftp_name(remote)
         try:
             fd = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)

@@ -315,6 +315,7 @@ class Local:
                    cut: threading.Event, *, follow: bool, direct: bool = False) -> None:
         """Copy the source file *relpath* to *name* in *dir_fd*; *direct*: through a
         hidden name renamed over it."""
+        mon.start_file(relpath)
         fin = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)
         tmp = os.fsencode(part_name(os.fsdecode(name))) if direct else name
         try:

@@ -207,7 +207,7 @@ class MemoryTransport:
                 result.files += got[0]
                 result.bytes += got[1]
                 if progress is not None:
-                    progress(result.files, result.bytes)
+                    progress(result.files, result.bytes, item.relpath)
                 if tick is not None:
                     tick()
         finally:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -37,9 +38,12 @@ import psutil
 from mstm.transports.base import Progress, ShouldStop
 from mstm.transports.ssh import spawn
 
-# with --out-format=<TAG>%i %l rsync prints one line per transferred entry
+# with --out-format=<TAG>%i %l %n rsync prints one line per transferred entry, as it
+# starts sending it; the name with rsync's escapes (\#ooo for a control character or a
+# byte that is not printable), never a line break
 PROGRESS_TAG = b"mstm-xfer:"
-PROGRESS_FORMAT = f"--out-format={PROGRESS_TAG.decode()}%i %l"
+PROGRESS_FORMAT = f"--out-format={PROGRESS_TAG.decode()}%i %l %n"
+_ESCAPE = re.compile(rb"\\#([0-7]{3})")
 # with --dry-run and --out-format=<TAG>%i, one line per entry that would change
 VERIFY_TAG = b"mstm-verify:"
 VERIFY_FORMAT = f"--out-format={VERIFY_TAG.decode()}%i"
@@ -105,6 +109,12 @@ def transfer_argv(rsync_cmd: str, source: str, dest: str, *, stall_seconds: floa
     return [*argv, "--", f"{source}/", f"{dest}/"]
 
 
+def rsync_name(escaped: bytes) -> str:
+    """A name as rsync's --out-format %n prints it, its \\#ooo escapes undone (a file
+    name as os.fsdecode gives it: bytes that are not UTF-8 as surrogates)."""
+    return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m[1], 8) & 0xFF]), escaped))
+
+
 def summarise(stderr: bytes, code: int | None) -> str:
     """What went wrong, from rsync's stderr: its last line that is not rsync's generic
     "rsync error: ..." one, after "rsync exit CODE: " if *code* is not 0."""
@@ -168,13 +178,15 @@ def run_rsync(argv: list[str], names: bytes, *, env: Mapping[str, str] | None = 
             if line.startswith(VERIFY_TAG):
                 run.changes += 1
             elif line.startswith(PROGRESS_TAG):
-                flags, _, length = line[len(PROGRESS_TAG):].strip().partition(b" ")
+                flags, _, rest = line[len(PROGRESS_TAG):].rstrip(b"\n").partition(b" ")
+                length, _, name = rest.partition(b" ")
                 # a regular file sent (<) or received (>)
                 if flags[:1] in (b"<", b">") and flags[1:2] == b"f" and length.isdigit():
                     run.files += 1
                     run.file_bytes += int(length)
                     if progress:
-                        progress(done[0] + run.files, done[1] + run.file_bytes)
+                        progress(done[0] + run.files, done[1] + run.file_bytes,
+                                 rsync_name(name) if name else None)
 
     def read_err() -> None:
         assert proc.stderr is not None

@@ -228,9 +228,9 @@ class RsyncSsh:
         current: list[Stream] = []
         aborted: list[bool] = []
 
-        def report(files: int, nbytes: int) -> None:
+        def report(files: int, nbytes: int, current: str | None = None, /) -> None:
             assert progress is not None
-            progress(base[0] + files, base[1] + nbytes)
+            progress(base[0] + files, base[1] + nbytes, current)
 
         def abort() -> None:
             aborted.append(True)
@@ -259,6 +259,7 @@ class RsyncSsh:
                     break
                 s = Stream(self.conn)
                 current[:] = [s]
+                m.start_file(item.relpath)
                 try:
                     got = s.send(root, item.relpath, dest=dest, force=item.force,
                                  monitor=m, chunk=chunk_size(self.bwlimit, largest=CHUNK),

@@ -72,9 +72,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
+import io
 import logging
 import os
 import posixpath
+import pwd
 import shlex
 import socket
 import stat
@@ -86,7 +88,7 @@ from pathlib import Path
 import paramiko
 
 from mstm import safefs
-from mstm.errors import TargetUnavailable
+from mstm.errors import ConfigError, TargetUnavailable
 from mstm.protocol import OUR_BATCH_RE
 from mstm.transports.base import (
     STAGING,
@@ -136,16 +138,59 @@ _CHUNK = 256 * 1024
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, socket.error, OSError)
 
 
+def host_entry(alias: str, config_file: Path | None) -> dict[str, str]:
+    """What the ssh client configuration says for *alias* (paramiko.SSHConfig, which reads
+    OpenSSH's format; first value wins, as in ssh): *config_file* alone, as ``ssh -F``;
+    without it ~/.ssh/config of the user we run as, then /etc/ssh/ssh_config, if present.
+
+    A *config_file* that cannot be read or parsed is a configuration error; a default file
+    that cannot be is skipped with a warning.
+    """
+    if config_file is not None:
+        files, given = [str(config_file)], True
+    else:
+        files = [os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ssh", "config"),
+                 "/etc/ssh/ssh_config"]
+        files, given = [f for f in files if os.path.isfile(f)], False
+    config = paramiko.SSHConfig()
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            paramiko.SSHConfig.from_text(text)  # whole, or not at all
+        except (OSError, UnicodeDecodeError, paramiko.SSHException, ValueError) as err:
+            if given:
+                raise ConfigError(f"{path}: cannot be read as an ssh configuration: {err}",
+                                  section="sftp", key="ssh_config") from None
+            log.warning("ignoring the ssh configuration %s: %s", path, err)
+            continue
+        config.parse(io.StringIO(text))
+    if not files:
+        return {}
+    try:
+        # the keys used here (hostname, port, user) have one text value each
+        return {k: v for k, v in config.lookup(alias).items() if isinstance(v, str)}
+    # a Match it cannot evaluate ("Match exec" needs the invoke package, which may be absent)
+    except (paramiko.SSHException, ValueError, ImportError, OSError) as err:
+        if given:
+            raise ConfigError(f"{files[0]}: {err}", section="sftp", key="ssh_config") from None
+        log.warning("ignoring the ssh configuration for %s: %s", alias, err)
+        return {}
+
+
 class Sftp:
     name = "sftp"
 
-    def __init__(self, options: TransportOptions, *, host: str, port: int = 22,
+    def __init__(self, options: TransportOptions, *, host: str, port: int | None = None,
                  username: str | None = None, identity_file: Path | None = None,
-                 known_hosts: Path | None = None, remote_checksum: bool = True,
-                 verify_readback: bool = True) -> None:
-        self.host = host
-        self.port = port
-        self.username = username or getpass.getuser()
+                 known_hosts: Path | None = None, ssh_config: Path | None = None,
+                 remote_checksum: bool = True, verify_readback: bool = True) -> None:
+        # as OpenSSH's ssh would: target_host may be a Host alias of the ssh configuration,
+        # whose HostName, Port and User apply where the stream's configuration says none
+        entry = host_entry(host, ssh_config)
+        self.host = str(entry.get("hostname") or host)
+        self.port = port or int(entry.get("port") or 22)
+        self.username = username or str(entry.get("user") or "") or getpass.getuser()
         self.identity_file = identity_file
         self.known_hosts = known_hosts
         self.source = os.fsencode(options.source_dir)
@@ -375,6 +420,7 @@ class Sftp:
                    mon: Monitor, *, follow: bool, direct: bool = False) -> None:
         """Send source file *relpath* (read through safefs) to *dst*; *direct*: through
         a hidden name renamed over it."""
+        mon.start_file(relpath)
         try:
             fd = safefs.open_regular(src_fd, relpath, follow_symlinks=follow)
         except OSError as err:

@@ -25,6 +25,19 @@ from mstm.errors import TargetUnavailable
 
 log = logging.getLogger("mstm.ssh")
 
+# The ControlPath limit.  A Unix socket's sun_path holds 108 bytes, its NUL included, so
+# a socket path has at most 107.  While the master binds its socket, ssh (mux.c,
+# muxserver_listen) binds "<ControlPath>.<16 random characters>" and renames it into
+# place afterwards: the path we give may hold at most 107 - 17 = 90 bytes, or ssh fails
+# with 'ControlPath "..." too long for Unix domain socket'.
+SUN_PATH_MAX = 107
+MUX_TEMP_SUFFIX = 17  # "." and 16 random characters
+CONTROL_PATH_MAX = SUN_PATH_MAX - MUX_TEMP_SUFFIX
+_DIR_PREFIX = "mstm-ssh-"  # mkdtemp adds 8 random characters
+_SOCKET_NAME = "c"
+# the longest runtime_dir whose connection directory and socket still fit
+RUNTIME_DIR_MAX = CONTROL_PATH_MAX - len(f"/{_DIR_PREFIX}12345678/{_SOCKET_NAME}")
+
 _PR_SET_PDEATHSIG = 1
 # Resolved once, in the parent: between fork and exec the child only makes this one call.
 # (Loading a library there -- dlopen -- could deadlock on a lock another of our threads
@@ -48,7 +61,8 @@ def spawn(argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
 @dataclass(frozen=True)
 class SshTarget:
     host: str
-    port: int = 22
+    # None: no -p, so ssh's configuration decides (a Port in the Host entry, else 22)
+    port: int | None = None
     user: str | None = None
     identity_file: Path | None = None
     known_hosts: Path | None = None
@@ -56,6 +70,12 @@ class SshTarget:
     ssh_cmd: str = "ssh"
     # keepalive probe interval; 3 unanswered probes end a hung connection
     alive_interval: int = 10
+    config_file: Path | None = None  # ssh -F; None: ssh's own (~/.ssh/config, /etc/ssh)
+
+    @property
+    def where(self) -> str:
+        """host, or host:port when a port is given: for messages."""
+        return self.host if self.port is None else f"{self.host}:{self.port}"
 
 
 class SshConnection:
@@ -70,22 +90,25 @@ class SshConnection:
     @property
     def control_path(self) -> str:
         assert self._dir is not None, "open() first"
-        return os.path.join(self._dir, "c")
+        return os.path.join(self._dir, _SOCKET_NAME)
 
     def options(self, *, master: bool = False) -> list[str]:
         t = self.target
-        opts = [
+        opts = ["-F", str(t.config_file)] if t.config_file else []
+        opts += [
             "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes",
             "-o", f"ConnectTimeout={max(1, int(t.connect_timeout))}",
             "-o", f"ServerAliveInterval={max(1, t.alive_interval)}",
             "-o", "ServerAliveCountMax=3",
-            "-o", f"ControlPath={self.control_path}",
+            # ssh expands %-tokens in ControlPath: a literal % is written %%
+            "-o", f"ControlPath={self.control_path.replace('%', '%%')}",
             "-o", "ControlMaster=yes" if master else "ControlMaster=no",
             "-o", "ControlPersist=no",
             "-o", "LogLevel=ERROR",
-            "-p", str(t.port),
         ]
+        if t.port is not None:  # else the ssh configuration's Port for the host, or 22
+            opts += ["-p", str(t.port)]
         if t.known_hosts:
             opts += ["-o", f"UserKnownHostsFile={t.known_hosts}",
                      "-o", "GlobalKnownHostsFile=/dev/null"]
@@ -107,13 +130,9 @@ class SshConnection:
         if self.alive():
             return
         self.close()
-        base = self._runtime_dir if self._runtime_dir and _writable_dir(self._runtime_dir) else None
-        self._dir = tempfile.mkdtemp(prefix="mstm-ssh-", dir=base)
-        if len(self.control_path) > 100:  # sun_path is 108 bytes
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = tempfile.mkdtemp(prefix="mstm-ssh-")
+        self._dir = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=control_base(self._runtime_dir))
         argv = [self.target.ssh_cmd, *self.options(master=True), "-N", self.target.host]
-        log.debug("opening ssh connection to %s:%s", self.target.host, self.target.port)
+        log.debug("opening ssh connection to %s", self.target.where)
         self._master = spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         deadline = time.monotonic() + self.target.connect_timeout + 5
@@ -123,13 +142,13 @@ class SshConnection:
                     "utf-8", "replace").strip()
                 self._master = None
                 raise TargetUnavailable(
-                    f"ssh to {self.target.host}:{self.target.port} failed: "
+                    f"ssh to {self.target.where} failed: "
                     f"{_last_line(err) or 'connection closed'}")
             if os.path.exists(self.control_path) and self._check():
                 return
             time.sleep(0.02)
         self.close()
-        raise TargetUnavailable(f"ssh to {self.target.host}:{self.target.port}: timed out")
+        raise TargetUnavailable(f"ssh to {self.target.where}: timed out")
 
     def _check(self) -> bool:
         r = subprocess.run([self.target.ssh_cmd, *self.options(), "-O", "check", self.target.host],
@@ -185,6 +204,36 @@ def _rsync_quote(arg: str) -> str:
     if "'" in arg:
         raise ValueError(f"cannot pass an argument with a single quote to rsync -e: {arg!r}")
     return f"'{arg}'"
+
+
+def control_base(runtime_dir: Path | None) -> str:
+    """Where a connection's private directory (mode 0700, made by mkdtemp) goes.
+
+    *runtime_dir* when it is writable and short enough for the socket (RUNTIME_DIR_MAX
+    bytes) and free of a single quote (which rsync's -e cannot carry); else the temporary
+    directory ($TMPDIR, else /tmp: private to the unit with PrivateTmp=), else /tmp.
+    """
+    if runtime_dir is not None:
+        if _fits(str(runtime_dir)):
+            if _writable_dir(runtime_dir):
+                return str(runtime_dir)
+        elif runtime_dir not in _told:  # said once per process, not per connection
+            _told.add(runtime_dir)
+            log.info("runtime_dir %s is too long for an ssh ControlPath (%d bytes; at most %d"
+                     " fit in a Unix socket's name with what ssh adds): the connection's"
+                     " socket goes under the temporary directory instead", runtime_dir,
+                     len(os.fsencode(runtime_dir)), RUNTIME_DIR_MAX)
+    for base in (tempfile.gettempdir(), "/tmp"):
+        if _fits(base) and _writable_dir(Path(base)):
+            return base
+    return "/tmp"
+
+
+_told: set[Path] = set()
+
+
+def _fits(base: str) -> bool:
+    return len(os.fsencode(base)) <= RUNTIME_DIR_MAX and "'" not in base
 
 
 def _writable_dir(path: Path) -> bool:

@@ -228,9 +228,7 @@ class Stream:
             if sent == 0:
                 raise StreamItemError("the source shrank while it was sent")
             pos += sent
-            monitor.advance(sent)
-            if monitor.progress:
-                monitor.progress(monitor.files, monitor.bytes)
+            monitor.advance(sent)  # tells progress, too
 
     def _read_out(self, pipe: IO[bytes], monitor: Monitor) -> None:
         # The target's output is untrusted: lines are read at most 512 bytes at a time,

@@ -1,0 +1,109 @@
+"""Snapshots as a table a person reads, and as one JSON document."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from mstm.overview.snapshot import AreaSnapshot, StreamSnapshot, iso
+
+_WHY_WIDTH = 120  # a wider terminal shows the whole reason; --json always does
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def human_age(seconds: float) -> str:
+    """95 -> "1m35s", 7300 -> "2h01m", 200000 -> "2d07h"."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def local_time(t: float | None) -> str:
+    """A time for a person: local date and time with the zone, or "never"."""
+    if not t:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
+
+
+def _short(text: str | None) -> str:
+    t = " ".join((text or "").split())
+    return t if len(t) <= _WHY_WIDTH else t[: _WHY_WIDTH - 1] + "…"
+
+
+def _align(header: Sequence[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i])
+              for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+               for i, c in enumerate(cells)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+STREAM_HEADER = ("STREAM", "DIR", "STATE", "QUEUED", "SIZE", "OLDEST", "LAST DELIVERY",
+                 "24H", "24H SIZE", "FAILED", "WHY")
+
+
+def render_streams(snaps: Sequence[StreamSnapshot]) -> str:
+    """One row per stream, aligned, like ``systemctl list-units``; a summary line."""
+    rows = []
+    for s in snaps:
+        push = s.direction == "push"
+        rows.append([
+            s.stream, s.direction, s.state,
+            str(s.queued_items) if push else "-",
+            human_bytes(s.queued_bytes) if push else "-",
+            human_age(s.oldest_age()) if push and s.oldest_queued else "-",
+            local_time(s.last_delivery),
+            str(s.delivered_24h_items),
+            human_bytes(s.delivered_24h_bytes) if push else "-",
+            str(s.failed_items) if push else "-",
+            "configuration error (below)" if s.error else
+            _short(s.why if s.why or push else
+                   f"ledger: {s.pull.get('done', 0)} done, {s.pull.get('unmapped', 0)} unmapped"),
+        ])
+    table = _align(STREAM_HEADER, rows, right={3, 4, 5, 7, 8, 9})
+    bad = sum(1 for s in snaps if s.state in ("failing", "backing-off", "error"))
+    errors = "".join(f"\n{s.stream}: {s.error}" for s in snaps if s.error)
+    return f"{table}\n\n{len(snaps)} stream(s), {bad} need(s) attention.{errors}"
+
+
+AREA_HEADER = ("AREA", "STATE", "WAITING", "ANSWERED", "SET ASIDE", "LAST PUBLISH",
+               "24H", "24H SIZE", "REFUSED", "WHY")
+
+
+def render_areas(snaps: Sequence[AreaSnapshot]) -> str:
+    rows = [[a.stream, a.state, str(a.waiting_batches), str(a.answered_batches),
+             str(a.set_aside), local_time(a.last_publish), str(a.published_24h_items),
+             human_bytes(a.published_24h_bytes), str(sum(a.refused_total.values())),
+             "configuration error (below)" if a.error else _short(a.why)] for a in snaps]
+    table = _align(AREA_HEADER, rows, right={2, 3, 4, 6, 7, 8})
+    bad = sum(1 for a in snaps if a.state in ("failing", "error"))
+    errors = "".join(f"\n{a.stream}: {a.error}" for a in snaps if a.error)
+    return f"{table}\n\n{len(snaps)} area(s), {bad} need(s) attention.{errors}"
+
+
+def to_document(kind: str, snaps: Sequence[StreamSnapshot] | Sequence[AreaSnapshot],
+                *, now: float | None = None) -> str:
+    """One JSON document: {"taken_at": ISO time, kind: [snapshot, ...]}."""
+    doc: dict[str, Any] = {"taken_at": iso(time.time() if now is None else now),
+                           kind: [s.to_json() for s in snaps]}
+    return json.dumps(doc, indent=1)
