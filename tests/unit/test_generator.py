@@ -148,3 +148,26 @@ def test_the_rendered_generator_runs_quickly_and_its_drop_ins_pass_systemd_analy
     r = subprocess.run([analyze, "--system", "verify", "--man=no", str(unit)],
                        capture_output=True, text=True, cwd=units)
     assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
+
+
+def test_a_tilde_in_the_configuration_is_the_service_users_home_not_roots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case: systemd runs generators as root with no HOME; the units run as
+    user mstm (HOME=/var/lib/mstm).  A grant of /root/... would let the stream deliver,
+    then fail to delete, and park the item."""
+    import mstm.cli.generator as generator
+
+    monkeypatch.setenv("HOME", "/root")
+    monkeypatch.setattr(generator, "service_home", lambda user="mstm": "/var/lib/mstm")
+    cfg = write_config(tmp_path, {"proj1": push(Path("~/outgoing/p1"), "move")})
+    out = tmp_path / "gen"
+    assert main([str(out)], default_config=str(cfg)) == 0
+    assert rw_paths(dropin(out, "mstm-stream@proj1.service")) == ["-/var/lib/mstm/outgoing/p1"]
+
+
+def test_the_service_home_comes_from_the_password_database_or_the_sysusers_default() -> None:
+    from mstm.cli.generator import SERVICE_HOME, service_home
+
+    assert service_home("root") == "/root"
+    assert service_home("no-such-user-here") == SERVICE_HOME == "/var/lib/mstm"
+    assert "/var/lib/mstm" in (ROOT / "conf/mstm.sysusers").read_text()

@@ -112,3 +112,16 @@ def test_an_ssh_config_that_does_not_parse_is_a_configuration_error_for_sftp(
     with pytest.raises(ConfigError) as info:
         host_entry("arch", bad)
     assert (info.value.section, info.value.key) == ("sftp", "ssh_config")
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "65536", "22x", "٣"])
+def test_a_port_in_the_ssh_config_that_is_no_port_is_a_configuration_error_for_sftp(
+        tmp_path: Path, port: str) -> None:
+    """Not an internal error (exit 70) at the first transfer: exit 78, naming the key."""
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host arch\n    Port {port}\n", encoding="utf-8")
+    options = TransportOptions(source_dir=tmp_path, target_dir="/in")
+    with pytest.raises(ConfigError) as info:
+        Sftp(options, host="arch", ssh_config=config)
+    assert (info.value.section, info.value.key) == ("sftp", "ssh_config")
+    assert "expected a number from 1 to 65535" in info.value.message

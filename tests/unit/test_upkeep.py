@@ -204,3 +204,75 @@ def test_each_delivery_is_logged_with_its_full_sha256(
     [rec] = [r for r in caplog.records if getattr(r, "mstm_event", None) == "delivered"]
     assert rec.mstm_fields["sha256"] == hashlib.sha256(b"what arrived").hexdigest()
     assert rec.mstm_fields["item"] == "proof.dat"
+
+
+def test_a_backlog_past_the_named_limit_is_never_a_flood_nor_named_twice(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """The review's case: more stuck items than are remembered.  Each item is named at
+    most once; the rest are one line, said again only when their number has doubled."""
+    import mstm.send.upkeep as upkeep_mod
+
+    monkeypatch.setattr(upkeep_mod, "_WARNED_MAX", 30)
+    monkeypatch.setattr(upkeep_mod, "_WARN_MAX_PER_LOOK", 20)
+    env = Env(tmp_path)
+    for n in range(50):
+        env.write(f"f{n:03d}.dat", b"x")
+    env.target.faults.unreachable = "connection refused"
+    env.cycle()
+    _age_queue(env, 2 * 3600)
+    caplog.set_level(logging.WARNING, logger="mstm")
+    named: list[str] = []
+    more: list[str] = []
+    for _ in range(6):
+        caplog.clear()
+        env.sender.upkeep.run(env.sender.stuck_cause(), force=True)
+        for r in _stuck_warnings(caplog):
+            if "item" in r.mstm_fields:
+                named.append(r.mstm_fields["item"])
+            else:
+                more.append(r.getMessage())
+    assert len(named) == len(set(named)) == 30  # 20, then the 10 the limit leaves room for
+    assert len(more) == 1 and "30 more item(s)" in more[0]  # the first look named 20 of 50
+    assert env.sender.upkeep.stuck == 50
+
+
+def test_mirror_mode_prunes_nothing_while_the_stream_directory_is_empty_as_if_unmounted(
+        tmp_path: Path) -> None:
+    """The review's case: one pruning while the source file system was not mounted (an
+    empty mount point) would forget every record, and send everything again once it is
+    back."""
+    env = Env(tmp_path, mode="mirror")
+    for n in range(3):
+        env.write(f"f{n}.dat", b"x" * (n + 1))
+    env.cycle()
+    old = time.time() - 40 * DAY
+    for p in (env.spool.path / "done").iterdir():
+        os.utime(p, (old, old))
+    mounted = env.src.rename(env.root / "mounted")  # the mount point alone is left, empty
+    env.src.mkdir()
+    assert Upkeep(env.stream, env.spool).prune(time.time()) == 0
+    env.src.rmdir()
+    mounted.rename(env.src)  # mounted again
+    env.target.files.clear()
+    env.cycle()
+    assert env.target.files == {}  # nothing sent twice
+    assert len(env.records("done")) == 3
+
+
+def test_mirror_mode_skips_one_pruning_when_the_directory_changed_file_system(
+        tmp_path: Path) -> None:
+    env = Env(tmp_path, mode="mirror")
+    env.write("kept.dat", b"x")
+    env.cycle()
+    state = env.spool.load_state()
+    state["directory_dev"] = -1  # as if another file system was mounted there last time
+    env.spool.save_state(state)
+    old = time.time() - 40 * DAY
+    for p in (env.spool.path / "done").iterdir():
+        os.utime(p, (old, old))
+    (env.src / "kept.dat").unlink()
+    upkeep = Upkeep(env.stream, env.spool)
+    assert upkeep.prune(time.time()) == 0  # changed since last time: not now
+    env.write("other.dat", b"y")  # (not empty)
+    assert upkeep.prune(time.time()) == 1  # the same file system again: kept.dat's goes

@@ -23,6 +23,7 @@ the other streams still get their drop-ins, and the exit status is always 0.
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from mstm.errors import ConfigError
 from mstm.sandbox import DROPIN_NAME, Declared, declared_streams, unit_line, write_paths
 
 PROG = "mstm-generator"
+SERVICE_USER = "mstm"  # User= of the units
+SERVICE_HOME = "/var/lib/mstm"  # its home (conf/mstm.sysusers), if the user is not there
 STREAM_UNITS = ("mstm-stream@{}.service", "mstm-send-once@{}.service")
 DISKWATCH_UNIT = "mstm-diskwatch.service"
 HEADER = ("# Written by mstm-generator from {source} at each boot and daemon-reload;\n"
@@ -48,10 +51,21 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
         say("usage: mstm-generator NORMAL_DIR [EARLY_DIR LATE_DIR] (systemd runs it)")
         return 0
     try:
+        # a "~" in the configuration means the service user's home, as the units see it,
+        # not that of root (or none: HOME is unset when systemd runs generators)
+        os.environ["HOME"] = service_home()
         generate(Path(args[0]), _config_path(default_config))
     except Exception as err:  # never fail the boot: say it, exit 0
         say(f"internal error, no drop-ins written: {type(err).__name__}: {err}")
     return 0
+
+
+def service_home(user: str = SERVICE_USER) -> str:
+    """The home of the user the units run as (conf/mstm.sysusers), as they see it."""
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return SERVICE_HOME
 
 
 def _config_path(default_config: str | None) -> Path:

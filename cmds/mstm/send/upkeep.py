@@ -45,6 +45,7 @@ class Upkeep:
         self.clock = clock
         self.stuck = 0  # items stuck at the last look
         self._looked = 0.0
+        self._look_took = 0.0  # seconds the last look took
         self._pruned_at = -PRUNE_EVERY  # when done/ was last pruned, as far as we know
         self._root_fd = -1
 
@@ -53,9 +54,14 @@ class Upkeep:
         (by state.json, so a cron run prunes too).  *cause*: why nothing moves, if the
         sender knows (target unreachable, paused)."""
         now = self.clock()
-        if force or now - self._looked >= min(STUCK_LOOK_EVERY, self.stream.stuck_after / 4):
+        # a look reads every queued record: with a deep queue it takes seconds, so it is
+        # spaced to cost at most 2 % of the time (50 x its own duration)
+        every = max(min(STUCK_LOOK_EVERY, self.stream.stuck_after / 4), 50 * self._look_took)
+        if force or now - self._looked >= every:
             self._looked = now
+            started = time.monotonic()
             self.look_for_stuck(now, cause)
+            self._look_took = time.monotonic() - started
         self.prune_if_due(now)
 
     # -- stuck --------------------------------------------------------------------
@@ -64,14 +70,19 @@ class Upkeep:
         limit = now - self.stream.stuck_after
         if self.spool.count("new") == 0:
             self.stuck = 0
-            self._forget_warned(set())
+            state = self.spool.load_state()
+            if state.get("stuck_warned") or state.get("stuck_more_said"):
+                state["stuck_more_said"] = 0
+                self._forget_warned(set(), state=state, save=True)
             return 0
         stuck = [r for r in self.spool.iter_records("new") if 0 < r.enqueued_at <= limit]
         self.stuck = len(stuck)
         state = self.spool.load_state()
         warned = set(state.get("stuck_warned", []))
         fresh = [r for r in sorted(stuck, key=lambda r: r.enqueued_at) if r.id not in warned]
-        for r in fresh[:_WARN_MAX_PER_LOOK]:
+        room = max(0, min(_WARN_MAX_PER_LOOK, _WARNED_MAX - len(warned & {r.id for r in stuck})))
+        named, unnamed = fresh[:room], len(fresh) - room
+        for r in named:
             why = cause or (f"its last attempt failed: {r.last_error}" if r.attempts and
                             r.last_error else "waiting to be sent")
             log.warning("%s: %s queued for %s (since %s): %s", self.stream.name,
@@ -79,29 +90,36 @@ class Upkeep:
                         humanize.clock(r.enqueued_at), why,
                         extra=event("stuck", stream=self.stream.name, item=r.relpath,
                                     reason=why, attempt=r.attempts or None))
-        if len(fresh) > _WARN_MAX_PER_LOOK:
-            log.warning("%s: %d more item(s) queued for longer than %s",
-                        self.stream.name, len(fresh) - _WARN_MAX_PER_LOOK,
-                        humanize.duration(self.stream.stuck_after),
+        # The items not named get one line, said again only when their number has doubled:
+        # a backlog of a million is a few lines, never a flood.
+        said = state.get("stuck_more_said", 0)
+        said = said if isinstance(said, int) else 0
+        if unnamed > 0 and unnamed >= 2 * said:
+            log.warning("%s: %d more item(s) queued for longer than %s", self.stream.name,
+                        unnamed, humanize.duration(self.stream.stuck_after),
                         extra=event("stuck", stream=self.stream.name,
                                     reason=cause or "waiting to be sent"))
-        if fresh:
-            self._forget_warned({r.id for r in stuck}, state=state,
-                                add=[r.id for r in fresh])
-        else:
-            self._forget_warned({r.id for r in stuck}, state=state)
+            said = unnamed
+        elif unnamed == 0:
+            said = 0
+        changed = said != state.get("stuck_more_said", 0)
+        state["stuck_more_said"] = said
+        # only the items named are remembered (at most _WARNED_MAX, while they are stuck):
+        # the others are named at later looks, oldest first, while there is room
+        self._forget_warned({r.id for r in stuck}, state=state,
+                            add=[r.id for r in named], save=changed)
         return self.stuck
 
     def _forget_warned(self, still: set[str], *, state: dict[str, object] | None = None,
-                       add: list[str] | None = None) -> None:
+                       add: list[str] | None = None, save: bool = False) -> None:
         """Keep in state.json the warned ids still stuck, plus *add* (bounded)."""
         state = self.spool.load_state() if state is None else state
         old = state.get("stuck_warned", [])
         if not isinstance(old, list):
             old = []
         kept = [i for i in old if isinstance(i, str) and i in still] + (add or [])
-        kept = kept[-_WARNED_MAX:]
-        if kept != old:
+        kept = kept[:_WARNED_MAX]  # (never more: the callers leave room)
+        if kept != old or save:
             state["stuck_warned"] = kept
             self.spool.save_state(state)
 
@@ -133,6 +151,8 @@ class Upkeep:
             return 0
         self._root_fd = root_fd
         try:
+            if keep is not None and not self._directory_looks_whole(root_fd):
+                return 0
             n = self.spool.prune_done(now - self.stream.done_retention, keep=keep)
         finally:
             if root_fd >= 0:
@@ -141,6 +161,29 @@ class Upkeep:
             log.info("%s: pruned %d done record(s) older than %s", self.stream.name, n,
                      humanize.duration(self.stream.done_retention))
         return n
+
+    def _directory_looks_whole(self, root_fd: int) -> bool:
+        """Mirror mode prunes the records of sources that are gone: never while the stream
+        directory looks absent (empty: a file system not mounted on it) or has just
+        changed file system (mounted or unmounted since the last pruning), or every
+        record would go and every source be sent again once it is back."""
+        st = os.fstat(root_fd)
+        state = self.spool.load_state()
+        seen = state.get("directory_dev")
+        if seen != st.st_dev:
+            state["directory_dev"] = st.st_dev
+            self.spool.save_state(state)
+            if seen is not None:
+                log.info("%s: done/ not pruned: the stream directory is on another file "
+                         "system than at the last pruning (mounted or unmounted?); next "
+                         "time", self.stream.name)
+                return False
+        with os.scandir(root_fd) as it:
+            if next(iter(it), None) is None:
+                log.info("%s: done/ not pruned: the stream directory is empty (a file "
+                         "system not mounted?)", self.stream.name)
+                return False
+        return True
 
     def _source_unchanged(self, rec: ItemRecord) -> bool:
         """Whether the source of *rec* is there as it was sent (no link followed on the

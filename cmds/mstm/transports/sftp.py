@@ -178,6 +178,19 @@ def host_entry(alias: str, config_file: Path | None) -> dict[str, str]:
         return {}
 
 
+def _config_port(text: object, alias: str, ssh_config: Path | None) -> int:
+    """The Port of *alias*'s Host entry (22 if none), or a configuration error."""
+    if text is None or text == "":
+        return 22
+    value = str(text)
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise ConfigError(f"the ssh configuration gives Host {alias} the port {value[:40]!r};"
+                          " expected a number from 1 to 65535",
+                          file=str(ssh_config) if ssh_config else None,
+                          section="sftp", key="ssh_config")
+    return int(value)
+
+
 class Sftp:
     name = "sftp"
 
@@ -189,7 +202,7 @@ class Sftp:
         # whose HostName, Port and User apply where the stream's configuration says none
         entry = host_entry(host, ssh_config)
         self.host = str(entry.get("hostname") or host)
-        self.port = port or int(entry.get("port") or 22)
+        self.port = port or _config_port(entry.get("port"), host, ssh_config)
         self.username = username or str(entry.get("user") or "") or getpass.getuser()
         self.identity_file = identity_file
         self.known_hosts = known_hosts
