@@ -1059,3 +1059,31 @@ def test_an_unusable_spool_stops_a_command_with_exit_74_in_one_line(tmp_path: Pa
     assert r.returncode == 74, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "spool" in r.stderr and "not usable" in r.stderr
+
+
+def test_update_state_loses_no_update_of_processes_writing_state_json_at_once(
+        root: Path) -> None:
+    """The backoff, the stuck list, the totals and the pruning time are written by several
+    processes sharing a spool: a read-modify-write under state.lock keeps every one."""
+    path = root / "shared"
+    Spool(path).open().close()
+    script = (
+        "import sys\n"
+        "from mstm.spool import Spool\n"
+        "s = Spool(sys.argv[1]).open()\n"
+        "key = sys.argv[2]\n"
+        "def add(state):\n"
+        "    state[key] = state.get(key, 0) + 1\n"
+        "    state['total'] = state.get('total', 0) + 1\n"
+        "for _ in range(40):\n"
+        "    s.update_state(add)\n"
+        "s.close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), f"p{n}"],
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]
+                                                                   / "cmds")})
+             for n in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
+    with Spool(path).open() as s:
+        state = s.load_state()
+    assert state["total"] == 160
+    assert [state[f"p{n}"] for n in range(4)] == [40, 40, 40, 40]

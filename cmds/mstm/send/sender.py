@@ -184,9 +184,8 @@ class Sender:
         self.notifier.status(self.status_line())  # "backing off ...; N queued"
 
     def _save_backoff(self) -> None:
-        state = self.spool.load_state()
-        state["backoff"] = self.backoff.to_state()
-        self.spool.save_state(state)
+        backoff = self.backoff.to_state()
+        self.spool.update_state(lambda state: state.update(backoff=backoff))
 
     def _deliver(self, claims: list[Claim]) -> None:
         source = self.stream.directory

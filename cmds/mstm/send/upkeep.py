@@ -72,13 +72,13 @@ class Upkeep:
             self.stuck = 0
             state = self.spool.load_state()
             if state.get("stuck_warned") or state.get("stuck_more_said"):
-                state["stuck_more_said"] = 0
-                self._forget_warned(set(), state=state, save=True)
+                self._remember([], 0)
             return 0
         stuck = [r for r in self.spool.iter_records("new") if 0 < r.enqueued_at <= limit]
         self.stuck = len(stuck)
         state = self.spool.load_state()
-        warned = set(state.get("stuck_warned", []))
+        old = state.get("stuck_warned", [])
+        warned = {i for i in old if isinstance(i, str)} if isinstance(old, list) else set()
         fresh = [r for r in sorted(stuck, key=lambda r: r.enqueued_at) if r.id not in warned]
         room = max(0, min(_WARN_MAX_PER_LOOK, _WARNED_MAX - len(warned & {r.id for r in stuck})))
         named, unnamed = fresh[:room], len(fresh) - room
@@ -102,26 +102,22 @@ class Upkeep:
             said = unnamed
         elif unnamed == 0:
             said = 0
-        changed = said != state.get("stuck_more_said", 0)
-        state["stuck_more_said"] = said
         # only the items named are remembered (at most _WARNED_MAX, while they are stuck):
         # the others are named at later looks, oldest first, while there is room
-        self._forget_warned({r.id for r in stuck}, state=state,
-                            add=[r.id for r in named], save=changed)
+        still = {r.id for r in stuck}
+        kept = [i for i in warned if i in still] + [r.id for r in named]
+        if set(kept) != warned or said != state.get("stuck_more_said", 0):
+            self._remember(kept[:_WARNED_MAX], said)
         return self.stuck
 
-    def _forget_warned(self, still: set[str], *, state: dict[str, object] | None = None,
-                       add: list[str] | None = None, save: bool = False) -> None:
-        """Keep in state.json the warned ids still stuck, plus *add* (bounded)."""
-        state = self.spool.load_state() if state is None else state
-        old = state.get("stuck_warned", [])
-        if not isinstance(old, list):
-            old = []
-        kept = [i for i in old if isinstance(i, str) and i in still] + (add or [])
-        kept = kept[:_WARNED_MAX]  # (never more: the callers leave room)
-        if kept != old or save:
-            state["stuck_warned"] = kept
-            self.spool.save_state(state)
+    def _remember(self, warned: list[str], more_said: int) -> None:
+        """Keep in state.json the ids warned about and the count last said (state.lock:
+        what others write meanwhile, the backoff, the totals, is kept)."""
+        def change(state: dict[str, object]) -> None:
+            state["stuck_warned"] = warned
+            state["stuck_more_said"] = more_said
+
+        self.spool.update_state(change)
 
     # -- done/ ----------------------------------------------------------------------
     def prune_if_due(self, now: float) -> int:
@@ -134,9 +130,7 @@ class Upkeep:
             return 0
         self._pruned_at = now
         n = self.prune(now)
-        state = self.spool.load_state()  # re-read: another step may have saved meanwhile
-        state["done_pruned_at"] = now
-        self.spool.save_state(state)
+        self.spool.update_state(lambda state: state.update(done_pruned_at=now))
         return n
 
     def prune(self, now: float) -> int:
@@ -168,11 +162,9 @@ class Upkeep:
         changed file system (mounted or unmounted since the last pruning), or every
         record would go and every source be sent again once it is back."""
         st = os.fstat(root_fd)
-        state = self.spool.load_state()
-        seen = state.get("directory_dev")
+        seen = self.spool.load_state().get("directory_dev")
         if seen != st.st_dev:
-            state["directory_dev"] = st.st_dev
-            self.spool.save_state(state)
+            self.spool.update_state(lambda state: state.update(directory_dev=st.st_dev))
             if seen is not None:
                 log.info("%s: done/ not pruned: the stream directory is on another file "
                          "system than at the last pruning (mounted or unmounted?); next "

@@ -60,6 +60,7 @@ class SpoolFiles:
         self.state_file = os.path.join(d, "state.json")
         self.scan_lock_file = os.path.join(d, "scan.lock")
         self.spool_lock_file = os.path.join(d, "spool.lock")
+        self.state_lock_file = os.path.join(d, "state.lock")
         self.states = {
             "new": self.new,
             "claimed": self.claimed,
@@ -182,6 +183,19 @@ class SpoolFiles:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SpoolBusy(f"another scanner is running on {self.path}") from None
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def state_lock(self) -> Iterator[None]:
+        """Hold state.lock (exclusive, blocking): one read-modify-write of state.json at a
+        time, across the processes and hosts sharing the spool (readers need none: the
+        file is replaced by a rename)."""
+        fd = os.open(self.state_lock_file,
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)

@@ -24,6 +24,9 @@ Guarantees:
   interleaves with an owner's check-and-rewrite of its claim (the rewrite can't resurrect
   a claim already taken over), and enqueue's check "not in new/, claimed/, done/,
   failed/" (made in that order, the order items flow) can't miss an item moving back.
+* ``state.json`` (the target's backoff, the stuck list, totals, pruning times) is
+  changed by ``update_state`` under ``state.lock``, a read-modify-write at a time, so
+  senders sharing a spool never undo each other's changes; readers take no lock.
 * A record that can't be parsed is moved to ``corrupt/`` with a warning; its item is then
   unknown, and the scanner enqueues it again if its source still exists.
 """
@@ -596,9 +599,20 @@ class Spool:
         return self._files.load_state()
 
     def save_state(self, state: dict[str, Any]) -> None:
-        """Replace state.json atomically."""
+        """Replace state.json atomically (see update_state to change a part of it)."""
         self._require_open()
         self._files.save_state(state, self.owner)
+
+    def update_state(self, change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+        """Read state.json, let *change* alter it in place, write it back, all under
+        state.lock: what other processes (or hosts) wrote meanwhile is kept.  *change*
+        returning False means nothing changed (nothing is written).  The new state."""
+        self._require_open()
+        with self._files.state_lock():
+            state = self._files.load_state()
+            if change(state) is not False:
+                self._files.save_state(state, self.owner)
+        return state
 
     @contextlib.contextmanager
     def scan_lock(self) -> Iterator[None]:
