@@ -241,6 +241,28 @@ def test_a_batch_counts_but_does_not_list_more_than_max_groups_kinds() -> None:
     assert (len(batch.groups), batch.overflow, batch.total) == (MAX_GROUPS, 5, MAX_GROUPS + 5)
 
 
+def test_unmapped_items_with_a_different_reason_on_every_line_never_grow_without_bound(
+        ) -> None:
+    """On the --stdin path a reason is any text a line holds: the named kind has room of
+    its own beyond MAX_GROUPS, not a group per line; and the names kept to count each item
+    once are bounded."""
+    from mstm.alert.batch import MAX_NAMED_GROUPS, MAX_SEEN
+
+    batch = Batch()
+    for i in range(MAX_GROUPS + MAX_NAMED_GROUPS + 50):
+        why = f"{chr(65 + i % 26)}{chr(65 + i // 26 % 26)}"  # (numbers count as alike)
+        batch.add(Alert(i, 4, f"x{i} is not fetched: reason {why}", "mstm-send", stream="p",
+                        item=f"x{i}", event="unmapped"))
+    assert len(batch.groups) == MAX_GROUPS + MAX_NAMED_GROUPS and batch.overflow == 50
+    one = Batch()
+    for i in range(MAX_SEEN + 500):
+        one.add(Alert(i, 4, "not fetched", "mstm-send", stream="p", item=f"item {i}",
+                      event="unmapped"))
+    [g] = one.groups.values()
+    assert len(g.seen) == MAX_SEEN and len(g.items) == 1000
+    assert len(g.items) + g.more_items == MAX_SEEN + 500  # every item still counted
+
+
 # --------------------------------------------------------------------------- following
 
 

@@ -4,8 +4,9 @@ Some events are there for their items: a pull item that maps to no project (or w
 name is refused) needs a person to act on each one, which is why HPC ASSyncy had a
 program of its own, epnalert, to mail them.  Events in :data:`NAMED_EVENTS` are still
 gathered into one group per stream and reason, but the group names every item, up to
-:data:`MAX_NAMED_ITEMS` per group, then says how many more there are; it is never left
-out for :data:`MAX_GROUPS`.
+:data:`MAX_NAMED_ITEMS` per group, then says how many more there are; it is not left
+out for :data:`MAX_GROUPS`, but has :data:`MAX_NAMED_GROUPS` more room of its own (on the
+--stdin path the reason is any text a line holds: never a group per line).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ MAX_GROUPS = 100  # distinct kinds of event shown in one mail; the rest are coun
 MAX_ITEMS = 10  # item names listed per group
 NAMED_EVENTS = frozenset({"unmapped"})  # every item named (see the module docstring)
 MAX_NAMED_ITEMS = 1000  # item names listed per group of NAMED_EVENTS; the rest counted
+MAX_NAMED_GROUPS = 100  # groups of NAMED_EVENTS beyond MAX_GROUPS (their reason may be any
+#                         text on the --stdin path: never a group per line)
+MAX_SEEN = 10 * MAX_NAMED_ITEMS  # names remembered per group to count each item once
 _NAMED_IDS = frozenset(MESSAGE_IDS[e] for e in NAMED_EVENTS)
 
 
@@ -82,14 +86,15 @@ class Batch:
         g = self.groups.get(key)
         if g is None:
             named = is_named(a)
-            if len(self.groups) >= MAX_GROUPS and not named:
+            if len(self.groups) >= MAX_GROUPS + (MAX_NAMED_GROUPS if named else 0):
                 self.overflow += 1
                 return
             g = self.groups[key] = Group(a, a, 0, named=named)
         g.count += 1
         g.last = a
         if a.item and a.item not in g.seen:
-            g.seen.add(a.item)
+            if len(g.seen) < MAX_SEEN:  # past it an item seen twice may be counted twice
+                g.seen.add(a.item)
             if len(g.items) < (MAX_NAMED_ITEMS if g.named else MAX_ITEMS):
                 g.items.append(a.item)
             else:
