@@ -59,7 +59,7 @@ VERSION    := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' cmds/mstm/__init__
 
 DEB_PACKAGES = rsync openssh-client openssh-server libsystemd-dev pkg-config python3-venv \
                python3-dev gcc iproute2 iptables man-db pandoc systemd \
-               prometheus-node-exporter prometheus zsh acl
+               prometheus-node-exporter prometheus zsh
 
 VPY   = $(VENV)/bin/python
 STAMP = $(VENV)/.installed

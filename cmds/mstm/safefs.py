@@ -769,3 +769,4 @@ def mount_id(fd: int) -> str | None:
     except OSError:
         pass
     return None
+

@@ -37,7 +37,7 @@ def test_promtool_accepts_the_shipped_alert_rules() -> None:
     r = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True,
                        text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 3 rules found" in r.stdout
+    assert "SUCCESS: 4 rules found" in r.stdout
 
 
 def test_the_rules_fire_stuck_unreachable_and_failures_only_when_they_should() -> None:

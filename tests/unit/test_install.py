@@ -216,30 +216,3 @@ def test_the_usr_local_directories_are_ones_systemd_reads() -> None:
                       "SYSUSERSDIR": "/usr/local/lib/sysusers.d",
                       "TMPFILESDIR": "/usr/local/lib/tmpfiles.d",
                       "CATALOGDIR": "/usr/local/lib/systemd/catalog"}, chosen
-
-
-def test_tmpfiles_lets_the_service_user_write_node_exporters_textfile_directory(
-        tmp_path: Path) -> None:
-    """metrics_dir's default is root's directory: mstm.tmpfiles adds an ACL entry for the
-    service user (checked here with "nobody", a user every Debian has), and a machine
-    without node_exporter is left alone."""
-    need("systemd-tmpfiles")
-    need("getfacl")
-    text = (ROOT / "conf" / "mstm.tmpfiles").read_text()
-    acl = [ln for ln in text.splitlines() if ln.startswith("a+")]
-    assert acl == ["a+     /var/lib/prometheus/node-exporter - - - - u:mstm:rwx"]
-    conf = tmp_path / "t.conf"
-    conf.write_text(acl[0].replace("u:mstm:", "u:nobody:") + "\n")
-    root = tmp_path / "root"
-    r = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(conf)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr  # not there: nothing to do, no error
-    assert not (root / "var/lib/prometheus").exists()
-    textfiles = root / "var/lib/prometheus/node-exporter"
-    textfiles.mkdir(parents=True)
-    r = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(conf)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    facl = subprocess.run(["getfacl", "-cp", str(textfiles)], capture_output=True,
-                          text=True, check=True).stdout
-    assert "user:nobody:rwx" in facl, facl

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cmds" / "mstm"
 
 # The pieces everything may use; they use no stage.
 SHARED = {"errors", "log", "notify", "runloop", "safefs", "openfiles", "watch", "backoff",
-          "pause", "protocol", "config", "humanize"}
+          "pause", "protocol", "config", "humanize", "smallfiles"}
 
 # What each stage may import besides SHARED.  Nothing imports cli.
 ALLOWED: dict[str, set[str]] = {

@@ -524,7 +524,7 @@ def test_a_pull_streams_metrics_come_from_its_ledger_and_its_last_cycle(site: Si
 @pytest.mark.parametrize(("line", "expected"), [
     ("metrics_dir =\n", None),
     ("metrics_dir = /srv/metrics\n", Path("/srv/metrics")),
-    ("", Path("/var/lib/prometheus/node-exporter")),
+    ("", Path("/var/lib/mstm/metrics")),
 ])
 def test_metrics_dir_is_a_path_or_empty_for_none(site: Site, monkeypatch: pytest.MonkeyPatch,
                                                  line: str, expected: Path | None) -> None:

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import click
 
-from mstm.cli.common import CONTEXT_SETTINGS, common_options, run_command
+from mstm.cli.common import (
+    CONTEXT_SETTINGS,
+    common_options,
+    refuse_root_on_foreign_spool,
+    run_command,
+)
 from mstm.diskwatch import DiskWatch, Report, load_streams, status_line
 from mstm.diskwatch.report import FsReport
 from mstm.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE
@@ -35,11 +40,14 @@ def main(mode: str, dry_run: bool, as_json: bool, config_path: Path | None, verb
     lowest priority first; below level_vlow every stream there is, and streams with
     deletion_enabled lose items already delivered, oldest first.  Only stop files it
     placed itself are ever removed.  Exit status: 0 done, 70 some action failed,
-    78 the configuration is wrong (the streams that load are still watched).
+    77 run as root on a spool_base_dir another user owns, 78 the configuration is
+    wrong (the streams that load are still watched).
     """
 
     def body() -> int:
         gcfg, streams, problems = load_streams(config_path)
+        if not dry_run:  # its state file is in spool_base_dir: as root, only in root's
+            refuse_root_on_foreign_spool("mstm-diskwatch", gcfg.spool_base_dir)
         watch = DiskWatch(gcfg, streams, dry_run=dry_run)
         if mode == "follow":
             follow(watch, gcfg.disk_space_monitor.poll_interval,

@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 
 from mstm import config, overview
-from mstm.cli.common import CONTEXT_SETTINGS, common_options, complete_stream, run_command
+from mstm.cli.common import (
+    CONTEXT_SETTINGS,
+    common_options,
+    complete_stream,
+    refuse_root_on_foreign_spool,
+    run_command,
+)
 from mstm.errors import EXIT_OK
 from mstm.notify import Notifier
 from mstm.overview.live import ReceiveReporter
@@ -45,7 +51,7 @@ def main(stream: str | None, mode: str, as_json: bool, force_poll: bool, check: 
     bad-size, bad-checksum, missing, io-error or refused.  A thank-you file from the
     sender then removes the batch's files.  MiStaMover's handshake files are answered
     too.  Exit status: 0 done, 75 another mstm-receive is running for the stream,
-    78 the configuration is wrong.
+    77 run as root on a spool another user owns, 78 the configuration is wrong.
     """
 
     if stream is None and not show_status:
@@ -59,13 +65,15 @@ def main(stream: str | None, mode: str, as_json: bool, force_poll: bool, check: 
             return EXIT_OK
         cfg = config.load_stream(stream, config_path, role="receive")
         if show_status:  # read only
-            click.echo(json.dumps(overview.area_snapshot(cfg).to_json()))
+            click.echo(json.dumps(overview.checked_area_snapshot(cfg).to_json()))
             return EXIT_OK
         settings = Settings.from_config(cfg)
         if check:
             click.echo(f"{cfg.stream_file}: ok (receiving in {settings.incoming_dir},"
                        f" publishing in {settings.directory})")
             return EXIT_OK
+        # it writes receive-state.json in the spool: as root, only in root's
+        refuse_root_on_foreign_spool("mstm-receive", cfg.spool_dir)
         if not cfg.running:
             log.info("%s: status is %s in %s; nothing to do", cfg.name, cfg.status,
                      cfg.stream_file)

@@ -82,7 +82,7 @@ def main(stream: str | None, mode: str, no_scan: bool, as_json: bool, max_wait: 
             return EXIT_OK
         cfg = config.load_stream(stream, config_path)
         if show_status:  # read only: never opens the spool (no owner, no takeover)
-            click.echo(json.dumps(overview.stream_snapshot(cfg).to_json()))
+            click.echo(json.dumps(overview.checked_stream_snapshot(cfg).to_json()))
             return EXIT_OK
         if check:
             click.echo(f"{cfg.stream_file}: ok")

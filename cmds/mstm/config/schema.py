@@ -71,10 +71,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            " cannot hold a socket, whose name is limited to 107 bytes with"
                            " the 17 ssh adds: a private directory under $TMPDIR or /tmp"
                            " is used for them then"),
-        "metrics_dir": Key(Text(), "/var/lib/prometheus/node-exporter",
+        "metrics_dir": Key(Text(), "/var/lib/mstm/metrics",
                            "where long-running commands write their Prometheus text files"
-                           " for node_exporter's textfile collector (empty: none;"
-                           " $MSTM_METRICS_DIR, if set, replaces the default)"),
+                           " (mode 0644) for node_exporter's textfile collector (empty:"
+                           " none; $MSTM_METRICS_DIR, if set, replaces the default).  Not"
+                           " Debian's /var/lib/prometheus/node-exporter: root's collectors"
+                           " write there with sponge, which follows symbolic links, so a"
+                           " service user able to write it could make root overwrite any"
+                           " file.  Point node_exporter here with"
+                           " ARGS=\"--collector.textfile.directory=/var/lib/mstm/metrics\" in"
+                           " /etc/default/prometheus-node-exporter (Debian's own collectors'"
+                           " files are then no longer scraped), or keep Debian's directory"
+                           " and link each file into it as root: ln -s"
+                           " /var/lib/mstm/metrics/mstm_send_proj1.prom"
+                           " /var/lib/prometheus/node-exporter/ (node_exporter reads"
+                           " through the link)"),
         "base_incoming_dir": _compat(),
         "debug_on": _compat(),
     },

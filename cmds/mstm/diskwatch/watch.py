@@ -40,6 +40,7 @@ from mstm.diskwatch.stopfiles import (
 )
 from mstm.humanize import size as human
 from mstm.log import event, fields, show
+from mstm.smallfiles import replace_file
 
 log = logging.getLogger("mstm.diskwatch")
 
@@ -91,17 +92,10 @@ class DiskWatch:
         text = json.dumps(data, indent=1, sort_keys=True) + "\n"
         if text == self._saved:
             return
-        tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
+        try:  # a mkstemp file, then a rename: no link planted in spool_base_dir followed
+            replace_file(self.state_path, text.encode("utf-8"), mode=0o640, fsync=True)
             self._saved = text
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             log.error("cannot write state file %s: %s (stop files placed now will not be"
                       " removed automatically)", self.state_path, e)
 

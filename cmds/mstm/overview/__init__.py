@@ -25,10 +25,13 @@ from mstm.overview.snapshot import (
     area_snapshot,
     broken_area,
     broken_snapshot,
+    checked_area_snapshot,
+    checked_stream_snapshot,
     stream_snapshot,
 )
 from mstm.overview.table import render_areas, render_streams, to_document
 
 __all__ = ["AreaSnapshot", "StreamSnapshot", "all_areas", "all_streams", "area_snapshot",
-           "broken_area", "broken_snapshot", "render_areas", "render_streams",
+           "broken_area", "broken_snapshot", "checked_area_snapshot",
+           "checked_stream_snapshot", "render_areas", "render_streams",
            "stream_snapshot", "to_document"]

@@ -11,10 +11,8 @@ file.  Nothing here may stop a transfer: an error costs a warning.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,12 +31,15 @@ from mstm.overview.snapshot import (
     STATE_KEY,
     Live,
     area_snapshot,
+    count,
     pull_snapshot,
     push_snapshot,
     read_json,
     receive_state_path,
+    time_value,
 )
 from mstm.overview.spoolview import REASONS, SpoolView, reason_class
+from mstm.smallfiles import replace_file
 
 if TYPE_CHECKING:
     from mstm.pull.puller import Puller
@@ -57,14 +58,14 @@ def _add_totals(state: dict[str, Any], items: int, size: int, last: float | None
     totals = state.get(STATE_KEY)
     if not isinstance(totals, dict):
         totals = {}
-    totals["items"] = int(totals.get("items", 0) or 0) + items
-    totals["bytes"] = int(totals.get("bytes", 0) or 0) + size
+    totals["items"] = count(totals.get("items")) + items
+    totals["bytes"] = count(totals.get("bytes")) + size
     if last:
-        totals["last_at"] = max(float(totals.get("last_at", 0) or 0), last)
+        totals["last_at"] = max(time_value(totals.get("last_at")), last)
     fails = totals.get("failures")
     fails = dict(fails) if isinstance(fails, dict) else {}
     for reason, n in failures.items():
-        fails[reason] = int(fails.get(reason, 0) or 0) + n
+        fails[reason] = count(fails.get(reason)) + n
     totals["failures"] = fails
     state[STATE_KEY] = totals
 
@@ -114,10 +115,10 @@ class SendReporter:
             new_failures[r] = new_failures.get(r, 0) + 1
         if not (d_items or d_bytes or new_failures):
             return
-        spool = self.sender.spool
-        state = spool.load_state()
-        _add_totals(state, d_items, d_bytes, self.sender.last_delivery, new_failures)
-        spool.save_state(state)
+        last = self.sender.last_delivery
+        # under state.lock: the totals of other senders on this spool are kept
+        self.sender.spool.update_state(
+            lambda state: _add_totals(state, d_items, d_bytes, last, new_failures))
         self._seen = (items, size, failed)
 
     def _families(self) -> list[Any]:
@@ -169,7 +170,10 @@ class ReceiveReporter:
         hook wants to be called again, if it held a change back."""
         changed = bool(summary and (summary.ok or summary.failed or summary.batches))
         if changed and summary is not None:
-            self._keep_totals(summary)
+            try:
+                self._keep_totals(summary)
+            except Exception as err:  # never the receiver's end: say it, go on
+                self._warn(err)
         if not self.file.enabled:
             return None
         if self.file.due(changed=changed):
@@ -177,45 +181,52 @@ class ReceiveReporter:
         return self.file.wait()
 
     def _keep_totals(self, summary: ReceiveSummary, now: float | None = None) -> None:
+        """Add a pass to receive-state.json.  Every value read goes through a tolerant
+        number parser (a malformed file counts from zero); errors are the caller's."""
         now = time.time() if now is None else now
-        state = read_json(self.state_path)
-        state["items"] = int(state.get("items", 0) or 0) + summary.ok
-        state["bytes"] = int(state.get("bytes", 0) or 0) + summary.bytes
+        try:
+            state = read_json(self.state_path)
+        except OSError as err:  # a link, a FIFO, too large: start again, say it
+            self._warn(err)
+            state = {}
+        state["items"] = count(state.get("items")) + summary.ok
+        state["bytes"] = count(state.get("bytes")) + summary.bytes
         if summary.ok:
             state["last_at"] = now
         not_ok = state.get("not_ok")
         not_ok = dict(not_ok) if isinstance(not_ok, dict) else {}
         for status, n in summary.statuses.items():
             if status != "ok":
-                not_ok[status] = int(not_ok.get(status, 0) or 0) + n
+                not_ok[status] = count(not_ok.get(status)) + n
         state["not_ok"] = not_ok
         hours = state.get("hours")
         hours = dict(hours) if isinstance(hours, dict) else {}
         hour = str(int(now // HOUR * HOUR))
-        items, size = hours.get(hour, [0, 0]) if isinstance(hours.get(hour), list) else [0, 0]
-        hours[hour] = [int(items) + summary.ok, int(size) + summary.bytes]
+        old = hours.get(hour)
+        items, size = (old[0], old[1]) if isinstance(old, list) and len(old) == 2 else (0, 0)
+        hours[hour] = [count(items) + summary.ok, count(size) + summary.bytes]
         oldest = now - _KEEP_HOURS * HOUR
         state["hours"] = {h: v for h, v in hours.items()
-                          if h.isdigit() and float(h) >= oldest}
+                          if h.isdigit() and len(h) < 16 and float(h) >= oldest}
         try:
             _write_json(self.state_path, state)
         except OSError as err:
-            if not self._warned:
-                log.warning("%s: cannot keep the receive totals in %s: %s", self.cfg.name,
-                            self.state_path, err.strerror or err)
-            self._warned = True
+            self._warn(err)
+
+    def _warn(self, err: Exception) -> None:
+        if not self._warned:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else err
+            log.warning("%s: cannot keep the receive totals in %s: %s (receiving goes on)",
+                        self.cfg.name, self.state_path, why)
+        self._warned = True
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Replace *path* atomically (a temporary file, then a rename)."""
+    """Replace *path* atomically: a new temporary file (mkstemp: O_EXCL, a random name,
+    never a link planted in the spool), then a rename (mstm.smallfiles.replace_file)."""
     path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    replace_file(path, (json.dumps(data, sort_keys=True, indent=1) + "\n").encode("utf-8"),
+                 mode=0o640)
 
 
 class DiskReporter:

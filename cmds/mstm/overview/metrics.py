@@ -1,13 +1,24 @@
 """Prometheus text files for node_exporter's textfile collector.
 
 Each long-running command writes one file into ``[global] metrics_dir`` (default
-``/var/lib/prometheus/node-exporter``, Debian's textfile directory; empty: none):
+``/var/lib/mstm/metrics``, a directory of user mstm; empty: none):
 ``mstm_send_<stream>.prom``, ``mstm_receive_<stream>.prom``, ``mstm_diskwatch.prom``.
-The file is written by prometheus_client's ``write_to_textfile`` (a temporary file,
-then a rename: a scrape never sees half of one), after each batch and at least once a
-minute, at most once a second (or less often when a look at a deep spool takes long:
-see :class:`TextFile`).  A directory that is missing or not writable costs one warning,
-never the transfer.  Every metric is listed in mstm(7), "Metrics".
+Not Debian's ``/var/lib/prometheus/node-exporter``: root's collectors write there with
+``sponge``, which follows symbolic links, so a service user able to write that directory
+could make root overwrite any file (mstm(7), "Metrics", says how to point node_exporter
+at mstm's directory, or link its files into Debian's).
+
+The text comes from prometheus_client (``generate_latest``); the file is written here,
+not by its ``write_to_textfile``, for two reasons: that function leaves the file with
+the process umask (the units' UMask=0027 gives 0640 mstm:mstm, which Debian's
+node_exporter, running as user prometheus, cannot read), and its temporary name
+(``<path>.<pid>.<thread>``) is predictable and opened following symbolic links.
+:func:`mstm.smallfiles.replace_file` writes a ``mkstemp`` file (O_EXCL, a random name),
+makes it 0644 and renames it over the final name: a scrape never sees half a file.
+Written after each batch and at least once a minute, at most once a second (or less
+often when a look at a deep spool takes long: see :class:`TextFile`).  A directory that
+is missing or not writable costs one warning, never the transfer.  Every metric is
+listed in mstm(7), "Metrics".
 """
 
 from __future__ import annotations
@@ -18,13 +29,21 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from mstm.diskwatch.report import FsReport
-from mstm.overview.snapshot import PAUSE_REASONS, AreaSnapshot, StreamSnapshot
+from mstm.overview.snapshot import (
+    PAUSE_REASONS,
+    AreaSnapshot,
+    StreamSnapshot,
+    count,
+    time_value,
+)
 from mstm.overview.spoolview import REASONS
+from mstm.smallfiles import replace_file
 
 log = logging.getLogger("mstm.metrics")
 
@@ -56,7 +75,11 @@ def stream_families(snaps: Iterable[StreamSnapshot]) -> list[Metric]:
     items = g("mstm_queue_items", "Items waiting to be delivered (new and claimed).")
     size = g("mstm_queue_bytes", "Bytes of the items waiting to be delivered.")
     age = g("mstm_queue_oldest_age_seconds",
-            "Seconds the oldest waiting item has been queued (0 if none).")
+            "Seconds the oldest waiting item has been queued (0 if none), when the file"
+            " was written (alert on the timestamp below: this one freezes if the writer"
+            " stops).")
+    enq = g("mstm_queue_oldest_enqueued_timestamp_seconds",
+            "When the oldest waiting item was queued (unix time; 0 if none).")
     done = c("mstm_delivered_items", "Items verified at the target, since the stream began.")
     done_b = c("mstm_delivered_bytes", "Bytes verified at the target, since the stream began.")
     fails = c("mstm_failures", "Items given up (parked in failed/), by reason class.",
@@ -76,19 +99,20 @@ def stream_families(snaps: Iterable[StreamSnapshot]) -> list[Metric]:
         items.add_metric([n], s.queued_items)
         size.add_metric([n], s.queued_bytes)
         age.add_metric([n], round(s.oldest_age(), 3))
+        enq.add_metric([n], s.oldest_queued or 0.0)
         done.add_metric([n], s.delivered_total_items)
         done_b.add_metric([n], s.delivered_total_bytes)
         for r in REASONS:
             fails.add_metric([n, r], s.failures_total.get(r, 0))
             parked.add_metric([n, r], s.failed_by_reason.get(r, 0))
         last.add_metric([n], s.last_delivery or 0.0)
-        step = int(s.backoff.get("step", 0) or 0)
+        step = count(s.backoff.get("step"))
         backoff.add_metric([n], 1 if step else 0)
-        until.add_metric([n], float(s.backoff.get("until", 0) or 0) if step else 0.0)
+        until.add_metric([n], time_value(s.backoff.get("until")) if step else 0.0)
         for r in PAUSE_REASONS:
             paused.add_metric([n, r], 1 if s.pause_reason == r else 0)
         down.add_metric([n], 1 if s.target_unreachable else 0)
-    return [items, size, age, done, done_b, fails, parked, last, backoff, until, paused, down]
+    return [items, size, age, enq, done, done_b, fails, parked, last, backoff, until, paused, down]
 
 
 def area_families(snaps: Iterable[AreaSnapshot]) -> list[Metric]:
@@ -153,8 +177,6 @@ class _Families(Collector):
 
 def render_families(families: list[Metric]) -> str:
     """The families in the text format (what the file holds), for tests and --json."""
-    from prometheus_client.exposition import generate_latest
-
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families))
     return generate_latest(registry).decode("utf-8")
@@ -220,7 +242,7 @@ class TextFile:
                 return False
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Families(built))
-            write_to_textfile(str(self.path), registry)
+            replace_file(self.path, generate_latest(registry), mode=0o644)
         except Exception as err:  # never the transfer's end: one warning, go on
             why = err.strerror if isinstance(err, OSError) and err.strerror else err
             if not self.failing:

@@ -10,13 +10,21 @@ knows (the target's own stop file, for one) through :class:`Live`.
 
 States, first match wins: ``stopped`` (status is not RUNNING), ``paused`` (a stop file),
 ``backing-off`` (the target could not be reached; until when and why), ``failing``
-(the last try of the target failed, or items are parked in failed/), ``running`` (a
-live sender holds the spool), ``idle``.
+(the last try of the target failed, or items are parked in failed/), ``stuck`` (the
+oldest queued item has waited longer than the stream's ``stuck_after``), ``running`` (a
+live sender holds the spool), ``idle``; ``error``: the stream could not be looked at
+(its configuration, or a file of its spool: the row says which and why).
+
+The files read here may have been replaced by the spool's owner, and ``--status`` may
+run as root: each is opened with :func:`mstm.smallfiles.read_small` (no symbolic link
+followed, no FIFO or device opened for reading, a size cap), and every number in them
+goes through :func:`number` (anything but a finite number counts as absent).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -27,7 +35,9 @@ from typing import Any
 
 from mstm import pause
 from mstm.config import StreamConfig
+from mstm.log import show
 from mstm.overview.spoolview import DAY, REASONS, SpoolView
+from mstm.smallfiles import read_error, read_small
 
 STATE_KEY = "delivered"  # state.json: {"items", "bytes", "last_at", "failures": {reason: n}}
 RECEIVE_STATE = "receive-state.json"
@@ -36,27 +46,57 @@ DISKWATCH_MARK = "mstm-diskwatch:"  # the first words of a stop file mstm-diskwa
 #: Why a stream is paused, as a metric's label (a fixed set).
 PAUSE_REASONS = ("local_stop_file", "remote_stop_file", "diskwatch", "status_stopped")
 
+#: States that need someone's attention (the summary line of the table counts them).
+ATTENTION = ("failing", "backing-off", "stuck", "error")
+
+MAX_STATE_BYTES = 1 << 20  # state.json, receive-state.json: larger is refused
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: a later time is not a time
+
 
 def iso(t: float | None) -> str | None:
-    """An epoch time as ISO 8601 in UTC with its offset (2026-12-03T18:50:22+00:00)."""
-    if t is None or t <= 0:
+    """An epoch time as ISO 8601 in UTC with its offset (2026-12-03T18:50:22+00:00);
+    None for none, and for a time that is not one (not finite, past the year 9999)."""
+    if t is None or not isinstance(t, (int, float)) or not 0 < t <= MAX_TIME:
         return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def read_json(path: Path | str) -> dict[str, Any]:
-    """A JSON object from *path*; {} if it is missing or not one (read only)."""
+    """A JSON object from *path* (read only): {} if it is missing or not a JSON object;
+    OSError if it cannot be read safely (a symbolic link, a FIFO, larger than 1 MiB)."""
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
+        data = json.loads(read_small(path, MAX_STATE_BYTES))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _num(value: object, default: float = 0.0) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else default
+def number(value: object, default: float = 0.0) -> float:
+    """A finite number from a JSON value; *default* for anything else (a string, a bool,
+    infinity, an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    try:
+        f = float(value)
+    except OverflowError:
+        return default
+    return f if math.isfinite(f) else default
+
+
+def count(value: object) -> int:
+    """A count from a JSON value: a finite number's integer part, never below 0."""
+    return max(0, int(number(value)))
+
+
+def time_value(value: object) -> float:
+    """An epoch time from a JSON value; 0.0 for none or one that is not a time."""
+    t = number(value)
+    return t if 0 < t <= MAX_TIME else 0.0
 
 
 @dataclass
@@ -113,9 +153,9 @@ class StreamSnapshot:
             d[key] = iso(d[key])
         d["oldest_queued_age_seconds"] = round(self.oldest_age(), 3)
         if self.backoff:
-            d["backoff"] = {**self.backoff, "until": iso(_num(self.backoff.get("until")))}
+            d["backoff"] = {**self.backoff, "until": iso(time_value(self.backoff.get("until")))}
         if self.backoff.get("since"):
-            d["backoff"]["since"] = iso(_num(self.backoff.get("since")))
+            d["backoff"]["since"] = iso(time_value(self.backoff.get("since")))
         d["taken_at"] = iso(self.taken_at)
         # the keys --status STREAM printed before, kept (queue counts per spool state)
         if self.direction == "push":
@@ -157,12 +197,12 @@ def push_snapshot(cfg: StreamConfig, view: SpoolView | None = None, *,
     totals = state.get(STATE_KEY)
     totals = totals if isinstance(totals, dict) else {}
     live = live or Live()
-    snap.delivered_total_items = int(_num(totals.get("items"))) + live.delivered_items
-    snap.delivered_total_bytes = int(_num(totals.get("bytes"))) + live.delivered_bytes
+    snap.delivered_total_items = count(totals.get("items")) + live.delivered_items
+    snap.delivered_total_bytes = count(totals.get("bytes")) + live.delivered_bytes
     fails = totals.get("failures")
-    snap.failures_total = ({r: int(_num(fails.get(r))) for r in REASONS}
+    snap.failures_total = ({r: count(fails.get(r)) for r in REASONS}
                            if isinstance(fails, dict) else {r: 0 for r in REASONS})
-    last = max(_num(totals.get("last_at")), live.last_delivery or 0.0)
+    last = max(time_value(totals.get("last_at")), live.last_delivery or 0.0)
     if with_done:
         d = view.delivered(since=now - DAY)
         snap.delivered_24h_items, snap.delivered_24h_bytes = d.items_since, d.bytes_since
@@ -171,8 +211,12 @@ def push_snapshot(cfg: StreamConfig, view: SpoolView | None = None, *,
                        "failed": failed.items}
     snap.last_delivery = last or None
     snap.running = bool(view.owners(now))
-    step = int(_num(snap.backoff.get("step")))
-    until = _num(snap.backoff.get("until"))
+    step = count(snap.backoff.get("step"))
+    until = time_value(snap.backoff.get("until"))  # 1e20: not a time, no end known
+    if snap.backoff:
+        snap.backoff["step"], snap.backoff["until"] = step, until
+        if "since" in snap.backoff:
+            snap.backoff["since"] = time_value(snap.backoff.get("since"))
     error = str(snap.backoff.get("last_error") or "")
     snap.target_unreachable = live.unreachable if live.unreachable is not None else step > 0
     snap.paused = live.paused if live.paused is not None else pause.is_paused(cfg)
@@ -191,6 +235,12 @@ def push_snapshot(cfg: StreamConfig, view: SpoolView | None = None, *,
         snap.state = "failing"
         snap.why = f"{failed.items} parked in failed/" + (
             f"; last: {failed.last_error}" if failed.last_error else "")
+    elif snap.oldest_queued and now - snap.oldest_queued > cfg.stuck_after:
+        from mstm.overview.table import human_age
+
+        snap.state = "stuck"
+        snap.why = (f"the oldest queued item has waited {human_age(now - snap.oldest_queued)}"
+                    f" (stuck_after {human_age(cfg.stuck_after)})")
     elif snap.running:
         snap.state = "running"
     return snap
@@ -349,22 +399,22 @@ def area_snapshot(cfg: StreamConfig, *, now: float | None = None) -> AreaSnapsho
     except OSError:
         snap.set_aside = 0
     state = read_json(receive_state_path(cfg))
-    snap.published_total_items = int(_num(state.get("items")))
-    snap.published_total_bytes = int(_num(state.get("bytes")))
-    snap.last_publish = _num(state.get("last_at")) or None
+    snap.published_total_items = count(state.get("items"))
+    snap.published_total_bytes = count(state.get("bytes"))
+    snap.last_publish = time_value(state.get("last_at")) or None
     refused = state.get("not_ok")
-    snap.refused_total = ({str(k): int(_num(v)) for k, v in refused.items()}
+    snap.refused_total = ({str(k): count(v) for k, v in refused.items()}
                           if isinstance(refused, dict) else {})
     hours = state.get("hours")
     if isinstance(hours, dict):
         for hour, value in hours.items():
             try:
                 start = float(hour)
-            except ValueError:
+            except (ValueError, OverflowError):
                 continue
             if start + 3600 > now - DAY and isinstance(value, list) and len(value) == 2:
-                snap.published_24h_items += int(_num(value[0]))
-                snap.published_24h_bytes += int(_num(value[1]))
+                snap.published_24h_items += count(value[0])
+                snap.published_24h_bytes += count(value[1])
     snap.running = _flocked(incoming)
     stop = incoming / inc.stop_file
     if os.path.lexists(stop):
@@ -388,6 +438,38 @@ def broken_area(name: str, error: str) -> AreaSnapshot:
     return snap
 
 
+def look_error(err: Exception) -> str:
+    """Why a stream could not be looked at, in words for its row."""
+    if isinstance(err, PermissionError):
+        return (f"cannot read {show(err.filename or '?')}: permission denied"
+                " (run as mstm or root)")
+    if isinstance(err, OSError):
+        where = f" {show(err.filename)}" if err.filename else ""
+        return f"cannot read{where}: {read_error(err)}"
+    return f"cannot look at it: {type(err).__name__}: {err}"
+
+
+def checked_stream_snapshot(cfg: StreamConfig) -> StreamSnapshot:
+    """:func:`stream_snapshot`, or a row in state ``error`` saying why the stream could
+    not be looked at (a file of its spool unreadable, replaced by a FIFO, too large)."""
+    try:
+        return stream_snapshot(cfg)
+    except Exception as err:  # one bad stream is one row, never the whole table
+        snap = StreamSnapshot(cfg.name, cfg.direction, cfg.status)
+        snap.state, snap.why = "error", look_error(err)
+        return snap
+
+
+def checked_area_snapshot(cfg: StreamConfig) -> AreaSnapshot:
+    """:func:`area_snapshot`, or a row in state ``error`` saying why."""
+    try:
+        return area_snapshot(cfg)
+    except Exception as err:  # one bad area is one row, never the whole table
+        snap = AreaSnapshot(cfg.name, cfg.status)
+        snap.state, snap.why = "error", look_error(err)
+        return snap
+
+
 # ---------------------------------------------------------------------- every stream
 
 
@@ -405,7 +487,7 @@ def all_streams(config_path: Path | None) -> list[StreamSnapshot]:
         except ConfigError as err:
             snaps.append(broken_snapshot(name, err.message))
             continue
-        snaps.append(stream_snapshot(cfg))
+        snaps.append(checked_stream_snapshot(cfg))
     return snaps
 
 
@@ -423,5 +505,5 @@ def all_areas(config_path: Path | None) -> list[AreaSnapshot]:
         except ConfigError as err:
             snaps.append(broken_area(name, err.message))
             continue
-        snaps.append(area_snapshot(cfg))
+        snaps.append(checked_area_snapshot(cfg))
     return snaps

@@ -1,4 +1,9 @@
-"""Snapshots as a table a person reads, and as one JSON document."""
+"""Snapshots as a table a person reads, and as one JSON document.
+
+Free text (a stop file's first line, written by whoever may write the stream's
+directory; a target's error; a parked item's reason) is shown through
+:func:`mstm.log.show`: control characters are escaped, so no terminal escape sequence
+reaches the terminal.  --json is JSON-escaped anyway."""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mstm.overview.snapshot import AreaSnapshot, StreamSnapshot, iso
+from mstm.log import show
+from mstm.overview.snapshot import ATTENTION, AreaSnapshot, StreamSnapshot, iso
 
 _WHY_WIDTH = 120  # a wider terminal shows the whole reason; --json always does
 
@@ -42,7 +48,7 @@ def local_time(t: float | None) -> str:
 
 
 def _short(text: str | None) -> str:
-    t = " ".join((text or "").split())
+    t = show(" ".join((text or "").split()))
     return t if len(t) <= _WHY_WIDTH else t[: _WHY_WIDTH - 1] + "…"
 
 
@@ -81,8 +87,8 @@ def render_streams(snaps: Sequence[StreamSnapshot]) -> str:
                    f"ledger: {s.pull.get('done', 0)} done, {s.pull.get('unmapped', 0)} unmapped"),
         ])
     table = _align(STREAM_HEADER, rows, right={3, 4, 5, 7, 8, 9})
-    bad = sum(1 for s in snaps if s.state in ("failing", "backing-off", "error"))
-    errors = "".join(f"\n{s.stream}: {s.error}" for s in snaps if s.error)
+    bad = sum(1 for s in snaps if s.state in ATTENTION)
+    errors = "".join(f"\n{s.stream}: {show(s.error)}" for s in snaps if s.error)
     return f"{table}\n\n{len(snaps)} stream(s), {bad} need(s) attention.{errors}"
 
 
@@ -96,8 +102,8 @@ def render_areas(snaps: Sequence[AreaSnapshot]) -> str:
              human_bytes(a.published_24h_bytes), str(sum(a.refused_total.values())),
              "configuration error (below)" if a.error else _short(a.why)] for a in snaps]
     table = _align(AREA_HEADER, rows, right={2, 3, 4, 6, 7, 8})
-    bad = sum(1 for a in snaps if a.state in ("failing", "error"))
-    errors = "".join(f"\n{a.stream}: {a.error}" for a in snaps if a.error)
+    bad = sum(1 for a in snaps if a.state in ATTENTION)
+    errors = "".join(f"\n{a.stream}: {show(a.error)}" for a in snaps if a.error)
     return f"{table}\n\n{len(snaps)} area(s), {bad} need(s) attention.{errors}"
 
 

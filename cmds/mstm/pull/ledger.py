@@ -39,12 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from mstm.errors import EXIT_CONFIG, MstmError
+from mstm.smallfiles import read_error, read_small
 
 HEADER = (
     "# mstm pull ledger: one line per item (see mstm.conf(5), [pull] ledger).\n"
     "# Delete an item's line to have it fetched (or reported) again; a line \"- NAME\"\n"
     "# marks NAME as done for good.  Safe to edit while mstm runs.\n"
 )
+#: A ledger larger than this is refused (LedgerError), never read into memory: one line
+#: is some 150 bytes, so this is more than a million items.
+MAX_LEDGER_BYTES = 256 << 20
+
 DONE = "done"
 UNMAPPED = "unmapped"
 STATES = (DONE, UNMAPPED)
@@ -145,12 +150,12 @@ class Ledger:
 
     # -- reading ------------------------------------------------------------------
     def _lines(self) -> list[_Line]:
-        try:
-            data = self.path.read_bytes()
+        try:  # no link followed, no FIFO or device read, MAX_LEDGER_BYTES at most
+            data = read_small(self.path, MAX_LEDGER_BYTES)
         except FileNotFoundError:
             return []
         except OSError as err:
-            raise LedgerError(f"{self.path}: cannot read: {err.strerror or err}") from None
+            raise LedgerError(f"{self.path}: cannot read: {read_error(err)}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:

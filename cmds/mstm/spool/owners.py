@@ -32,6 +32,7 @@ from collections.abc import Callable
 import psutil
 
 from mstm.log import event
+from mstm.smallfiles import read_small
 from mstm.spool.errors import SpoolError
 from mstm.spool.files import SpoolFiles, fsync_dir, listdir, parse_seconds, rename_if_present
 from mstm.spool.records import ID_RE
@@ -333,8 +334,8 @@ def live_owners(owners_dir: str, *, lease_seconds: float, now: float) -> list[st
         if owner_host == host and pid is not None:
             start_ticks = None
             with contextlib.suppress(OSError, ValueError):
-                with open(path, "rb") as f:
-                    info = json.loads(f.read(4096))
+                # never blocks on a FIFO nor follows a link the spool's owner planted
+                info = json.loads(read_small(path, 4096))
                 if isinstance(info, dict) and isinstance(info.get("start_ticks"), int):
                     start_ticks = info["start_ticks"]
             if _pid_alive(pid, start_ticks):
