@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from mstm.log import show
@@ -47,9 +47,10 @@ def local_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
 
 
-def _short(text: str | None) -> str:
+def _short(text: str | None, *, whole: bool = False) -> str:
+    """*text* on one line, escaped; shortened to the WHY column unless *whole*."""
     t = show(" ".join((text or "").split()))
-    return t if len(t) <= _WHY_WIDTH else t[: _WHY_WIDTH - 1] + "…"
+    return t if whole or len(t) <= _WHY_WIDTH else t[: _WHY_WIDTH - 1] + "…"
 
 
 def _align(header: Sequence[str], rows: list[list[str]], right: set[int]) -> str:
@@ -89,7 +90,8 @@ def render_streams(snaps: Sequence[StreamSnapshot]) -> str:
     table = _align(STREAM_HEADER, rows, right={3, 4, 5, 7, 8, 9})
     bad = sum(1 for s in snaps if s.state in ATTENTION)
     errors = "".join(f"\n{s.stream}: {show(s.error)}" for s in snaps if s.error)
-    return f"{table}\n\n{len(snaps)} stream(s), {bad} need(s) attention.{errors}"
+    return (f"{table}\n\n{len(snaps)} stream(s), {bad} need(s) attention.{errors}"
+            f"{_whole_reasons((s.stream, s.why) for s in snaps if not s.error)}")
 
 
 AREA_HEADER = ("AREA", "STATE", "WAITING", "ANSWERED", "SET ASIDE", "LAST PUBLISH",
@@ -104,7 +106,14 @@ def render_areas(snaps: Sequence[AreaSnapshot]) -> str:
     table = _align(AREA_HEADER, rows, right={2, 3, 4, 6, 7, 8})
     bad = sum(1 for a in snaps if a.state in ATTENTION)
     errors = "".join(f"\n{a.stream}: {show(a.error)}" for a in snaps if a.error)
-    return f"{table}\n\n{len(snaps)} area(s), {bad} need(s) attention.{errors}"
+    return (f"{table}\n\n{len(snaps)} area(s), {bad} need(s) attention.{errors}"
+            f"{_whole_reasons((a.stream, a.why) for a in snaps if not a.error)}")
+
+
+def _whole_reasons(whys: Iterable[tuple[str, str | None]]) -> str:
+    """The reasons the WHY column had to shorten, whole, one line each below the table."""
+    return "".join(f"\n{name}: {_short(why, whole=True)}" for name, why in whys
+                   if why and _short(why) != _short(why, whole=True))
 
 
 def to_document(kind: str, snaps: Sequence[StreamSnapshot] | Sequence[AreaSnapshot],
