@@ -39,6 +39,7 @@ BIN = Path(sys.executable).parent
 # The children must not log to a journal or talk to a service manager of ours.
 CHILD_ENV = {k: v for k, v in os.environ.items()
              if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+CHILD_ENV["MSTM_METRICS_DIR"] = ""  # no metrics files (the default directory may not exist)
 
 
 # ---------------------------------------------------------------------------- output
@@ -355,7 +356,10 @@ class Bench:
                 f"127.0.0.1:{dest}"]
 
     def stream(self, where: str, name: str, **sections: dict[str, str]) -> StreamEnv:
-        return StreamEnv.create(self.root / where, self.sshd, name=name, **sections)
+        # no metrics_dir key: --before runs older code that does not know it ($MSTM_METRICS_DIR
+        # is empty in CHILD_ENV, so no .prom file is written either)
+        return StreamEnv.create(self.root / where, self.sshd, name=name, metrics=False,
+                                **sections)
 
     def target(self, what: str, goal: str, got: str, ok: bool | None) -> None:
         verdict = "n/a" if ok is None else ("PASS" if ok else "MISS")

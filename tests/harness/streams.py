@@ -20,6 +20,9 @@ class StreamEnv:
     sshd: LoopbackSshd
     name: str = "proj1"
     settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    # write metrics_dir into global.ini (the benchmarks' --before runs older code, which
+    # does not know the key: they turn it off and set $MSTM_METRICS_DIR instead)
+    metrics: bool = True
 
     @property
     def source(self) -> Path:
@@ -38,9 +41,9 @@ class StreamEnv:
         return self.root / "etc" / "global.ini"
 
     @classmethod
-    def create(cls, root: Path, sshd: LoopbackSshd, name: str = "proj1",
-               **sections: dict[str, str]) -> StreamEnv:
-        env = cls(root=root, sshd=sshd, name=name)
+    def create(cls, root: Path, sshd: LoopbackSshd, name: str = "proj1", *,
+               metrics: bool = True, **sections: dict[str, str]) -> StreamEnv:
+        env = cls(root=root, sshd=sshd, name=name, metrics=metrics)
         env.source.mkdir(parents=True, exist_ok=True)
         env.target.mkdir(parents=True, exist_ok=True)
         (root / "spool").mkdir(parents=True, exist_ok=True)
@@ -70,8 +73,8 @@ class StreamEnv:
             f"data_stream_list = {self.name}\n"
             f"spool_base_dir = {self.root / 'spool'}\n"
             f"runtime_dir = {self.root / 'run'}\n"
-            f"metrics_dir = {self.root / 'metrics'}\n"
-            "general_poll_interval = 0.5\n")
+            + (f"metrics_dir = {self.root / 'metrics'}\n" if self.metrics else "")
+            + "general_poll_interval = 0.5\n")
         text = ""
         for section, values in base.items():
             text += f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) + "\n"
