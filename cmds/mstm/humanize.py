@@ -26,6 +26,18 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def age(seconds: float) -> str:
+    """Compact, for a table column: 95 -> "1m35s", 7300 -> "2h01m", 200000 -> "2d07h"."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def clock(t: float) -> str:
     """An epoch time as local "YYYY-mm-dd HH:MM:SS" (the day is left out if it is today)."""
     here = time.localtime(t)

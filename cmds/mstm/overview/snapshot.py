@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mstm import pause
+from mstm import humanize, pause
 from mstm.config import StreamConfig
 from mstm.log import show
 from mstm.overview.spoolview import DAY, REASONS, SpoolView
@@ -236,11 +236,10 @@ def push_snapshot(cfg: StreamConfig, view: SpoolView | None = None, *,
         snap.why = f"{failed.items} parked in failed/" + (
             f"; last: {failed.last_error}" if failed.last_error else "")
     elif snap.oldest_queued and now - snap.oldest_queued > cfg.stuck_after:
-        from mstm.overview.table import human_age
 
         snap.state = "stuck"
-        snap.why = (f"the oldest queued item has waited {human_age(now - snap.oldest_queued)}"
-                    f" (stuck_after {human_age(cfg.stuck_after)})")
+        snap.why = (f"the oldest queued item has waited {humanize.age(now - snap.oldest_queued)}"
+                    f" (stuck_after {humanize.age(cfg.stuck_after)})")
     elif snap.running:
         snap.state = "running"
     return snap

@@ -12,32 +12,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from mstm import humanize
 from mstm.log import show
 from mstm.overview.snapshot import ATTENTION, AreaSnapshot, StreamSnapshot, iso
 
 _WHY_WIDTH = 120  # a wider terminal shows the whole reason; --json always does
-
-
-def human_bytes(n: int) -> str:
-    """1536 -> "1.5 KiB"."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
-def human_age(seconds: float) -> str:
-    """95 -> "1m35s", 7300 -> "2h01m", 200000 -> "2d07h"."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def local_time(t: float | None) -> str:
@@ -77,11 +56,11 @@ def render_streams(snaps: Sequence[StreamSnapshot]) -> str:
         rows.append([
             s.stream, s.direction, s.state,
             str(s.queued_items) if push else "-",
-            human_bytes(s.queued_bytes) if push else "-",
-            human_age(s.oldest_age()) if push and s.oldest_queued else "-",
+            humanize.size(s.queued_bytes) if push else "-",
+            humanize.age(s.oldest_age()) if push and s.oldest_queued else "-",
             local_time(s.last_delivery),
             str(s.delivered_24h_items),
-            human_bytes(s.delivered_24h_bytes) if push else "-",
+            humanize.size(s.delivered_24h_bytes) if push else "-",
             str(s.failed_items) if push else "-",
             "configuration error (below)" if s.error else
             _short(s.why if s.why or push else
@@ -101,7 +80,7 @@ AREA_HEADER = ("AREA", "STATE", "WAITING", "ANSWERED", "SET ASIDE", "LAST PUBLIS
 def render_areas(snaps: Sequence[AreaSnapshot]) -> str:
     rows = [[a.stream, a.state, str(a.waiting_batches), str(a.answered_batches),
              str(a.set_aside), local_time(a.last_publish), str(a.published_24h_items),
-             human_bytes(a.published_24h_bytes), str(sum(a.refused_total.values())),
+             humanize.size(a.published_24h_bytes), str(sum(a.refused_total.values())),
              "configuration error (below)" if a.error else _short(a.why)] for a in snaps]
     table = _align(AREA_HEADER, rows, right={2, 3, 4, 6, 7, 8})
     bad = sum(1 for a in snaps if a.state in ATTENTION)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mstm import humanize
 from mstm.log import show
 from mstm.spool import Spool
 from mstm.transports.base import Item
@@ -85,9 +86,9 @@ class _Bar(_TqdmBase):
         rate = d.get("rate")
         if rate is None and d.get("elapsed"):
             rate = d["n"] / d["elapsed"]
-        d.update(self.extra, done=_human(d["n"]),
-                 size=_human(d["total"]) if d.get("total") is not None else "?",
-                 speed=f"{_human(rate)}/s" if rate else "? B/s")
+        d.update(self.extra, done=humanize.size(d["n"]),
+                 size=humanize.size(d["total"]) if d.get("total") is not None else "?",
+                 speed=f"{humanize.size(rate)}/s" if rate else "? B/s")
         return d
 
 
@@ -242,11 +243,3 @@ def _fit(text: str, width: int) -> str:
         return text
     head = (width - 3) // 2
     return f"{text[:head]}...{text[len(text) - (width - 3 - head):]}"
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
