@@ -14,7 +14,7 @@ from mstm.send import Sender
 from mstm.spool import Spool
 from mstm.transports.base import TransportOptions
 from mstm.transports.memory import MemoryTransport
-from mstm.transports.sftp import Sftp, host_entry
+from mstm.transports.sftp import Sftp
 from mstm.transports.ssh import (
     CONTROL_PATH_MAX,
     RUNTIME_DIR_MAX,
@@ -22,6 +22,7 @@ from mstm.transports.ssh import (
     SshTarget,
     control_base,
 )
+from mstm.transports.ssh_config import host_entry
 
 
 def opened(target: SshTarget, runtime_dir: Path | None = None) -> SshConnection:

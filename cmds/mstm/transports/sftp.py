@@ -72,11 +72,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import getpass
-import io
 import logging
 import os
 import posixpath
-import pwd
 import shlex
 import socket
 import stat
@@ -88,7 +86,7 @@ from pathlib import Path
 import paramiko
 
 from mstm import safefs
-from mstm.errors import ConfigError, TargetUnavailable
+from mstm.errors import TargetUnavailable
 from mstm.protocol import OUR_BATCH_RE
 from mstm.transports.base import (
     STAGING,
@@ -130,65 +128,13 @@ from mstm.transports.sftp_requests import (
     rmtree,
     tree_attrs,
 )
+from mstm.transports.ssh_config import config_port, host_entry
 
 log = logging.getLogger("mstm.sftp")
 logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 _CHUNK = 256 * 1024
 _CONNECTION_ERRORS = (paramiko.SSHException, EOFError, socket.error, OSError)
-
-
-def host_entry(alias: str, config_file: Path | None) -> dict[str, str]:
-    """What the ssh client configuration says for *alias* (paramiko.SSHConfig, which reads
-    OpenSSH's format; first value wins, as in ssh): *config_file* alone, as ``ssh -F``;
-    without it ~/.ssh/config of the user we run as, then /etc/ssh/ssh_config, if present.
-
-    A *config_file* that cannot be read or parsed is a configuration error; a default file
-    that cannot be is skipped with a warning.
-    """
-    if config_file is not None:
-        files, given = [str(config_file)], True
-    else:
-        files = [os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".ssh", "config"),
-                 "/etc/ssh/ssh_config"]
-        files, given = [f for f in files if os.path.isfile(f)], False
-    config = paramiko.SSHConfig()
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-            paramiko.SSHConfig.from_text(text)  # whole, or not at all
-        except (OSError, UnicodeDecodeError, paramiko.SSHException, ValueError) as err:
-            if given:
-                raise ConfigError(f"{path}: cannot be read as an ssh configuration: {err}",
-                                  section="sftp", key="ssh_config") from None
-            log.warning("ignoring the ssh configuration %s: %s", path, err)
-            continue
-        config.parse(io.StringIO(text))
-    if not files:
-        return {}
-    try:
-        # the keys used here (hostname, port, user) have one text value each
-        return {k: v for k, v in config.lookup(alias).items() if isinstance(v, str)}
-    # a Match it cannot evaluate ("Match exec" needs the invoke package, which may be absent)
-    except (paramiko.SSHException, ValueError, ImportError, OSError) as err:
-        if given:
-            raise ConfigError(f"{files[0]}: {err}", section="sftp", key="ssh_config") from None
-        log.warning("ignoring the ssh configuration for %s: %s", alias, err)
-        return {}
-
-
-def _config_port(text: object, alias: str, ssh_config: Path | None) -> int:
-    """The Port of *alias*'s Host entry (22 if none), or a configuration error."""
-    if text is None or text == "":
-        return 22
-    value = str(text)
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 65535:
-        raise ConfigError(f"the ssh configuration gives Host {alias} the port {value[:40]!r};"
-                          " expected a number from 1 to 65535",
-                          file=str(ssh_config) if ssh_config else None,
-                          section="sftp", key="ssh_config")
-    return int(value)
 
 
 class Sftp:
@@ -202,7 +148,7 @@ class Sftp:
         # whose HostName, Port and User apply where the stream's configuration says none
         entry = host_entry(host, ssh_config)
         self.host = str(entry.get("hostname") or host)
-        self.port = port or _config_port(entry.get("port"), host, ssh_config)
+        self.port = port or config_port(entry.get("port"), host, ssh_config)
         self.username = username or str(entry.get("user") or "") or getpass.getuser()
         self.identity_file = identity_file
         self.known_hosts = known_hosts
