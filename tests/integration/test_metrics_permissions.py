@@ -9,62 +9,28 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import need, need_root
-from tests.harness.sshd import free_port
+from tests.harness.node_exporter import NodeExporter
 
 from mstm.config import load_stream
 from mstm.overview.metrics import TextFile, file_name, stream_families
 from mstm.overview.snapshot import push_snapshot
 from mstm.spool import ItemRecord, Spool
 
-NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 NOBODY = 65534
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-
-class NodeExporterAs:
-    """prometheus-node-exporter on 127.0.0.1 as uid 65534, its textfile collector only."""
+class NodeExporterAs(NodeExporter):
+    """node_exporter as uid 65534, as Debian runs it as user prometheus."""
 
     def __init__(self, textfile_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen(
-            [need("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             "--", need(NODE_EXPORTER), "--collector.disable-defaults",
-             "--collector.textfile", f"--collector.textfile.directory={textfile_dir}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.scrape()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"node_exporter did not start: {log.read_text()}"
-                                         ) from None
-                time.sleep(0.1)
-
-    def scrape(self) -> Samples:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            text = r.read().decode("utf-8")
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        super().__init__(textfile_dir, log, run_as=[
+            need("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "--"])
 
 
 @pytest.fixture

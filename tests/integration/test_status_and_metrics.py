@@ -12,20 +12,18 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import need
+from tests.harness.node_exporter import NodeExporter
 from tests.harness.sshd import LoopbackSshd, free_port
 from tests.harness.streams import StreamEnv
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "conf" / "mstm.rules.yml"
 RULE_TESTS = Path(__file__).resolve().parent / "metrics" / "mstm_rules_test.yml"
-NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 PROMTOOL = "/usr/bin/promtool"
 BIN = Path(sys.executable).parent
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")
@@ -52,42 +50,6 @@ def test_the_rules_fire_stuck_unreachable_and_failures_only_when_they_should() -
 
 
 # -- node_exporter ----------------------------------------------------------------------
-class NodeExporter:
-    """prometheus-node-exporter on 127.0.0.1, its textfile collector only."""
-
-    def __init__(self, textfile_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.log = log
-        self.proc = subprocess.Popen(
-            [need(NODE_EXPORTER), "--collector.disable-defaults", "--collector.textfile",
-             f"--collector.textfile.directory={textfile_dir}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.scrape()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"node_exporter did not start: {log.read_text()}"
-                                         ) from None
-                time.sleep(0.1)
-
-    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-            text = r.read().decode("utf-8")
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def exporter_for(tmp_path: Path) -> Iterator[Callable[[Path], NodeExporter]]:
     started: list[NodeExporter] = []
